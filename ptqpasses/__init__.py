@@ -1,0 +1,25 @@
+"""ptqpasses: graph-level post-training quantization passes for torch.fx.
+
+    gm = ptqpasses.quantize(model, example_inputs, calibration_data)   # integer-op graph
+"""
+
+from ptqpasses import ops  # noqa: F401  (registers torch.ops.ptq.*)
+from ptqpasses.api import convert, convert_pipeline, prepare, prepare_pipeline, quantize
+from ptqpasses.calibrate import calibrate
+from ptqpasses.capture import CaptureError, capture
+from ptqpasses.config import ConfigError, QuantConfig, Scheme
+from ptqpasses.meta import QParams, QSpec
+from ptqpasses.observers import CalibrationError
+from ptqpasses.passes import (Annotate, ConvertToQDQ, FoldBatchNorm, InsertObservers,
+                              LowerToIntegerOps)
+from ptqpasses.pipeline import (DumpToFolder, Pass, PassError, PassResult, Pipeline, PrintAfter,
+                                Timing, graph_pass)
+from ptqpasses.report import coverage, report
+
+__all__ = [
+    "Annotate", "CalibrationError", "CaptureError", "ConfigError", "ConvertToQDQ",
+    "DumpToFolder", "FoldBatchNorm", "InsertObservers", "LowerToIntegerOps", "Pass",
+    "PassError", "PassResult", "Pipeline", "PrintAfter", "QParams", "QSpec", "QuantConfig",
+    "Scheme", "Timing", "calibrate", "capture", "convert", "convert_pipeline", "coverage",
+    "graph_pass", "prepare", "prepare_pipeline", "quantize", "report",
+]

@@ -1,0 +1,52 @@
+"""One-call and step-wise entry points, each a thin composition of the passes."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional, Sequence
+
+import torch.fx as fx
+
+from ptqpasses.calibrate import calibrate
+from ptqpasses.capture import capture
+from ptqpasses.config import QuantConfig
+from ptqpasses.passes import (Annotate, ConvertToQDQ, FoldBatchNorm, InsertObservers,
+                              LowerToIntegerOps)
+from ptqpasses.pipeline import Instrument, Pipeline
+
+
+def prepare_pipeline(config: QuantConfig) -> Pipeline:
+    return Pipeline([FoldBatchNorm(), Annotate(config=config), InsertObservers()])
+
+
+def convert_pipeline(lower: bool = True) -> Pipeline:
+    return Pipeline([ConvertToQDQ(), LowerToIntegerOps()] if lower else [ConvertToQDQ()])
+
+
+def prepare(model, example_inputs: Sequence[Any] = (), config: Optional[QuantConfig] = None, *,
+            instruments: Iterable[Instrument] = (), **capture_options) -> fx.GraphModule:
+    """Captures ``model`` (unless it is already a captured graph), folds batch norm,
+    annotates with ``config`` and inserts observers. Calibrate the result next."""
+    gm = capture(model, example_inputs, **capture_options)
+    pipeline = prepare_pipeline(config or QuantConfig())
+    pipeline.instruments = list(instruments)
+    return pipeline(gm).graph_module
+
+
+def convert(observed: fx.GraphModule, *, lower: bool = True,
+            instruments: Iterable[Instrument] = ()) -> fx.GraphModule:
+    """Calibrated graph -> QDQ reference graph -> (``lower=True``) integer-op graph."""
+    pipeline = convert_pipeline(lower)
+    pipeline.instruments = list(instruments)
+    return pipeline(observed).graph_module
+
+
+def quantize(model, example_inputs: Sequence[Any], calibration_data: Iterable[Any],
+             config: Optional[QuantConfig] = None, *, progress: bool = True,
+             **capture_options) -> fx.GraphModule:
+    """Float model -> integer-op GraphModule runnable in torch (prepare, calibrate, convert)."""
+    gm = prepare(model, example_inputs, config, **capture_options)
+    calibrate(gm, calibration_data, progress=progress)
+    return convert(gm)
+
+
+__all__ = ["prepare", "calibrate", "convert", "quantize", "prepare_pipeline", "convert_pipeline"]

@@ -1,0 +1,130 @@
+"""Graph facts kept in ``node.meta``: the keys, their value types, and accessors.
+
+Every pass reads and writes quantization facts through these functions only, so the keys
+live in one place and ``node.meta`` is the single store (no state on the GraphModule, no
+side tables keyed by node name).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+QSPEC = "ptq.qspec"          # NodeQuant: what Annotate decided for this node
+QPARAMS = "ptq.qparams"      # QParams of the node's (integer) output, after calibration
+OBSERVED = "ptq.observed"    # on an observer call: name of the node whose output it watches
+SOURCE = "ptq.source"        # name of the node in the float graph this node computes
+FLOAT_REASON = "ptq.float"   # why a compute node stayed in float (coverage report)
+
+_DTYPES = {"int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16}
+
+
+@dataclass(frozen=True)
+class QSpec:
+    """How one tensor is quantized: integer type, range, symmetry, granularity, observer."""
+
+    dtype: str = "uint8"
+    symmetric: bool = False
+    per_channel: bool = False
+    axis: int = 0
+    observer: str = "histogram"
+    percentile: float = 99.99
+
+    def __post_init__(self):
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"QSpec.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        info = torch.iinfo(self.torch_dtype)
+        if self.symmetric and info.min < 0:
+            return info.min + 1, info.max  # restricted range: symmetric around zero
+        return info.min, info.max
+
+
+@dataclass(frozen=True)
+class NodeQuant:
+    """Annotate's decision for one node.
+
+    Attributes:
+        role: "compute" (lowered to a ptq op), "fused" (an activation folded into the
+            clamp of ``fused_into``), "share" (passes qparams of its first input through),
+            or "float" (stays in float; see ``reason``).
+        output: spec of the observed output, or None when not observed here.
+        weight: spec of the weight input (conv / linear).
+        fused_into: name of the compute node whose clamp absorbs this activation.
+        reason: for role "float", why.
+    """
+
+    role: str
+    output: Optional[QSpec] = None
+    weight: Optional[QSpec] = None
+    fused_into: Optional[str] = None
+    reason: str = ""
+
+    def replace(self, **kw) -> "NodeQuant":
+        return dataclasses.replace(self, **kw)
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Per-tensor quantization parameters of an integer tensor."""
+
+    scale: float
+    zero_point: int
+    dtype: str
+    qmin: int
+    qmax: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+
+def get_qspec(node: fx.Node) -> Optional[NodeQuant]:
+    return node.meta.get(QSPEC)
+
+
+def set_qspec(node: fx.Node, value: NodeQuant) -> None:
+    node.meta[QSPEC] = value
+
+
+def get_qparams(node: fx.Node) -> Optional[QParams]:
+    return node.meta.get(QPARAMS)
+
+
+def set_qparams(node: fx.Node, value: QParams) -> None:
+    node.meta[QPARAMS] = value
+
+
+def observed_node(node: fx.Node) -> Optional[str]:
+    return node.meta.get(OBSERVED)
+
+
+def set_observed_node(node: fx.Node, name: str) -> None:
+    node.meta[OBSERVED] = name
+
+
+def source(node: fx.Node) -> str:
+    """The float-graph node this node's value corresponds to (defaults to its own name)."""
+    return node.meta.get(SOURCE, node.name)
+
+
+def set_source(node: fx.Node, name: str) -> None:
+    node.meta[SOURCE] = name
+
+
+def float_reason(node: fx.Node) -> Optional[str]:
+    return node.meta.get(FLOAT_REASON)
+
+
+def set_float_reason(node: fx.Node, reason: str) -> None:
+    node.meta[FLOAT_REASON] = reason

@@ -1,0 +1,282 @@
+"""Registration and reference kernels of the ``ptq`` integer operators.
+
+The kernels compute integer accumulations in float64, which is exact while every partial
+sum stays below 2**53 (true for int8 operands and any reduction shorter than 2**37), then
+convert to int32. Requantization is done in float32 exactly as the docstring of
+:func:`requantize_acc` states; backends reproduce the same float32 operations.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+_NS = "ptq"
+
+
+def _rne(x: torch.Tensor) -> torch.Tensor:
+    return torch.round(x)  # torch.round rounds half to even
+
+
+def requantize_acc(
+    acc: torch.Tensor, multiplier, out_zp: int, qmin: int, qmax: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """``clamp(rne(float32(acc) * m) + out_zp, qmin, qmax)`` cast to ``dtype``.
+
+    ``acc`` is an int32 (or exactly integer float64) tensor; ``multiplier`` is a float32
+    scalar or a float32 tensor broadcastable against ``acc``.
+    """
+    m = torch.as_tensor(multiplier, dtype=torch.float32)
+    y = _rne(acc.to(torch.int32).to(torch.float32) * m) + out_zp
+    return y.clamp(qmin, qmax).to(dtype)
+
+
+def _centered(x: torch.Tensor, zp: int) -> torch.Tensor:
+    return x.to(torch.float64) - zp
+
+
+def _channel_view(m: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
+    shape = [1] * ndim
+    shape[axis] = -1
+    return m.reshape(shape)
+
+
+# --- quantize / dequantize / requantize ------------------------------------------------
+
+
+@torch.library.custom_op(f"{_NS}::quantize", mutates_args=())
+def quantize(
+    x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """``clamp(rne(x / scale) + zero_point, qmin, qmax)`` in float32."""
+    s = torch.tensor(scale, dtype=torch.float32)
+    return (_rne(x.to(torch.float32) / s) + zero_point).clamp(qmin, qmax).to(dtype)
+
+
+@torch.library.custom_op(f"{_NS}::dequantize", mutates_args=())
+def dequantize(q: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """``(q - zero_point) * scale`` in float32."""
+    s = torch.tensor(scale, dtype=torch.float32)
+    return (q.to(torch.int32) - zero_point).to(torch.float32) * s
+
+
+@torch.library.custom_op(f"{_NS}::dequantize_per_channel", mutates_args=())
+def dequantize_per_channel(
+    q: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor, axis: int
+) -> torch.Tensor:
+    """Per-channel dequantize along ``axis`` (weights and int32 bias in the QDQ form)."""
+    s = _channel_view(scales.to(torch.float32), q.dim(), axis)
+    z = _channel_view(zero_points.to(torch.int64), q.dim(), axis)
+    return (q.to(torch.int64) - z).to(torch.float32) * s
+
+
+@torch.library.custom_op(f"{_NS}::requantize", mutates_args=())
+def requantize(
+    x: torch.Tensor, x_zp: int, multiplier: float, out_zp: int, qmin: int, qmax: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Change scale/zero point: ``requant(x - x_zp, multiplier)``."""
+    acc = x.to(torch.int32) - x_zp
+    return requantize_acc(acc, multiplier, out_zp, qmin, qmax, out_dtype)
+
+
+@torch.library.custom_op(f"{_NS}::clamp", mutates_args=())
+def clamp(x: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Integer clamp (a ReLU / ReLU6 on a quantized tensor whose qparams pass through)."""
+    return x.clamp(qmin, qmax)
+
+
+# --- compute ops ------------------------------------------------------------------------
+
+
+@torch.library.custom_op(f"{_NS}::conv2d", mutates_args=())
+def conv2d(
+    x: torch.Tensor, x_zp: int, weight: torch.Tensor, bias: Optional[torch.Tensor],
+    stride: list[int], padding: list[int], dilation: list[int], groups: int,
+    multiplier: torch.Tensor, out_zp: int, qmin: int, qmax: int, out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """NCHW conv. Padding holds ``x_zp`` (real zero), i.e. zero after centering."""
+    acc = F.conv2d(_centered(x, x_zp), weight.to(torch.float64), None, stride, padding,
+                   dilation, groups)
+    if bias is not None:
+        acc = acc + _channel_view(bias.to(torch.float64), 4, 1)
+    return requantize_acc(acc, _channel_view(multiplier, 4, 1), out_zp, qmin, qmax, out_dtype)
+
+
+@torch.library.custom_op(f"{_NS}::linear", mutates_args=())
+def linear(
+    x: torch.Tensor, x_zp: int, weight: torch.Tensor, bias: Optional[torch.Tensor],
+    multiplier: torch.Tensor, out_zp: int, qmin: int, qmax: int, out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``x[..., K] @ weight[N, K].T + bias[N]``, requantized per output feature."""
+    acc = _centered(x, x_zp) @ weight.to(torch.float64).T
+    if bias is not None:
+        acc = acc + bias.to(torch.float64)
+    return requantize_acc(acc, multiplier, out_zp, qmin, qmax, out_dtype)
+
+
+@torch.library.custom_op(f"{_NS}::matmul", mutates_args=())
+def matmul(
+    a: torch.Tensor, a_zp: int, b: torch.Tensor, b_zp: int, multiplier: float, out_zp: int,
+    qmin: int, qmax: int, out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Batched ``(a - a_zp) @ (b - b_zp)`` with torch.matmul broadcasting."""
+    acc = torch.matmul(_centered(a, a_zp), _centered(b, b_zp))
+    return requantize_acc(acc, multiplier, out_zp, qmin, qmax, out_dtype)
+
+
+@torch.library.custom_op(f"{_NS}::add", mutates_args=())
+def add(
+    a: torch.Tensor, a_zp: int, a_mult: int, b: torch.Tensor, b_zp: int, b_mult: int,
+    multiplier: float, out_zp: int, qmin: int, qmax: int, out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``requant((a - a_zp) * a_mult + (b - b_zp) * b_mult, multiplier)``.
+
+    ``a_mult``/``b_mult`` are integers (<= 2**14) that put both inputs on a common scale, so
+    the sum is exact in int32 and requantization is a single float32 multiply.
+    """
+    acc = (a.to(torch.int32) - a_zp) * a_mult + (b.to(torch.int32) - b_zp) * b_mult
+    return requantize_acc(acc, multiplier, out_zp, qmin, qmax, out_dtype)
+
+
+@torch.library.custom_op(f"{_NS}::mul", mutates_args=())
+def mul(
+    a: torch.Tensor, a_zp: int, b: torch.Tensor, b_zp: int, multiplier: float, out_zp: int,
+    qmin: int, qmax: int, out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Elementwise ``requant((a - a_zp) * (b - b_zp), multiplier)`` with broadcasting."""
+    acc = (a.to(torch.int32) - a_zp) * (b.to(torch.int32) - b_zp)
+    return requantize_acc(acc, multiplier, out_zp, qmin, qmax, out_dtype)
+
+
+@torch.library.custom_op(f"{_NS}::cat", mutates_args=())
+def cat(
+    xs: list[torch.Tensor], zps: list[int], multipliers: list[float], dim: int, out_zp: int,
+    qmin: int, qmax: int, out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Requantize each input to the output qparams, then concatenate."""
+    parts = [requantize_acc(x.to(torch.int32) - z, m, out_zp, qmin, qmax, out_dtype)
+             for x, z, m in zip(xs, zps, multipliers)]
+    return torch.cat(parts, dim)
+
+
+@torch.library.custom_op(f"{_NS}::max_pool2d", mutates_args=())
+def max_pool2d(
+    x: torch.Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
+    dilation: list[int], ceil_mode: bool,
+) -> torch.Tensor:
+    """Max pooling on the integer values; padding never wins (acts as -inf)."""
+    y = F.max_pool2d(x.to(torch.float32), kernel_size, stride, padding, dilation, ceil_mode)
+    return y.to(x.dtype)
+
+
+@torch.library.custom_op(f"{_NS}::avg_pool2d", mutates_args=())
+def avg_pool2d(
+    x: torch.Tensor, x_zp: int, kernel_size: list[int], stride: list[int], padding: list[int],
+    multiplier: float, out_zp: int, qmin: int, qmax: int, out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Window sum of ``x - x_zp`` (padding counts as zero), times ``multiplier``.
+
+    ``multiplier`` already contains ``1 / (kh * kw)`` (count_include_pad semantics).
+    """
+    kh, kw = kernel_size
+    acc = F.avg_pool2d(_centered(x, x_zp), kernel_size, stride, padding, False, True) * (kh * kw)
+    return requantize_acc(torch.round(acc), multiplier, out_zp, qmin, qmax, out_dtype)
+
+
+@torch.library.custom_op(f"{_NS}::mean", mutates_args=())
+def mean(
+    x: torch.Tensor, x_zp: int, dims: list[int], keepdim: bool, multiplier: float, out_zp: int,
+    qmin: int, qmax: int, out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Sum of ``x - x_zp`` over ``dims``, times ``multiplier`` (which contains ``1/count``)."""
+    acc = _centered(x, x_zp).sum(dim=dims, keepdim=keepdim)
+    return requantize_acc(acc, multiplier, out_zp, qmin, qmax, out_dtype)
+
+
+# --- fake (shape) kernels, so integer graphs can be traced and exported -------------------
+
+
+@quantize.register_fake
+def _(x, scale, zero_point, qmin, qmax, dtype):
+    return torch.empty_like(x, dtype=dtype)
+
+
+@dequantize.register_fake
+def _(q, scale, zero_point):
+    return torch.empty_like(q, dtype=torch.float32)
+
+
+@dequantize_per_channel.register_fake
+def _(q, scales, zero_points, axis):
+    return torch.empty_like(q, dtype=torch.float32)
+
+
+@requantize.register_fake
+def _(x, x_zp, multiplier, out_zp, qmin, qmax, out_dtype):
+    return torch.empty_like(x, dtype=out_dtype)
+
+
+@clamp.register_fake
+def _(x, qmin, qmax):
+    return torch.empty_like(x)
+
+
+@conv2d.register_fake
+def _(x, x_zp, weight, bias, stride, padding, dilation, groups, multiplier, out_zp, qmin, qmax,
+      out_dtype):
+    y = F.conv2d(x.to(torch.float32), weight.to(torch.float32), None, stride, padding, dilation,
+                 groups)
+    return y.to(out_dtype)
+
+
+@linear.register_fake
+def _(x, x_zp, weight, bias, multiplier, out_zp, qmin, qmax, out_dtype):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=out_dtype)
+
+
+@matmul.register_fake
+def _(a, a_zp, b, b_zp, multiplier, out_zp, qmin, qmax, out_dtype):
+    return torch.matmul(a.to(torch.float32), b.to(torch.float32)).to(out_dtype)
+
+
+@add.register_fake
+def _(a, a_zp, a_mult, b, b_zp, b_mult, multiplier, out_zp, qmin, qmax, out_dtype):
+    return (a.to(torch.float32) + b.to(torch.float32)).to(out_dtype)
+
+
+@mul.register_fake
+def _(a, a_zp, b, b_zp, multiplier, out_zp, qmin, qmax, out_dtype):
+    return (a.to(torch.float32) * b.to(torch.float32)).to(out_dtype)
+
+
+@cat.register_fake
+def _(xs, zps, multipliers, dim, out_zp, qmin, qmax, out_dtype):
+    return torch.cat([x.to(out_dtype) for x in xs], dim)
+
+
+@max_pool2d.register_fake
+def _(x, kernel_size, stride, padding, dilation, ceil_mode):
+    return F.max_pool2d(x.to(torch.float32), kernel_size, stride, padding, dilation,
+                        ceil_mode).to(x.dtype)
+
+
+@avg_pool2d.register_fake
+def _(x, x_zp, kernel_size, stride, padding, multiplier, out_zp, qmin, qmax, out_dtype):
+    return F.avg_pool2d(x.to(torch.float32), kernel_size, stride, padding).to(out_dtype)
+
+
+@mean.register_fake
+def _(x, x_zp, dims, keepdim, multiplier, out_zp, qmin, qmax, out_dtype):
+    return x.to(torch.float32).sum(dim=dims, keepdim=keepdim).to(out_dtype)
+
+
+#: Every integer operator, by short name (``torch.ops.ptq.<name>.default``).
+INTEGER_OPS = {
+    name: getattr(torch.ops.ptq, name).default
+    for name in ("quantize", "dequantize", "dequantize_per_channel", "requantize", "clamp",
+                 "conv2d", "linear", "matmul", "add", "mul", "cat", "max_pool2d",
+                 "avg_pool2d", "mean")
+}

@@ -1,0 +1,134 @@
+"""ConvertToQDQ: replace observers by quantize/dequantize; quantize weights and biases."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from ptqpasses import meta
+from ptqpasses.graph_utils import add_constant, get_attr_value, remove_unused_attributes
+from ptqpasses.meta import QParams
+from ptqpasses.observers import weight_qparams
+from ptqpasses.opsets import WEIGHTED
+from ptqpasses.pipeline import Pass, register_pass
+
+ptq = torch.ops.ptq
+
+
+class NotCalibratedError(RuntimeError):
+    """ConvertToQDQ found an observer without qparams."""
+
+
+@register_pass
+class ConvertToQDQ(Pass):
+    """Produces the reference simulation: explicit quantize/dequantize with constant params.
+
+    Before::
+
+        %obs = call_module[ptq_observer_0](%x)
+        %conv = aten.conv2d(%obs, %w, %b, ...)
+
+    After::
+
+        %q = ptq.quantize(%x, 0.02, 128, 0, 255, uint8)
+        %dq = ptq.dequantize(%q, 0.02, 128)
+        %wq = ptq.dequantize_per_channel(%w_int8, %w_scale, %w_zp, 0)
+        %bq = ptq.dequantize_per_channel(%b_int32, %x_scale * %w_scale, 0, 0)
+        %conv = aten.conv2d(%dq, %wq, %bq, ...)
+
+    Shape ops and max pooling marked "share" get a quantize/dequantize pair with their
+    input's parameters, so every integer op is bracketed by explicit conversions.
+    """
+
+    name = "convert-to-qdq"
+
+    def run(self, gm: fx.GraphModule) -> bool:
+        modified = False
+        for node in list(gm.graph.nodes):
+            q = meta.get_qspec(node)
+            if q is None:
+                continue
+            if q.role == "observer":
+                params = meta.get_qparams(node)
+                if params is None:
+                    raise NotCalibratedError(
+                        f"observer of node {meta.observed_node(node)!r} has no qparams: run "
+                        "ptqpasses.calibrate(graph, data) before ConvertToQDQ")
+                _replace_with_qdq(gm, node, node.args[0], params)
+                modified = True
+            elif q.role == "share":
+                src = node.args[0]
+                if _is_dequantize(src):
+                    _insert_qdq_after(gm, node, meta.get_qparams(src.args[0]))
+                    modified = True
+            elif q.role == "compute" and node.target in WEIGHTED and q.weight is not None:
+                _quantize_weight_and_bias(gm, node, q.weight)
+                modified = True
+        if modified:
+            gm.graph.eliminate_dead_code()
+            remove_unused_attributes(gm)
+        return modified
+
+
+def _is_dequantize(node) -> bool:
+    return isinstance(node, fx.Node) and node.target is ptq.dequantize.default
+
+
+def _qdq_nodes(gm: fx.GraphModule, x: fx.Node, params: QParams) -> tuple[fx.Node, fx.Node]:
+    q = gm.graph.call_function(ptq.quantize.default, (x, params.scale, params.zero_point,
+                                                     params.qmin, params.qmax,
+                                                     params.torch_dtype))
+    meta.set_qparams(q, params)
+    meta.set_source(q, meta.source(x))
+    with gm.graph.inserting_after(q):
+        dq = gm.graph.call_function(ptq.dequantize.default, (q, params.scale, params.zero_point))
+    meta.set_source(dq, meta.source(x))
+    if "val" in x.meta:
+        dq.meta["val"] = x.meta["val"]
+    return q, dq
+
+
+def _replace_with_qdq(gm, obs: fx.Node, x: fx.Node, params: QParams) -> None:
+    with gm.graph.inserting_before(obs):
+        _, dq = _qdq_nodes(gm, x, params)
+    obs.replace_all_uses_with(dq)
+    gm.graph.erase_node(obs)
+
+
+def _insert_qdq_after(gm, node: fx.Node, params: QParams) -> None:
+    with gm.graph.inserting_after(node):
+        _, dq = _qdq_nodes(gm, node, params)
+    node.replace_all_uses_with(dq, delete_user_cb=lambda u: u is not dq.args[0])
+
+
+def _quantize_weight_and_bias(gm: fx.GraphModule, node: fx.Node, spec) -> None:
+    w_node = node.args[1]
+    w = get_attr_value(gm, w_node).detach().float()
+    scales, zps = weight_qparams(w, spec)
+    qmin, qmax = spec.qrange
+    shape = [-1] + [1] * (w.dim() - 1)
+    if scales.numel() == 1:
+        scales, zps = scales.expand(w.shape[0]).clone(), zps.expand(w.shape[0]).clone()
+    w_q = (torch.round(w / scales.reshape(shape)) + zps.reshape(shape)).clamp(qmin, qmax)
+    w_q = w_q.to(spec.torch_dtype)
+    anchor = w_node
+    wq = add_constant(gm, f"{node.name}_weight_int8", w_q, anchor)
+    ws = add_constant(gm, f"{node.name}_weight_scale", scales, anchor)
+    wz = add_constant(gm, f"{node.name}_weight_zp", zps, anchor)
+    with gm.graph.inserting_before(node):
+        w_dq = gm.graph.call_function(ptq.dequantize_per_channel.default, (wq, ws, wz, 0))
+    args = list(node.args)
+    args[1] = w_dq
+    b_node = args[2] if len(args) > 2 else None
+    x = args[0]
+    if b_node is not None and _is_dequantize(x):
+        x_scale = torch.tensor(meta.get_qparams(x.args[0]).scale, dtype=torch.float64)
+        b_scale = (x_scale * scales.double()).float()
+        b = get_attr_value(gm, b_node).detach().double()
+        b_q = torch.round(b / b_scale.double()).clamp(-(2**31), 2**31 - 1).to(torch.int32)
+        bq = add_constant(gm, f"{node.name}_bias_int32", b_q, anchor)
+        bs = add_constant(gm, f"{node.name}_bias_scale", b_scale, anchor)
+        bz = add_constant(gm, f"{node.name}_bias_zp", torch.zeros_like(zps), anchor)
+        with gm.graph.inserting_before(node):
+            args[2] = gm.graph.call_function(ptq.dequantize_per_channel.default, (bq, bs, bz, 0))
+    node.args = tuple(args)

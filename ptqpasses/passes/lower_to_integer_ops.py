@@ -1,0 +1,315 @@
+"""LowerToIntegerOps: turn ``dequantize -> op -> quantize`` patterns into ``ptq`` ops."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.fx as fx
+
+from ptqpasses import meta
+from ptqpasses.graph_utils import add_constant, get_attr_value, remove_unused_attributes
+from ptqpasses.meta import QParams
+from ptqpasses.opsets import ACTIVATIONS, VIEWS, op_name
+from ptqpasses.pipeline import Pass, register_pass
+
+aten, ptq = torch.ops.aten, torch.ops.ptq
+ADD_COMMON_BITS = 14  # add: inputs are put on a common scale with integer factors <= 2**14
+_IDENTITY_VIEWS = {aten.dropout.default, aten.clone.default, aten.contiguous.default,
+                   aten.alias.default}
+
+
+def f32(x: float) -> float:
+    """Rounds a Python float to the nearest float32 value (multipliers are float32)."""
+    return float(torch.tensor(x, dtype=torch.float32))
+
+
+def _f32_tensor(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float64).to(torch.float32)
+
+
+def _is_dq(n) -> bool:
+    return isinstance(n, fx.Node) and n.target is ptq.dequantize.default
+
+
+def _dq_params(dq: fx.Node) -> QParams:
+    return meta.get_qparams(dq.args[0])
+
+
+def _value_shape(dq: fx.Node):
+    """Shape of the float value a dequantize node stands for (from export's meta)."""
+    val = dq.meta.get("val")
+    return None if val is None else tuple(val.shape)
+
+
+def _qvalue(v: float, p: QParams) -> int:
+    """The integer a real value ``v`` quantizes to (ptq.quantize semantics), unclamped."""
+    if math.isinf(v):
+        return p.qmax if v > 0 else p.qmin
+    s = torch.tensor(p.scale, dtype=torch.float32)
+    return int(torch.round(torch.tensor(v, dtype=torch.float32) / s)) + p.zero_point
+
+
+def clamp_bounds(act: Optional[fx.Node], p: QParams) -> tuple[int, int]:
+    """Integer clamp that reproduces ``quantize(act(y))`` on ``quantize(y)``."""
+    if act is None:
+        return p.qmin, p.qmax
+    t, args = act.target, act.args
+    if t in (aten.relu.default, aten.relu_.default):
+        lo, hi = 0.0, math.inf
+    elif t is aten.relu6.default:
+        lo, hi = 0.0, 6.0
+    elif t in (aten.hardtanh.default, aten.hardtanh_.default):
+        lo = args[1] if len(args) > 1 else act.kwargs.get("min_val", -1.0)
+        hi = args[2] if len(args) > 2 else act.kwargs.get("max_val", 1.0)
+    else:  # clamp
+        lo = args[1] if len(args) > 1 else act.kwargs.get("min")
+        hi = args[2] if len(args) > 2 else act.kwargs.get("max")
+        lo = -math.inf if lo is None else lo
+        hi = math.inf if hi is None else hi
+    return (max(p.qmin, min(p.qmax, _qvalue(float(lo), p))),
+            min(p.qmax, max(p.qmin, _qvalue(float(hi), p))))
+
+
+def _arg(node: fx.Node, i: int, name: str, default):
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+class _Lowering:
+    """Builds integer ops for one graph; each ``lower_*`` returns the new node or a reason."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.gm = gm
+
+    def call(self, target, args) -> fx.Node:
+        return self.gm.graph.call_function(target, tuple(args))
+
+    def const(self, hint: str, value: torch.Tensor, before: fx.Node) -> fx.Node:
+        return add_constant(self.gm, hint, value, before)
+
+    def weighted(self, op: fx.Node, act, out: QParams, q: fx.Node):
+        x, w_dq = op.args[0], op.args[1]
+        b_dq = _arg(op, 2, "bias", None)
+        if not _is_dq(x) or w_dq.target is not ptq.dequantize_per_channel.default:
+            return "input or weight is not quantized"
+        wq, ws, wz = (get_attr_value(self.gm, n) for n in w_dq.args[:3])
+        if bool((wz != 0).any()):
+            return "asymmetric weights (non-zero weight zero point) are not in the integer set"
+        xp = _dq_params(x)
+        mult = _f32_tensor(torch.tensor(xp.scale, dtype=torch.float64) * ws.double() / out.scale)
+        bias = None
+        if b_dq is not None:
+            if b_dq.target is not ptq.dequantize_per_channel.default:
+                return "bias is not quantized"
+            bias = b_dq.args[0]
+        lo, hi = clamp_bounds(act, out)
+        m = self.const(f"{op.name}_multiplier", mult, q)
+        if op.target is aten.conv2d.default:
+            stride = list(_arg(op, 3, "stride", [1, 1]))
+            padding = list(_arg(op, 4, "padding", [0, 0]))
+            dilation = list(_arg(op, 5, "dilation", [1, 1]))
+            groups = _arg(op, 6, "groups", 1)
+            stride, padding, dilation = (v * 2 if len(v) == 1 else v
+                                         for v in (stride, padding, dilation))
+            return self.call(ptq.conv2d.default,
+                             [x.args[0], xp.zero_point, w_dq.args[0], bias, stride, padding,
+                              dilation, groups, m, out.zero_point, lo, hi, out.torch_dtype])
+        return self.call(ptq.linear.default,
+                         [x.args[0], xp.zero_point, w_dq.args[0], bias, m, out.zero_point, lo,
+                          hi, out.torch_dtype])
+
+    def binary(self, op: fx.Node, act, out: QParams, q: fx.Node):
+        a, b = op.args[:2]
+        if not (_is_dq(a) and _is_dq(b)):
+            return "an input is not quantized"
+        pa, pb = _dq_params(a), _dq_params(b)
+        lo, hi = clamp_bounds(act, out)
+        if op.target is aten.add.Tensor:
+            common = max(pa.scale, pb.scale) / 2**ADD_COMMON_BITS
+            ka, kb = round(pa.scale / common), round(pb.scale / common)
+            return self.call(ptq.add.default,
+                             [a.args[0], pa.zero_point, ka, b.args[0], pb.zero_point, kb,
+                              f32(common / out.scale), out.zero_point, lo, hi, out.torch_dtype])
+        target = ptq.mul.default if op.target is aten.mul.Tensor else ptq.matmul.default
+        return self.call(target, [a.args[0], pa.zero_point, b.args[0], pb.zero_point,
+                                  f32(pa.scale * pb.scale / out.scale), out.zero_point, lo, hi,
+                                  out.torch_dtype])
+
+    def cat(self, op: fx.Node, act, out: QParams, q: fx.Node):
+        xs = list(op.args[0])
+        if not all(_is_dq(x) for x in xs):
+            return "an input is not quantized"
+        ps = [_dq_params(x) for x in xs]
+        return self.call(ptq.cat.default,
+                         [[x.args[0] for x in xs], [p.zero_point for p in ps],
+                          [f32(p.scale / out.scale) for p in ps], _arg(op, 1, "dim", 0),
+                          out.zero_point, out.qmin, out.qmax, out.torch_dtype])
+
+    def pool(self, op: fx.Node, act, out: QParams, q: fx.Node):
+        x = op.args[0]
+        if not _is_dq(x):
+            return "input is not quantized"
+        xp = _dq_params(x)
+        if op.target is aten.avg_pool2d.default:
+            kernel = list(op.args[1])
+            kernel = kernel * 2 if len(kernel) == 1 else kernel
+            stride = list(_arg(op, 2, "stride", [])) or kernel
+            stride = stride * 2 if len(stride) == 1 else stride
+            padding = list(_arg(op, 3, "padding", [0, 0]))
+            padding = padding * 2 if len(padding) == 1 else padding
+            return self.call(ptq.avg_pool2d.default,
+                             [x.args[0], xp.zero_point, kernel, stride, padding,
+                              f32(xp.scale / (out.scale * kernel[0] * kernel[1])),
+                              out.zero_point, out.qmin, out.qmax, out.torch_dtype])
+        shape = _value_shape(x)
+        if shape is None:
+            return "input shape unknown"
+        if op.target is aten.adaptive_avg_pool2d.default:
+            dims, keepdim = [-2, -1], True
+        else:
+            dims, keepdim = list(op.args[1]), _arg(op, 2, "keepdim", False)
+        count = 1
+        for d in dims:
+            if not isinstance(shape[d], int):
+                return "mean over a dynamic dimension"
+            count *= shape[d]
+        return self.call(ptq.mean.default,
+                         [x.args[0], xp.zero_point, dims, keepdim,
+                          f32(xp.scale / (out.scale * count)), out.zero_point, out.qmin,
+                          out.qmax, out.torch_dtype])
+
+    def share(self, op: fx.Node, act, out: QParams, q: fx.Node):
+        x = op.args[0]
+        if not _is_dq(x) or _dq_params(x) != out:
+            return "input is not quantized with the same parameters"
+        xq = x.args[0]
+        if op.target in _IDENTITY_VIEWS:
+            return xq
+        if op.target in VIEWS:
+            return self.call(op.target, [xq, *op.args[1:]])
+        if op.target is aten.max_pool2d.default:
+            kernel = list(op.args[1])
+            kernel = kernel * 2 if len(kernel) == 1 else kernel
+            stride = list(_arg(op, 2, "stride", [])) or kernel
+            stride = stride * 2 if len(stride) == 1 else stride
+            pad = list(_arg(op, 3, "padding", [0, 0]))
+            dil = list(_arg(op, 4, "dilation", [1, 1]))
+            return self.call(ptq.max_pool2d.default,
+                             [xq, kernel, stride, pad * 2 if len(pad) == 1 else pad,
+                              dil * 2 if len(dil) == 1 else dil, _arg(op, 5, "ceil_mode", False)])
+        lo, hi = clamp_bounds(op, out)
+        return self.call(ptq.clamp.default, [xq, lo, hi])
+
+
+_RULES: dict[str, Callable] = {
+    "conv2d": _Lowering.weighted, "linear": _Lowering.weighted, "add": _Lowering.binary,
+    "mul": _Lowering.binary, "matmul": _Lowering.binary, "cat": _Lowering.cat,
+    "avg_pool2d": _Lowering.pool, "mean": _Lowering.pool,
+}
+
+
+@register_pass
+class LowerToIntegerOps(Pass):
+    """Replaces each quantize(op(dequantize(...))) with the integer op from ``ptq``.
+
+    Before::
+
+        %dq = ptq.dequantize(%xq, 0.02, 128)
+        %w = ptq.dequantize_per_channel(%w_int8, %w_scale, %w_zp, 0)
+        %conv = aten.conv2d(%dq, %w, %b, [1, 1], [1, 1])
+        %relu = aten.relu(%conv)
+        %q = ptq.quantize(%relu, 0.05, 0, 0, 255, uint8)
+
+    After::
+
+        %q = ptq.conv2d(%xq, 128, %w_int8, %b_int32, [1, 1], [1, 1], [1, 1], 1,
+                        %multiplier, 0, 0, 255, uint8)
+
+    Ops that could not be lowered stay in float between dequantize and quantize, with the
+    reason in ``node.meta["ptq.float"]``. Finally ``quantize(dequantize(x))`` pairs become
+    ``x`` (same parameters) or ``ptq.requantize``.
+    """
+
+    name = "lower-to-integer-ops"
+
+    def run(self, gm: fx.GraphModule) -> bool:
+        from ptqpasses.opsets import COMPUTE  # the rule key per aten op
+
+        lowering = _Lowering(gm)
+        modified = False
+        for q in list(gm.graph.nodes):
+            if q.target is not ptq.quantize.default:
+                continue
+            x = q.args[0]
+            if not isinstance(x, fx.Node) or x.op != "call_function":
+                continue
+            spec = meta.get_qspec(x)
+            act, op = None, x
+            if spec is not None and spec.role == "fused":
+                act, op = x, x.args[0]
+                spec = meta.get_qspec(op)
+            if spec is None or spec.role not in ("compute", "share"):
+                continue
+            rule = _Lowering.share if spec.role == "share" else _RULES[COMPUTE[op.target]]
+            out = meta.get_qparams(q)
+            with gm.graph.inserting_before(q):
+                new = rule(lowering, op, act, out, q)
+            if isinstance(new, str):
+                meta.set_float_reason(op, f"not lowered: {new}")
+                continue
+            if new is not q:
+                meta.set_qparams(new, out)
+                meta.set_source(new, meta.source(q))
+                new.meta[meta.QSPEC] = spec
+                q.replace_all_uses_with(new)
+                gm.graph.erase_node(q)
+            modified = True
+        modified |= _fold_quantize_dequantize(gm)
+        if modified:
+            gm.graph.eliminate_dead_code()
+            remove_unused_attributes(gm)
+        _record_float_reasons(gm)
+        return modified
+
+
+def _fold_quantize_dequantize(gm: fx.GraphModule) -> bool:
+    modified = False
+    for q in list(gm.graph.nodes):
+        if q.target is not ptq.quantize.default or not _is_dq(q.args[0]):
+            continue
+        dq, out = q.args[0], meta.get_qparams(q)
+        src = _dq_params(dq)
+        if src == out:
+            q.replace_all_uses_with(dq.args[0])
+        else:
+            with gm.graph.inserting_before(q):
+                new = gm.graph.call_function(
+                    ptq.requantize.default,
+                    (dq.args[0], src.zero_point, f32(src.scale / out.scale), out.zero_point,
+                     out.qmin, out.qmax, out.torch_dtype))
+            meta.set_qparams(new, out)
+            meta.set_source(new, meta.source(q))
+            q.replace_all_uses_with(new)
+        gm.graph.erase_node(q)
+        modified = True
+    return modified
+
+
+def _record_float_reasons(gm: fx.GraphModule) -> None:
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target in VIEWS or not isinstance(
+                node.target, torch._ops.OpOverload) or node.target is aten.sym_size.int:
+            continue
+        if node.target.namespace == "ptq":
+            continue
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and not val.is_floating_point():
+            continue  # index / mask arithmetic, not a quantization candidate
+        if meta.float_reason(node) is None:
+            spec = meta.get_qspec(node)
+            reason = spec.reason if spec is not None and spec.reason else (
+                f"{op_name(node)} is not in the integer operator set")
+            meta.set_float_reason(node, reason)

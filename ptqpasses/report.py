@@ -1,0 +1,161 @@
+"""Coverage (which nodes run as integer ops, which stay float and why) and per-node SQNR."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+import torch
+import torch.fx as fx
+
+from ptqpasses import meta
+from ptqpasses.calibrate import _as_args
+from ptqpasses.capture import capture
+
+ptq = torch.ops.ptq
+_CONVERSIONS = {"quantize", "dequantize", "dequantize_per_channel", "requantize"}
+
+
+@dataclass(frozen=True)
+class CoverageEntry:
+    node: str
+    op: str
+    integer: bool
+    reason: str = ""
+
+
+def _is_ptq(node: fx.Node) -> bool:
+    return isinstance(node.target, torch._ops.OpOverload) and node.target.namespace == "ptq"
+
+
+def _ptq_name(node: fx.Node) -> str:
+    return node.target._schema.name.split("::")[1]
+
+
+def coverage(qgraph: fx.GraphModule) -> list[CoverageEntry]:
+    """Every compute node of a lowered graph: integer op, or float with the reason."""
+    out = []
+    for node in qgraph.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if _is_ptq(node):
+            if _ptq_name(node) not in _CONVERSIONS:
+                out.append(CoverageEntry(node.name, f"ptq.{_ptq_name(node)}", True))
+        elif meta.float_reason(node) is not None:
+            out.append(CoverageEntry(node.name, str(node.target), False, meta.float_reason(node)))
+    return out
+
+
+def float_nodes(qgraph: fx.GraphModule) -> list[CoverageEntry]:
+    return [c for c in coverage(qgraph) if not c.integer]
+
+
+def sqnr_db(signal_power: float, noise_power: float) -> float:
+    if noise_power == 0:
+        return math.inf
+    if signal_power == 0:
+        return -math.inf
+    return 10 * math.log10(signal_power / noise_power)
+
+
+def sqnr(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    r, a = reference.double(), approx.double()
+    return sqnr_db(float((r * r).sum()), float(((r - a) ** 2).sum()))
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm, wanted: set[str]):
+        super().__init__(gm)
+        self.wanted, self.values = wanted, {}
+
+    def run_node(self, n):
+        result = super().run_node(n)
+        if n.name in self.wanted and isinstance(result, torch.Tensor):
+            self.values[n.name] = result
+        return result
+
+
+@dataclass
+class NodeSQNR:
+    node: str
+    op: str
+    source: str
+    sqnr_db: float
+
+
+@dataclass
+class Report:
+    nodes: list[NodeSQNR]
+    coverage: list[CoverageEntry]
+    output_sqnr_db: float
+    batches: int = 0
+    _power: dict = field(default_factory=dict, repr=False)
+
+    def worst(self, k: int = 10) -> list[NodeSQNR]:
+        return sorted(self.nodes, key=lambda r: r.sqnr_db)[:k]
+
+    def to_markdown(self) -> str:
+        n_int = sum(c.integer for c in self.coverage)
+        lines = [f"Output SQNR: {self.output_sqnr_db:.2f} dB over {self.batches} batches; "
+                 f"{n_int}/{len(self.coverage)} compute nodes run as integer ops.", "",
+                 "| node | op | float source | SQNR (dB) |", "|---|---|---|---:|"]
+        lines += [f"| {r.node} | {r.op} | {r.source} | {r.sqnr_db:.2f} |" for r in self.nodes]
+        floats = [c for c in self.coverage if not c.integer]
+        if floats:
+            lines += ["", "Nodes left in float:", "", "| node | op | reason |", "|---|---|---|"]
+            lines += [f"| {c.node} | {c.op} | {c.reason} |" for c in floats]
+        return "\n".join(lines)
+
+    __str__ = to_markdown
+
+
+def report(qgraph: fx.GraphModule, float_model: Any, data: Iterable[Any]) -> Report:
+    """Per-node SQNR of the integer graph against the float model on ``data``, and coverage.
+
+    Args:
+        qgraph: the lowered graph from ``convert``/``quantize``.
+        float_model: the float ``nn.Module`` (captured here again, without batch-norm
+            folding: folded convs are compared with the batch norm output they replace) or
+            its captured GraphModule.
+        data: input tuples.
+    """
+    batches = [_as_args(b) for b in data]
+    if not batches:
+        raise ValueError("report needs at least one batch of data")
+    fgm = float_model if isinstance(float_model, fx.GraphModule) else capture(float_model, batches[0])
+    int_nodes = {n.name: n for n in qgraph.graph.nodes
+                 if _is_ptq(n) and _ptq_name(n) not in _CONVERSIONS | {"quantize"}
+                 and meta.get_qparams(n) is not None}
+    float_names = {n.name for n in fgm.graph.nodes}
+    pairs = {name: meta.source(n) for name, n in int_nodes.items() if meta.source(n) in float_names}
+    power = {name: [0.0, 0.0] for name in pairs}
+    out_power = [0.0, 0.0]
+    with torch.no_grad():
+        for args in batches:
+            frec = _Recorder(fgm, set(pairs.values()))
+            f_out = frec.run(*args)
+            qrec = _Recorder(qgraph, set(pairs))
+            q_out = qrec.run(*args)
+            for name, src in pairs.items():
+                p = meta.get_qparams(int_nodes[name])
+                deq = (qrec.values[name].to(torch.int32) - p.zero_point).float() * p.scale
+                ref = frec.values[src].double()
+                power[name][0] += float((ref * ref).sum())
+                power[name][1] += float(((ref - deq.double()) ** 2).sum())
+            for fo, qo in zip(_flat(f_out), _flat(q_out)):
+                out_power[0] += float((fo.double() ** 2).sum())
+                out_power[1] += float(((fo.double() - qo.double()) ** 2).sum())
+    rows = [NodeSQNR(name, f"ptq.{_ptq_name(int_nodes[name])}", src, sqnr_db(*power[name]))
+            for name, src in pairs.items()]
+    return Report(rows, coverage(qgraph), sqnr_db(*out_power), len(batches))
+
+
+def _flat(x) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for item in x for t in _flat(item)]
+    if isinstance(x, dict):
+        return [t for item in x.values() for t in _flat(item)]
+    return []
