@@ -1,0 +1,165 @@
+"""ConvertToQDQ + LowerToIntegerOps: structure, 1-LSB agreement, coverage of float nodes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+import ptqpasses
+from ptqpasses import QSpec, QuantConfig, Scheme, meta
+from ptqpasses.passes import LowerToIntegerOps, NotCalibratedError
+
+aten, ptq = torch.ops.aten, torch.ops.ptq
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.c3 = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        y = F.max_pool2d(F.relu(self.c1(x)), 2)
+        y = F.relu(y + F.relu6(self.c2(y)))
+        z = torch.cat([y, self.c3(y)], 1)
+        z = F.avg_pool2d(z, 2)
+        return self.fc(z.mean([2, 3]))
+
+
+def _quantize(model, shape, cfg=None, batches=3):
+    data = [(torch.randn(*shape),) for _ in range(batches)]
+    gm = ptqpasses.prepare(model.eval(), data[0], cfg)
+    ptqpasses.calibrate(gm, data, progress=False)
+    qdq = ptqpasses.convert(gm, lower=False)
+    import copy
+    lowered = LowerToIntegerOps()(copy.deepcopy(qdq)).graph_module
+    return qdq, lowered
+
+
+def _targets(gm):
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def test_block_lowers_fully_to_integer_ops():
+    m = Block()
+    qdq, q = _quantize(m, (4, 3, 16, 16))
+    q.graph.lint()
+    targets = _targets(q)
+    for op in ("conv2d", "max_pool2d", "add", "cat", "avg_pool2d", "mean", "linear"):
+        assert getattr(ptq, op).default in targets, op
+    assert not any(t in targets for t in (aten.conv2d.default, aten.linear.default, aten.relu.default,
+                                          ptq.dequantize_per_channel.default))
+    assert targets.count(ptq.quantize.default) == 1  # only the model input
+    assert targets.count(ptq.dequantize.default) == 1  # only the model output
+    assert all(c.integer for c in ptqpasses.coverage(q))
+    # relu6 was fused into c2's clamp: qmax is below the uint8 maximum or equal to it
+    c2 = [n for n in q.graph.nodes if n.target is ptq.conv2d.default][1]
+    assert c2.args[7] == 8  # depthwise groups survived
+    x = torch.randn(3, 3, 16, 16)  # batch differs from calibration
+    out_scale = meta.get_qparams(next(n for n in q.graph.nodes if n.target is ptq.linear.default)).scale
+    # one-LSB differences inside the network may compound: allow 2 LSB at the output
+    assert (q(x) - qdq(x)).abs().max() <= out_scale * 1.0001 * 2
+
+
+def test_unsupported_op_is_reported_not_crashing():
+    class WithSigmoid(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            return self.b(torch.sigmoid(self.a(x)))
+
+    qdq, q = _quantize(WithSigmoid(), (2, 3, 6, 6))
+    cov = {c.node: c for c in ptqpasses.coverage(q)}
+    assert not cov["sigmoid"].integer
+    assert "sigmoid" in cov["sigmoid"].reason and "not in the integer operator set" in cov["sigmoid"].reason
+    assert sum(c.integer for c in cov.values()) == 2
+    # sigmoid runs in float between a dequantize and a quantize
+    sig = next(n for n in q.graph.nodes if n.target is aten.sigmoid.default)
+    assert sig.args[0].target is ptq.dequantize.default
+    assert next(iter(sig.users)).target is ptq.quantize.default
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(q(x), qdq(x), atol=0.05, rtol=0)
+
+
+def test_keep_float_and_asymmetric_weights_are_reported():
+    m = Block()
+    cfg = QuantConfig(keep_float=("c3",),
+                      by_module_name={"fc": Scheme(weight=QSpec(dtype="int8", symmetric=False,
+                                                                per_channel=True))})
+    _, q = _quantize(m, (2, 3, 16, 16), cfg)
+    floats = {c.node: c.reason for c in ptqpasses.coverage(q) if not c.integer}
+    assert "keep_float names module 'c3'" in floats["conv2d_2"]
+    assert "asymmetric weights" in floats["linear"]
+
+
+def test_int8_activations():
+    cfg = QuantConfig(activation=QSpec(dtype="int8", symmetric=False))
+    qdq, q = _quantize(Block(), (2, 3, 16, 16), cfg)
+    conv = next(n for n in q.graph.nodes if n.target is ptq.conv2d.default)
+    assert conv.args[-1] == torch.int8 and conv.args[1] != 0  # asymmetric int8 input
+    quant = next(n for n in q.graph.nodes if n.target is ptq.quantize.default)
+    assert quant.args[3:] == (-128, 127, torch.int8)
+    x = torch.randn(2, 3, 16, 16)
+    assert (q(x) - qdq(x)).abs().max() < 0.1
+
+
+def test_convert_before_calibrate_fails_clearly():
+    gm = ptqpasses.prepare(Block().eval(), (torch.randn(2, 3, 16, 16),))
+    with pytest.raises(ptqpasses.PassError, match="run ptqpasses.calibrate") as info:
+        ptqpasses.convert(gm)
+    assert isinstance(info.value.__cause__, NotCalibratedError)
+
+
+class OneConv(nn.Module):
+    def __init__(self, cin, cout, k, stride, pad, groups, relu):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, stride, pad, groups=groups)
+        self.relu = relu
+
+    def forward(self, x):
+        y = self.conv(x)
+        return F.relu(y) if self.relu else y
+
+
+@settings(max_examples=25, deadline=None)
+@given(cpg=st.integers(1, 3), opg=st.integers(1, 3), groups=st.integers(1, 3),
+       k=st.sampled_from([1, 3]), stride=st.integers(1, 2), pad=st.integers(0, 1),
+       relu=st.booleans(), shift=st.floats(-2, 2), per_channel=st.booleans(),
+       act=st.sampled_from(["uint8", "int8"]))
+def test_lowered_conv_matches_qdq_within_one_lsb(cpg, opg, groups, k, stride, pad, relu, shift,
+                                                  per_channel, act):
+    m = OneConv(cpg * groups, opg * groups, k, stride, pad, groups, relu)
+    cfg = QuantConfig(activation=QSpec(dtype=act, observer="minmax"),
+                      weight=QSpec(dtype="int8", symmetric=True, per_channel=per_channel))
+    data = [(torch.randn(2, cpg * groups, 7, 7) + shift,) for _ in range(2)]
+    gm = ptqpasses.prepare(m.eval(), data[0], cfg)
+    ptqpasses.calibrate(gm, data, progress=False)
+    qdq = ptqpasses.convert(gm, lower=False)
+    import copy
+    q = LowerToIntegerOps()(copy.deepcopy(qdq)).graph_module
+    assert ptq.conv2d.default in _targets(q)
+    scale = meta.get_qparams(next(n for n in q.graph.nodes if n.target is ptq.conv2d.default)).scale
+    x = torch.randn(3, cpg * groups, 7, 7) + shift
+    assert (q(x) - qdq(x)).abs().max() <= scale * 1.0001
+
+
+@settings(max_examples=25, deadline=None)
+@given(k=st.integers(1, 48), n=st.integers(1, 12), seq=st.booleans(), shift=st.floats(-2, 2))
+def test_lowered_linear_matches_qdq_within_one_lsb(k, n, seq, shift):
+    m = nn.Linear(k, n)
+    shape = (2, 5, k) if seq else (2, k)
+    cfg = QuantConfig(activation=QSpec(observer="minmax"))
+    data = [(torch.randn(*shape) + shift,) for _ in range(2)]
+    gm = ptqpasses.prepare(m.eval(), data[0], cfg)
+    ptqpasses.calibrate(gm, data, progress=False)
+    qdq = ptqpasses.convert(gm, lower=False)
+    import copy
+    q = LowerToIntegerOps()(copy.deepcopy(qdq)).graph_module
+    scale = meta.get_qparams(next(n for n in q.graph.nodes if n.target is ptq.linear.default)).scale
+    x = torch.randn(*shape) + shift
+    assert (q(x) - qdq(x)).abs().max() <= scale * 1.0001
