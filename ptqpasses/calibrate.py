@@ -54,6 +54,21 @@ def calibrate(gm: fx.GraphModule, data: Iterable[Any], *, progress: bool = True)
     return gm
 
 
+def merge(gm: fx.GraphModule, *others: fx.GraphModule) -> fx.GraphModule:
+    """Merges the observer statistics of ``others`` (copies of ``gm`` calibrated elsewhere,
+    e.g. in other processes on other shards of the data) into ``gm`` and records qparams."""
+    mine = observers(gm)
+    for other in others:
+        theirs = {meta.observed_node(n): ob for n, ob in observers(other)}
+        for node, ob in mine:
+            name = meta.observed_node(node)
+            if name not in theirs:
+                raise CalibrationError(f"cannot merge: the other graph does not observe node {name!r}")
+            ob.merge(theirs[name])
+    finalize(gm)
+    return gm
+
+
 def finalize(gm: fx.GraphModule) -> None:
     """Writes each observer's qparams into its node's meta (after data or a merge)."""
     for node, ob in observers(gm):

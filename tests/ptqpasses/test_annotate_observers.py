@@ -157,3 +157,20 @@ def test_calibrate_accepts_a_dataloader_and_insert_observers_is_idempotent():
     assert sum(n.op == "call_module" for n in gm.graph.nodes) == n_obs
     ptqpasses.calibrate(gm, torch.utils.data.DataLoader(ds, batch_size=4), progress=False)
     assert all(meta.get_qparams(n) is not None for n in gm.graph.nodes if n.op == "call_module")
+
+
+def test_calibration_split_across_graphs_merges_to_the_same_qparams():
+    import copy
+
+    from ptqpasses.calibrate import merge
+    cfg = QuantConfig(activation=QSpec(observer="minmax"))
+    base = ptqpasses.prepare(Net().eval(), (torch.randn(2, 3, 10, 10),), cfg)
+    data = [(torch.randn(2, 3, 10, 10) * (i + 1),) for i in range(4)]
+    whole, a, b = copy.deepcopy(base), copy.deepcopy(base), copy.deepcopy(base)
+    ptqpasses.calibrate(whole, data, progress=False)
+    ptqpasses.calibrate(a, data[:2], progress=False)
+    ptqpasses.calibrate(b, data[2:], progress=False)
+    merge(a, b)
+    qa = [meta.get_qparams(n) for n in a.graph.nodes if n.op == "call_module"]
+    qw = [meta.get_qparams(n) for n in whole.graph.nodes if n.op == "call_module"]
+    assert qa == qw and len(qa) == 5
