@@ -14,6 +14,7 @@ from ptqpasses.passes import (Annotate, ConvertToQDQ, FoldBatchNorm, InsertObser
                               LowerToIntegerOps)
 from ptqpasses.pipeline import (DumpToFolder, Pass, PassError, PassResult, Pipeline, PrintAfter,
                                 Timing, graph_pass)
+from ptqpasses.recipe import RecipeError, apply_recipe, load_recipe, save_recipe
 from ptqpasses.report import coverage, report
 
 __all__ = [
@@ -21,5 +22,6 @@ __all__ = [
     "DumpToFolder", "FoldBatchNorm", "InsertObservers", "LowerToIntegerOps", "Pass",
     "PassError", "PassResult", "Pipeline", "PrintAfter", "QParams", "QSpec", "QuantConfig",
     "Scheme", "Timing", "calibrate", "capture", "convert", "convert_pipeline", "coverage",
-    "graph_pass", "prepare", "prepare_pipeline", "quantize", "report",
+    "graph_pass", "prepare", "prepare_pipeline", "quantize", "report", "RecipeError",
+    "apply_recipe", "load_recipe", "save_recipe",
 ]
