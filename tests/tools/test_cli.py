@@ -1,0 +1,70 @@
+"""The ``ptq`` command end to end, in a temporary folder."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tools.cli import main
+from tools.inputs import UsageError, calibration_batches, load_model, parse_input_spec
+
+
+def test_input_spec_parsing():
+    assert parse_input_spec("1x3x224x224:float32") == ((1, 3, 224, 224), torch.float32)
+    assert parse_input_spec("2x16:int64") == ((2, 16), torch.int64)
+    with pytest.raises(UsageError, match="not like"):
+        parse_input_spec("1,3,224")
+    with pytest.raises(UsageError, match="unknown dtype"):
+        parse_input_spec("1x3:float7")
+
+
+def test_model_spec_errors():
+    with pytest.raises(UsageError, match="package.module:attr"):
+        load_model("tools.digits.DigitsCNN")
+    with pytest.raises(UsageError, match="no attribute"):
+        load_model("tools.digits:Nope")
+    with pytest.raises(UsageError, match="cannot import"):
+        load_model("no_such_pkg.mod:X")
+    assert isinstance(load_model("tools.digits:DigitsCNN"), torch.nn.Module)
+
+
+def test_calibration_sources(tmp_path):
+    np.save(tmp_path / "x.npy", np.random.randn(10, 1, 8, 8).astype("float32"))
+    batches = calibration_batches(str(tmp_path / "x.npy"), (1, 1, 8, 8), batch=4)
+    assert [b[0].shape[0] for b in batches] == [4, 4, 2]
+    from PIL import Image
+    img_dir = tmp_path / "imgs"
+    img_dir.mkdir()
+    for i in range(3):
+        Image.fromarray((np.random.rand(20, 30, 3) * 255).astype("uint8")).save(img_dir / f"{i}.png")
+    batches = calibration_batches(str(img_dir), (1, 3, 16, 16), batch=2)
+    assert [tuple(b[0].shape) for b in batches] == [(2, 3, 16, 16), (1, 3, 16, 16)]
+    with pytest.raises(UsageError, match="not a folder"):
+        calibration_batches(str(tmp_path / "missing.npy"), (1, 1, 8, 8))
+
+
+def test_quantize_and_report_commands(tmp_path, capsys):
+    np.save(tmp_path / "calib.npy", np.random.randn(16, 1, 8, 8).astype("float32"))
+    args = ["tools.digits:DigitsCNN", "--input", "1x1x8x8:float32", "--calib", str(tmp_path / "calib.npy")]
+    assert main(["quantize", *args, "--out", str(tmp_path / "recipe")]) == 0
+    out = capsys.readouterr().out
+    assert "wrote recipe" in out and "5/5 compute nodes are integer ops" in out
+    body = json.loads((tmp_path / "recipe.json").read_text())
+    assert body["format"] == "ptqpasses-recipe/1"
+    assert main(["report", *args, "--batches", "1"]) == 0
+    assert "| node | op | float source | SQNR (dB) |" in capsys.readouterr().out
+
+
+def test_bad_input_exits_nonzero_with_a_message(tmp_path):
+    cmd = [sys.executable, "-m", "tools.cli", "quantize", "tools.digits:DigitsCNN", "--input",
+           "1x1x8x8:float32", "--calib", str(tmp_path / "nothing.npy"), "--out", str(tmp_path / "r")]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "ptq quantize: error: calibration source" in out.stderr
+    assert "Traceback" not in out.stderr
+    cmd = [sys.executable, "-m", "tools.cli", "report", "--help"]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0 and "example:" in out.stdout

@@ -1,0 +1,147 @@
+"""The ``ptq`` command: quantize, report, compile and demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+from tools.inputs import UsageError, calibration_batches, example_inputs, load_model
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="package.module:attr naming an nn.Module or a factory of one")
+    p.add_argument("--input", action="append", default=[], metavar="SHAPE:DTYPE",
+                   help="an input's shape and dtype, e.g. 1x3x224x224:float32 (repeat per input)")
+    p.add_argument("--config", metavar="JSON",
+                   help="QuantConfig as JSON (ptqpasses.QuantConfig.to_dict()), or @file.json")
+
+
+def _add_calib_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calib", required=True, metavar="SOURCE",
+                   help="folder of images, .npy/.pt file or folder of them, or module:function")
+    p.add_argument("--batch-size", type=int, default=8)
+
+
+def _config(text):
+    import ptqpasses
+    if not text:
+        return ptqpasses.QuantConfig()
+    if text.startswith("@"):
+        with open(text[1:]) as f:
+            text = f.read()
+    try:
+        return ptqpasses.QuantConfig.from_dict(json.loads(text))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise UsageError(f"--config is not a valid QuantConfig JSON: {e}") from None
+
+
+def _calibrated(args):
+    import ptqpasses
+    model = load_model(args.model)
+    inputs = example_inputs(args.input)
+    data = calibration_batches(args.calib, tuple(inputs[0].shape), args.batch_size)
+    config = _config(args.config)
+    observed = ptqpasses.prepare(model, inputs, config)
+    ptqpasses.calibrate(observed, data)
+    return model, inputs, data, config, observed
+
+
+def cmd_quantize(args) -> int:
+    import ptqpasses
+    model, inputs, data, config, observed = _calibrated(args)
+    path = ptqpasses.save_recipe(observed, args.out, pipeline=ptqpasses.prepare_pipeline(config))
+    q = ptqpasses.convert(observed)
+    cov = ptqpasses.coverage(q)
+    print(f"wrote recipe {path} (+ .safetensors); {sum(c.integer for c in cov)}/{len(cov)} "
+          "compute nodes are integer ops")
+    for c in cov:
+        if not c.integer:
+            print(f"  float: {c.node} ({c.op}): {c.reason}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    import ptqpasses
+    model, inputs, data, config, observed = _calibrated(args)
+    q = ptqpasses.convert(observed)
+    print(ptqpasses.report(q, model, data[: args.batches]).to_markdown())
+    return 0
+
+
+def cmd_compile(args) -> int:
+    import ptqpasses
+    from backends import tvm as tvm_backend
+    model = load_model(args.model)
+    inputs = example_inputs(args.input)
+    q = ptqpasses.apply_recipe(model, inputs, args.recipe)
+    compiled = tvm_backend.compile(q, target=args.target)
+    out = compiled.save(args.out)
+    print(f"compiled for {args.target}: {out}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from tools.demo import run_demo
+    return run_demo(quick=args.quick, threads=args.threads)
+
+
+EXAMPLES = {
+    "quantize": "ptq quantize tools.digits:DigitsCNN --input 1x1x8x8:float32 --calib x.npy --out recipe",
+    "report": "ptq report tools.digits:DigitsCNN --input 1x1x8x8:float32 --calib x.npy",
+    "compile": ("ptq compile tools.digits:DigitsCNN --input 1x1x8x8:float32 --recipe recipe "
+                "--target host --out model.so"),
+    "demo": "ptq demo",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ptq", description="Post-training int8 quantization of PyTorch models, "
+        "compiled with Apache TVM.", formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n" + "\n".join(f"  {e}" for e in EXAMPLES.values()))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name, help_, fn):
+        p = sub.add_parser(name, help=help_, description=help_,
+                           epilog=f"example:\n  {EXAMPLES[name]}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(fn=fn)
+        return p
+
+    p = add("quantize", "calibrate a model and save its quantization recipe", cmd_quantize)
+    _add_model_args(p), _add_calib_args(p)
+    p.add_argument("--out", required=True, help="recipe base path (writes .json and .safetensors)")
+    p = add("report", "per-node SQNR and float coverage of the quantized model", cmd_report)
+    _add_model_args(p), _add_calib_args(p)
+    p.add_argument("--batches", type=int, default=4, help="batches used for the SQNR")
+    p = add("compile", "apply a recipe and compile the integer graph with TVM", cmd_compile)
+    _add_model_args(p)
+    p.add_argument("--recipe", required=True, help="recipe from `ptq quantize`")
+    p.add_argument("--target", default="host", help="named target (see backends.tvm.targets)")
+    p.add_argument("--out", required=True, help="output .so (metadata JSON written beside it)")
+    p = add("demo", "train a digits CNN, quantize, compile for this CPU, compare with PyTorch",
+            cmd_demo)
+    p.add_argument("--quick", action="store_true", help="fewer epochs and timing runs")
+    p.add_argument("--threads", type=int, default=1, help="threads for both TVM and torch")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except UsageError as e:
+        print(f"ptq {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a library error: say which and where, without a traceback wall
+        from ptqpasses import CalibrationError, CaptureError, ConfigError, PassError, RecipeError
+        if isinstance(e, (CalibrationError, CaptureError, ConfigError, PassError, RecipeError)):
+            print(f"ptq {args.command}: error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
