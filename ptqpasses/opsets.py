@@ -22,6 +22,15 @@ COMPUTE = {
     aten.avg_pool2d.default: "avg_pool2d", aten.adaptive_avg_pool2d.default: "mean",
     aten.mean.dim: "mean",
 }
+#: Elementwise functions of one tensor: on an 8-bit input they become a 256-entry table.
+LOOKUP = {
+    aten.gelu.default: "lut", aten.sigmoid.default: "lut", aten.tanh.default: "lut",
+    aten.hardswish.default: "lut", aten.hardsigmoid.default: "lut", aten.silu.default: "lut",
+    aten.elu.default: "lut", aten.leaky_relu.default: "lut", aten.exp.default: "lut",
+    aten.log_sigmoid.default: "lut", aten.mish.default: "lut", aten.softplus.default: "lut",
+    aten.erf.default: "lut",
+}
+COMPUTE.update(LOOKUP)
 FUSES_ACTIVATION = {aten.conv2d.default, aten.linear.default, aten.add.Tensor}
 ACTIVATIONS = {aten.relu.default, aten.relu_.default, aten.relu6.default, aten.hardtanh.default,
                aten.hardtanh_.default, aten.clamp.default}

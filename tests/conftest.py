@@ -1,10 +1,5 @@
-import warnings
-
 import pytest
 import torch
-
-warnings.filterwarnings("ignore", category=FutureWarning)
-
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -196,6 +196,16 @@ def mean(
     return requantize_acc(acc, multiplier, out_zp, qmin, qmax, out_dtype)
 
 
+@torch.library.custom_op(f"{_NS}::lut", mutates_args=())
+def lut(x: torch.Tensor, table: torch.Tensor, x_min: int) -> torch.Tensor:
+    """Table lookup ``table[x - x_min]``: any elementwise function of an 8-bit input.
+
+    The lowering fills the table by running the float function on every input value, so
+    the op is exact for whatever the QDQ simulation computes (sigmoid, GELU, hardswish...).
+    """
+    return table[(x.to(torch.int64) - x_min)]
+
+
 # --- fake (shape) kernels, so integer graphs can be traced and exported -------------------
 
 
@@ -273,10 +283,15 @@ def _(x, x_zp, dims, keepdim, multiplier, out_zp, qmin, qmax, out_dtype):
     return x.to(torch.float32).sum(dim=dims, keepdim=keepdim).to(out_dtype)
 
 
+@lut.register_fake
+def _(x, table, x_min):
+    return torch.empty_like(x, dtype=table.dtype)
+
+
 #: Every integer operator, by short name (``torch.ops.ptq.<name>.default``).
 INTEGER_OPS = {
     name: getattr(torch.ops.ptq, name).default
     for name in ("quantize", "dequantize", "dequantize_per_channel", "requantize", "clamp",
                  "conv2d", "linear", "matmul", "add", "mul", "cat", "max_pool2d",
-                 "avg_pool2d", "mean")
+                 "avg_pool2d", "mean", "lut")
 }

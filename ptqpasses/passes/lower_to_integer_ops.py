@@ -181,6 +181,20 @@ class _Lowering:
                           f32(xp.scale / (out.scale * count)), out.zero_point, out.qmin,
                           out.qmax, out.torch_dtype])
 
+    def lookup(self, op: fx.Node, act, out: QParams, q: fx.Node):
+        x = op.args[0]
+        if not _is_dq(x) or any(isinstance(a, fx.Node) for a in (*op.args[1:], *op.kwargs.values())):
+            return "input is not quantized, or the function has tensor arguments"
+        xp = _dq_params(x)
+        if xp.qmax - xp.qmin > 255:
+            return "table lookup needs an 8-bit input"
+        codes = torch.arange(xp.qmin, xp.qmax + 1, dtype=torch.int32)
+        real = ptq.dequantize(codes, xp.scale, xp.zero_point)
+        y = op.target(real, *op.args[1:], **op.kwargs)
+        table = ptq.quantize(y, out.scale, out.zero_point, out.qmin, out.qmax, out.torch_dtype)
+        t = self.const(f"{op.name}_table", table, q)
+        return self.call(ptq.lut.default, [x.args[0], t, xp.qmin])
+
     def share(self, op: fx.Node, act, out: QParams, q: fx.Node):
         x = op.args[0]
         if not _is_dq(x) or _dq_params(x) != out:
@@ -207,7 +221,7 @@ class _Lowering:
 _RULES: dict[str, Callable] = {
     "conv2d": _Lowering.weighted, "linear": _Lowering.weighted, "add": _Lowering.binary,
     "mul": _Lowering.binary, "matmul": _Lowering.binary, "cat": _Lowering.cat,
-    "avg_pool2d": _Lowering.pool, "mean": _Lowering.pool,
+    "avg_pool2d": _Lowering.pool, "mean": _Lowering.pool, "lut": _Lowering.lookup,
 }
 
 

@@ -65,25 +65,48 @@ def test_block_lowers_fully_to_integer_ops():
 
 
 def test_unsupported_op_is_reported_not_crashing():
-    class WithSigmoid(nn.Module):
+    class WithSoftmax(nn.Module):
         def __init__(self):
             super().__init__()
             self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1)
 
         def forward(self, x):
-            return self.b(torch.sigmoid(self.a(x)))
+            return self.b(torch.softmax(self.a(x), dim=1))
 
-    qdq, q = _quantize(WithSigmoid(), (2, 3, 6, 6))
+    qdq, q = _quantize(WithSoftmax(), (2, 3, 6, 6))
     cov = {c.node: c for c in ptqpasses.coverage(q)}
-    assert not cov["sigmoid"].integer
-    assert "sigmoid" in cov["sigmoid"].reason and "not in the integer operator set" in cov["sigmoid"].reason
+    assert not cov["softmax"].integer
+    assert "softmax" in cov["softmax"].reason and "not in the integer operator set" in cov["softmax"].reason
     assert sum(c.integer for c in cov.values()) == 2
-    # sigmoid runs in float between a dequantize and a quantize
-    sig = next(n for n in q.graph.nodes if n.target is aten.sigmoid.default)
+    # softmax runs in float between a dequantize and a quantize
+    sig = next(n for n in q.graph.nodes if n.target is aten.softmax.int)
     assert sig.args[0].target is ptq.dequantize.default
     assert next(iter(sig.users)).target is ptq.quantize.default
     x = torch.randn(2, 3, 6, 6)
     torch.testing.assert_close(q(x), qdq(x), atol=0.05, rtol=0)
+
+
+def test_elementwise_functions_become_exact_table_lookups():
+    class Acts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            y = torch.sigmoid(self.a(x)) + F.hardswish(self.a(x))
+            return F.gelu(self.b(F.silu(y)))
+
+    qdq, q = _quantize(Acts(), (2, 3, 6, 6))
+    targets = _targets(q)
+    assert targets.count(ptq.lut.default) == 4
+    assert not any(t in targets for t in (aten.sigmoid.default, aten.gelu.default,
+                                          aten.hardswish.default, aten.silu.default))
+    x = torch.randn(3, 3, 6, 6)
+    # a table lookup reproduces the QDQ simulation of an elementwise op exactly
+    lut = next(n for n in q.graph.nodes if n.target is ptq.lut.default)
+    assert lut.args[2] == 0 and tuple(q.get_buffer(lut.args[1].target).shape) == (256,)
+    scale = meta.get_qparams(q.graph.find_nodes(op="call_function", target=ptq.dequantize.default)[-1].args[0]).scale
+    assert (q(x) - qdq(x)).abs().max() <= 2 * scale * 1.0001
 
 
 def test_keep_float_and_asymmetric_weights_are_reported():
