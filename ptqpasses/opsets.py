@@ -18,7 +18,8 @@ WEIGHTED = {aten.conv2d.default: "conv2d", aten.linear.default: "linear"}
 COMPUTE = {
     **WEIGHTED,
     aten.matmul.default: "matmul", aten.bmm.default: "matmul",
-    aten.add.Tensor: "add", aten.mul.Tensor: "mul", aten.cat.default: "cat",
+    aten.add.Tensor: "add", aten.mul.Tensor: "mul", aten.div.Tensor: "mul",
+    aten.cat.default: "cat",
     aten.avg_pool2d.default: "avg_pool2d", aten.adaptive_avg_pool2d.default: "mean",
     aten.mean.dim: "mean",
 }

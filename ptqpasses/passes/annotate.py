@@ -128,8 +128,9 @@ def _activation_inputs(node: fx.Node) -> list[fx.Node]:
         return [node.args[0]]
     if node.target is aten.cat.default:
         return list(node.args[0])
-    if node.target in (aten.add.Tensor, aten.mul.Tensor, aten.matmul.default, aten.bmm.default):
-        return list(node.args[:2])
+    if node.target in (aten.add.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.matmul.default,
+                       aten.bmm.default):
+        return [a for a in node.args[:2] if isinstance(a, fx.Node)]
     return [node.args[0]]
 
 
@@ -149,6 +150,11 @@ def _unsupported(gm: fx.GraphModule, node: fx.Node) -> str:
         return ""
     if t is aten.cat.default:
         return "" if all(is_tensor_node(x) for x in args[0]) else "cat of non-tensors"
+    if t in (aten.mul.Tensor, aten.div.Tensor) and isinstance(args[1], (int, float)) \
+            and is_tensor_node(args[0]) and args[1] != 0:
+        return ""  # scaling by a constant: a requantize
+    if t is aten.div.Tensor:
+        return "division by a tensor"
     if t in (aten.add.Tensor, aten.mul.Tensor, aten.matmul.default, aten.bmm.default):
         if not all(is_tensor_node(x) for x in args[:2]):
             return f"{op_name(node)} with a scalar operand"

@@ -123,6 +123,14 @@ class _Lowering:
 
     def binary(self, op: fx.Node, act, out: QParams, q: fx.Node):
         a, b = op.args[:2]
+        if isinstance(b, (int, float)):  # x * c or x / c: only the scale changes
+            if not _is_dq(a):
+                return "input is not quantized"
+            pa = _dq_params(a)
+            c = 1.0 / b if op.target is aten.div.Tensor else float(b)
+            return self.call(ptq.requantize.default,
+                             [a.args[0], pa.zero_point, f32(pa.scale * c / out.scale),
+                              out.zero_point, out.qmin, out.qmax, out.torch_dtype])
         if not (_is_dq(a) and _is_dq(b)):
             return "an input is not quantized"
         pa, pb = _dq_params(a), _dq_params(b)

@@ -47,7 +47,7 @@ class Mixed(nn.Module):
 
 
 def _max_rel(a, b):
-    return float((a - b).abs().max() / b.abs().max())
+    return float((a - b).abs().max().detach() / b.abs().max().detach())
 
 
 def _has_bn(gm):
