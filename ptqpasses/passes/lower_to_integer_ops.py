@@ -325,8 +325,8 @@ def _record_float_reasons(gm: fx.GraphModule) -> None:
         if node.op != "call_function" or node.target in VIEWS or not isinstance(
                 node.target, torch._ops.OpOverload) or node.target is aten.sym_size.int:
             continue
-        if node.target.namespace == "ptq":
-            continue
+        if node.target.namespace == "ptq" or not node.target._schema.returns:
+            continue  # our own ops, and checks such as aten._assert_tensor_metadata
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor) and not val.is_floating_point():
             continue  # index / mask arithmetic, not a quantization candidate
