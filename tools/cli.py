@@ -73,6 +73,10 @@ def cmd_report(args) -> int:
 def cmd_compile(args) -> int:
     import ptqpasses
     from backends import tvm as tvm_backend
+    try:
+        tvm_backend.resolve(args.target)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     model = load_model(args.model)
     inputs = example_inputs(args.input)
     q = ptqpasses.apply_recipe(model, inputs, args.recipe)
@@ -137,7 +141,11 @@ def main(argv=None) -> int:
         return 2
     except Exception as e:  # a library error: say which and where, without a traceback wall
         from ptqpasses import CalibrationError, CaptureError, ConfigError, PassError, RecipeError
-        if isinstance(e, (CalibrationError, CaptureError, ConfigError, PassError, RecipeError)):
+        known = (CalibrationError, CaptureError, ConfigError, PassError, RecipeError)
+        if "backends.tvm" in sys.modules:
+            from backends.tvm import EmitError, LoadError
+            known += (EmitError, LoadError)
+        if isinstance(e, known):
             print(f"ptq {args.command}: error: {e}", file=sys.stderr)
             return 1
         raise

@@ -24,7 +24,7 @@ def run_demo(quick: bool = False, threads: int = 1) -> int:
     torch.set_num_threads(threads)
     import ptqpasses
     from backends import tvm as tvm_backend
-    from backends.tvm.targets import resolve_target
+    from backends.tvm.targets import resolve
     from tools.digits import accuracy, train_digits
 
     t0 = time.perf_counter()
@@ -37,10 +37,11 @@ def run_demo(quick: bool = False, threads: int = 1) -> int:
     cov = ptqpasses.coverage(qgraph)
     print(f"quantized in {time.perf_counter() - t0:.1f} s: {sum(c.integer for c in cov)}/{len(cov)} "
           "compute nodes are int8 ops (per-channel int8 weights, uint8 activations)")
-    target = resolve_target("host")
+    target = resolve("host")
     t0 = time.perf_counter()
     compiled = tvm_backend.compile(qgraph, target="host")
-    print(f"compiled for host ({target.describe()}) in {time.perf_counter() - t0:.1f} s")
+    print(f"compiled for host ({target.spec['mcpu']}, {target.family}) with TVM in "
+          f"{time.perf_counter() - t0:.1f} s")
 
     with torch.no_grad():
         fp32 = model(test_x)

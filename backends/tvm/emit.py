@@ -1,0 +1,210 @@
+"""Walk an integer-operator fx graph and build a Relax IRModule with ``BlockBuilder``.
+
+``torch.ops.ptq.*`` nodes become int8 TE kernels or integer Relax ops (``ptq_ops``); every
+other node (integer pass-throughs such as view/permute on int8, and float islands such as
+softmax or layer_norm between dequantize and quantize) is handed to the converters of TVM's
+own ``relax.frontend.torch`` importer, which read and write the same node -> value table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import tvm
+from torch import fx
+from tvm import relax, tirx
+from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+import ptqpasses.ops  # noqa: F401  (registers torch.ops.ptq)
+from backends.tvm import ptq_ops
+from backends.tvm.family import Family
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """A graph input or output: dtype and shape, whose dims are ints or symbol names
+    (``"batch"`` for the dynamic batch; torch.export's own symbols such as ``"s1"``)."""
+
+    shape: tuple
+    dtype: str
+
+    def to_json(self) -> dict:
+        return {"shape": list(self.shape), "dtype": self.dtype}
+
+    @staticmethod
+    def from_json(d: dict) -> "TensorSpec":
+        return TensorSpec(tuple(d["shape"]), d["dtype"])
+
+
+class EmitError(RuntimeError):
+    """A node the emitter cannot translate (names the node and its op)."""
+
+
+def _ptq_name(target) -> Optional[str]:
+    if isinstance(target, torch._ops.OpOverload) and target.namespace == "ptq":
+        return target._schema.name.split("::")[-1]
+    return None
+
+
+def bind_args(node: fx.Node) -> dict:
+    """The node's arguments by schema name, defaults filled in."""
+    schema = node.target._schema
+    out = {}
+    for i, arg in enumerate(schema.arguments):
+        if i < len(node.args):
+            out[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            out[arg.name] = node.kwargs[arg.name]
+        else:
+            out[arg.name] = arg.default_value if arg.has_default_value() else None
+    return out
+
+
+class Emitter:
+    """Translate one fx integer graph into Relax.
+
+    Args:
+        gm: The integer-operator graph.
+        family: The target family (activation encoding, packing block).
+    """
+
+    def __init__(self, gm: fx.GraphModule, family: Family):
+        self.gm = gm
+        self.family = family
+        self.bb = relax.BlockBuilder()
+        self.env: dict[fx.Node, Any] = {}
+        self._float = ExportedProgramImporter()
+        self._float.env = self.env
+        self._float.block_builder = self.bb
+
+    # -- values ------------------------------------------------------------------------
+    def numpy(self, value) -> np.ndarray:
+        """A graph constant (get_attr node, tensor or number) as a NumPy array."""
+        if isinstance(value, fx.Node):
+            if value.op != "get_attr":
+                raise EmitError(f"expected a constant (get_attr) for {value.name}, got {value.op}")
+            value = _fetch_attr(self.gm, value.target)
+        if isinstance(value, torch.Tensor):
+            return value.detach().cpu().numpy()
+        return np.asarray(value)
+
+    def _lookup(self, value):
+        if isinstance(value, fx.Node):
+            return self.env[value]
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._lookup(v) for v in value)
+        return value
+
+    # -- driver --------------------------------------------------------------------------
+    def run(self, inputs: Sequence[TensorSpec]) -> tvm.IRModule:
+        """Emit ``main(*inputs) -> tuple of outputs``; returns the IRModule."""
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != len(inputs):
+            raise EmitError(f"graph has {len(placeholders)} inputs, {len(inputs)} specs given")
+        params, symbols = [], {}
+        for node, spec in zip(placeholders, inputs):
+            # One tir.Var per symbol name, shared by every input that uses it.
+            shape = [symbols.setdefault(d, tirx.Var(d, "int64")) if isinstance(d, str)
+                     else int(d) for d in spec.shape]
+            var = relax.Var(node.name, relax.TensorType(shape, spec.dtype))
+            self.env[node] = var
+            params.append(var)
+        with self.bb.function("main", params):
+            with self.bb.dataflow():
+                outputs = None
+                for node in self.gm.graph.nodes:
+                    if node.op == "placeholder":
+                        continue
+                    if node.op == "output":
+                        outputs = self._outputs(node)
+                        break
+                    if not node.users:
+                        continue  # dead code, e.g. torch.export's ``_guards_fn`` call_module
+                    self.env[node] = self._emit_node(node)
+                out = self.bb.emit_output(relax.Tuple(outputs))
+            self.bb.emit_func_output(out)
+        return self.bb.get()
+
+    def _outputs(self, node: fx.Node) -> list:
+        flat = []
+
+        def visit(v):
+            if isinstance(v, (list, tuple)):
+                for x in v:
+                    visit(x)
+            elif isinstance(v, fx.Node):
+                flat.append(self.env[v])
+            else:
+                raise EmitError(f"unsupported graph output {v!r}")
+
+        visit(node.args[0])
+        return flat
+
+    def _emit_node(self, node: fx.Node):
+        try:
+            if node.op == "get_attr":
+                value = _fetch_attr(self.gm, node.target)
+                if isinstance(value, torch.Tensor):
+                    return relax.const(value.detach().cpu().numpy())
+                return value
+            if node.op != "call_function":
+                raise EmitError(f"unsupported node kind {node.op!r}")
+            name = _ptq_name(node.target)
+            if name is not None:
+                if name not in ptq_ops.HANDLERS:
+                    raise EmitError(f"no emitter for ptq op {name!r}")
+                bound = bind_args(node)
+                # Constants (weights, bias, multipliers) stay fx nodes: handlers read the
+                # tensors from the graph to pack them; activations become Relax values.
+                args = {k: v if k in _CONSTANT_ARGS and isinstance(v, fx.Node)
+                        else self._lookup(v) for k, v in bound.items()}
+                return ptq_ops.HANDLERS[name](self, args)
+            return self._emit_other(node)
+        except EmitError as e:
+            if str(e).startswith("node "):
+                raise
+            raise EmitError(f"node {node.name!r} ({_op_name(node)}): {e}") from e
+        except Exception as e:  # noqa: BLE001  (re-raised with the node named)
+            raise EmitError(
+                f"node {node.name!r} ({_op_name(node)}) could not be emitted: "
+                f"{type(e).__name__}: {e}") from e
+
+    def _emit_other(self, node: fx.Node):
+        key = "getitem" if node.target is _getitem else getattr(node.target, "__name__", None)
+        convert = self._float.convert_map.get(key)
+        if convert is None:
+            raise EmitError(f"no TVM converter for op {_op_name(node)}")
+        return convert(node)
+
+
+_getitem = operator.getitem
+_CONSTANT_ARGS = ("weight", "bias", "multiplier", "scales", "zero_points", "table")
+
+
+def _op_name(node: fx.Node) -> str:
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return f"{target.namespace}.{target._schema.name.split('::')[-1]}.{target._overloadname}"
+    return getattr(target, "__name__", str(target))
+
+
+def _fetch_attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def emit(gm: fx.GraphModule, family: Family, inputs: Sequence[TensorSpec]) -> tvm.IRModule:
+    """Emit the Relax IRModule of ``gm`` for ``family``.
+
+    Args:
+        gm: Integer-operator graph.
+        family: Target family (see ``backends.tvm.family``).
+        inputs: One spec per placeholder; named dims become symbolic (shared by name).
+    """
+    return Emitter(gm, family).run(inputs)

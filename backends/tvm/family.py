@@ -1,0 +1,42 @@
+"""What a target family contributes to emission: activation encoding, block shape, schedules."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import tvm
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """Emission parameters of one target family.
+
+    Attributes:
+        name: ``x86``, ``aarch64`` or ``cuda``.
+        act_dtype: Activation encoding the dot-product instruction wants.
+        lanes: Output channels per weight block.
+        depth: Reduction elements per weight block.
+        schedule: ``(PrimFunc, kernel_kind, Target) -> PrimFunc`` applied to ptq kernels before
+            lowering, or None to leave them to the default pipeline.
+    """
+
+    name: str
+    act_dtype: str
+    lanes: int
+    depth: int
+    schedule: Optional[Callable[[tvm.tirx.PrimFunc, str, tvm.target.Target],
+                                tvm.tirx.PrimFunc]] = None
+
+
+def get_family(name: str) -> Family:
+    """The Family for ``x86`` / ``aarch64`` / ``cuda``."""
+    if name == "x86":
+        from backends.tvm.x86 import FAMILY
+    elif name == "aarch64":
+        from backends.tvm.aarch64 import FAMILY
+    elif name == "cuda":
+        from backends.tvm.cuda import FAMILY
+    else:
+        raise ValueError(f"no emitter family {name!r}")
+    return FAMILY

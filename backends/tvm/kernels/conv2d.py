@@ -1,0 +1,100 @@
+"""``ptq.conv2d``: NCHW activations, weights packed for NHWC dot-product blocks.
+
+The reduction runs in NHWC so that ``depth`` input channels and ``lanes`` output channels are
+contiguous (the VNNI / sdot block); the NCHW <-> NHWC changes live in the ``x_enc`` and
+``out`` blocks, where they are cheap elementwise copies.
+"""
+
+from __future__ import annotations
+
+from tvm import te, tirx
+
+from backends.tvm.kernels.shapes import static_shape
+from backends.tvm.requant import requant_te
+
+
+def out_size(size, k: int, stride: int, pad: int, dil: int):
+    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+
+
+def conv2d_packed(x, w_packed, corr, mult, *, groups: int, c_in: int, c_out: int,
+                  kernel: tuple, stride: tuple, padding: tuple, dilation: tuple, shift: int,
+                  zp_enc: int, act_dtype: str, out_zp: int, qmin: int, qmax: int,
+                  out_dtype: str):
+    """TE compute of a requantized int8 conv2d on packed weights.
+
+    ``w_packed`` is ``[O/l, R, S, C/d, l, d]`` (groups == 1) or ``[G, Og/l, R, S, Cg/d, l, d]``.
+    Padding holds the encoded zero point, so the folded correction is exact at borders.
+    """
+    n, _, h, w = static_shape(x)
+    r_k, s_k = kernel
+    g_ax = 0 if groups == 1 else 1
+    ob, cb, lanes, depth = (int(w_packed.shape[g_ax]), int(w_packed.shape[g_ax + 3]),
+                            int(w_packed.shape[-2]), int(w_packed.shape[-1]))
+    cg, og = c_in // groups, c_out // groups
+    (ph, pw), (sh, sw), (dh, dw) = padding, stride, dilation
+    oh, ow = out_size(h, r_k, sh, ph, dh), out_size(w, s_k, sw, pw, dw)
+    pad_val = tirx.const(zp_enc, act_dtype)
+
+    def enc(b, y, z, g, c):
+        inside = tirx.all(y >= ph, y < h + ph, z >= pw, z < w + pw, c < cg)
+        v = (x[b, g * cg + c, y - ph, z - pw].astype("int32") + shift).astype(act_dtype)
+        return tirx.if_then_else(inside, v, pad_val)
+
+    x_enc = te.compute((n, h + 2 * ph, w + 2 * pw, groups, cb * depth), enc, name="x_enc")
+    rr = te.reduce_axis((0, r_k), name="r")
+    ss = te.reduce_axis((0, s_k), name="s")
+    cc = te.reduce_axis((0, cb * depth), name="c")
+
+    def weight(g, o, r, s, c):
+        idx = (o // lanes, r, s, c // depth, o % lanes, c % depth)
+        return w_packed[idx if groups == 1 else (g, *idx)]
+
+    acc = te.compute(
+        (n, oh, ow, groups, ob * lanes),
+        lambda b, y, z, g, o: te.sum(
+            x_enc[b, y * sh + rr * dh, z * sw + ss * dw, g, cc].astype("int32")
+            * weight(g, o, rr, ss, cc).astype("int32"),
+            axis=[rr, ss, cc]),
+        name="acc")
+    return te.compute(
+        (n, c_out, oh, ow),
+        lambda b, o, y, z: requant_te(acc[b, y, z, o // og, o % og] + corr[o], mult[o], out_zp,
+                                      qmin, qmax, out_dtype),
+        name="out")
+
+
+def conv2d_depthwise(x, weight, corr, mult, *, groups: int, c_out: int, kernel: tuple,
+                     stride: tuple, padding: tuple, dilation: tuple, x_zp: int, out_zp: int,
+                     qmin: int, qmax: int, out_dtype: str):
+    """Direct NCHW compute for convs with one input channel per group (depthwise).
+
+    A 3x3 reduction per channel has nothing for a 4-deep dot product to do, so the weight
+    stays OIHW ``[O, 1, R, S]`` and padding holds ``x_zp`` (corrections folded as above).
+    """
+    n, c_in, h, w = static_shape(x)
+    r_k, s_k = kernel
+    (ph, pw), (sh, sw), (dh, dw) = padding, stride, dilation
+    oh, ow = out_size(h, r_k, sh, ph, dh), out_size(w, s_k, sw, pw, dw)
+    mult_per_group = c_out // groups
+    pad_val = tirx.const(x_zp, "int32")
+
+    def padded(b, c, y, z):
+        inside = tirx.all(y >= ph, y < h + ph, z >= pw, z < w + pw)
+        return tirx.if_then_else(inside, x[b, c, y - ph, z - pw].astype("int32"), pad_val)
+
+    x_pad = te.compute((n, c_in, h + 2 * ph, w + 2 * pw), padded, name="x_enc")
+    rr = te.reduce_axis((0, r_k), name="r")
+    ss = te.reduce_axis((0, s_k), name="s")
+    acc = te.compute(
+        (n, c_out, oh, ow),
+        lambda b, o, y, z: te.sum(
+            x_pad[b, o // mult_per_group, y * sh + rr * dh, z * sw + ss * dw]
+            * weight[o, 0, rr, ss].astype("int32"),
+            axis=[rr, ss]),
+        name="acc")
+    return te.compute(
+        (n, c_out, oh, ow),
+        lambda b, o, y, z: requant_te(acc[b, o, y, z] + corr[o], mult[o], out_zp, qmin, qmax,
+                                      out_dtype),
+        name="out")

@@ -1,0 +1,62 @@
+"""``ptq.max_pool2d`` and ``ptq.avg_pool2d`` on NCHW integer tensors (PyTorch output sizes)."""
+
+from __future__ import annotations
+
+from tvm import te, tirx
+
+from backends.tvm.kernels.shapes import static_shape
+from backends.tvm.requant import f32, requant_te
+
+
+def pool_out_size(size, k: int, stride: int, pad: int, dil: int, ceil_mode: bool):
+    """PyTorch's pooling output size, including its ceil-mode rule that the last window must
+    start inside the input or the left padding."""
+    span = size + 2 * pad - dil * (k - 1) - 1
+    if not ceil_mode:
+        return span // stride + 1
+    out = (span + stride - 1) // stride + 1
+    if isinstance(out, int):
+        return out - 1 if (out - 1) * stride >= size + pad else out
+    return tirx.Select((out - 1) * stride >= size + pad, out - 1, out)
+
+
+def max_pool2d(x, *, kernel: tuple, stride: tuple, padding: tuple, dilation: tuple,
+               ceil_mode: bool):
+    """Window max; out-of-bounds taps read the dtype's minimum (they never win)."""
+    n, c, h, w = static_shape(x)
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    oh = pool_out_size(h, kh, sh, ph, dh, ceil_mode)
+    ow = pool_out_size(w, kw, sw, pw, dw, ceil_mode)
+    low = tirx.min_value(x.dtype)
+    rr = te.reduce_axis((0, kh), name="r")
+    ss = te.reduce_axis((0, kw), name="s")
+
+    def tap(b, ch, i, j):
+        y, z = i * sh + rr * dh - ph, j * sw + ss * dw - pw
+        inside = tirx.all(y >= 0, y < h, z >= 0, z < w)
+        return tirx.if_then_else(inside, x[b, ch, y, z], low)
+
+    return te.compute((n, c, oh, ow), lambda b, ch, i, j: te.max(tap(b, ch, i, j),
+                                                                  axis=[rr, ss]), name="out")
+
+
+def avg_pool2d(x, *, kernel: tuple, stride: tuple, padding: tuple, x_zp: int,
+               multiplier: float, out_zp: int, qmin: int, qmax: int, out_dtype: str):
+    """Window sum of ``x - x_zp`` with zero padding (count_include_pad), then requantize."""
+    n, c, h, w = static_shape(x)
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    oh = pool_out_size(h, kh, sh, ph, 1, False)
+    ow = pool_out_size(w, kw, sw, pw, 1, False)
+    rr = te.reduce_axis((0, kh), name="r")
+    ss = te.reduce_axis((0, kw), name="s")
+
+    def tap(b, ch, i, j):
+        y, z = i * sh + rr - ph, j * sw + ss - pw
+        inside = tirx.all(y >= 0, y < h, z >= 0, z < w)
+        return tirx.if_then_else(inside, x[b, ch, y, z].astype("int32") - x_zp, 0)
+
+    acc = te.compute((n, c, oh, ow), lambda b, ch, i, j: te.sum(tap(b, ch, i, j), axis=[rr, ss]),
+                     name="acc")
+    m = f32(multiplier)
+    return te.compute(acc.shape, lambda *i: requant_te(acc[i], m, out_zp, qmin, qmax, out_dtype),
+                      name="out")

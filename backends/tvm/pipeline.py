@@ -1,0 +1,59 @@
+"""Per-family Relax pipelines: TVM's default stages plus ``ApplyPtqSchedules``."""
+
+from __future__ import annotations
+
+import warnings
+
+import tvm
+from tvm import relax
+
+from backends.tvm.family import Family
+
+
+def ApplyPtqSchedules(family: Family, target: tvm.target.Target) -> tvm.transform.Pass:
+    """Apply the family's fixed schedule to every PrimFunc tagged ``ptq.kernel``.
+
+    Runs after fusion: ptq kernels are tagged opaque, so FuseOps leaves them (and their tag)
+    intact.
+    """
+
+    @tvm.transform.module_pass(opt_level=0, name="ApplyPtqSchedules")
+    def _apply(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        if family.schedule is None:
+            return mod
+        updates = {}
+        for gv, func in mod.functions_items():
+            attrs = func.attrs if isinstance(func, tvm.tirx.PrimFunc) else None
+            if not attrs or "ptq.kernel" not in attrs or "tir.is_scheduled" in attrs:
+                continue
+            try:
+                updates[gv] = family.schedule(func, str(attrs["ptq.kernel"]), target)
+            except Exception as e:  # noqa: BLE001  (keep the correct, unscheduled kernel)
+                warnings.warn(f"{family.name} schedule of {gv.name_hint} failed, left to the "
+                              f"default lowering: {type(e).__name__}: {str(e)[:300]}")
+        for gv, func in updates.items():
+            mod[gv] = func
+        return mod
+
+    return _apply
+
+
+def get_pipeline(family: Family, target: tvm.target.Target) -> tvm.transform.Pass:
+    """The Relax pipeline that ``tvm.compile`` runs for ``family`` on ``target``."""
+    if target.kind.name == "cuda":
+        stages = relax.backend.cuda.pipeline
+    else:
+        stages = relax.backend.cpu_generic.pipeline
+
+    @tvm.transform.module_pass(opt_level=0, name="PtqPipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        with target:
+            seq = tvm.transform.Sequential(
+                stages.library_dispatch_passes(target)
+                + [ApplyPtqSchedules(family, target)]
+                + stages.legalize_passes(target)
+                + stages.dataflow_lower_passes(target)
+                + stages.finalize_passes(target))
+            return seq(mod)
+
+    return _pipeline

@@ -1,0 +1,206 @@
+"""Relax emission of each ``torch.ops.ptq`` operator (one function per op).
+
+Every function takes the :class:`~backends.tvm.emit.Emitter` and the op's arguments bound by
+name (``args``), and returns the Relax expression of the result.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tvm import relax
+
+from backends.tvm import packing
+from backends.tvm.kernels import conv2d as conv_k
+from backends.tvm.kernels import dense as dense_k
+from backends.tvm.kernels import matmul as matmul_k
+from backends.tvm.kernels import pool as pool_k
+from backends.tvm.requant import (centered_relax, dequantize_relax, quantize_relax,
+                                  requant_relax)
+
+_OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps leaves ptq kernels alone.
+
+
+def dtype_name(dtype) -> str:
+    """``torch.int8`` / relax dtype -> ``"int8"``."""
+    if isinstance(dtype, torch.dtype):
+        return str(dtype).replace("torch.", "")
+    return str(dtype)
+
+
+def _kernel(em, func, *args, kind: str, **kwargs):
+    return em.bb.emit_te(func, *args, primfunc_name_hint=f"ptq_{kind}",
+                         primfunc_attrs={"ptq.kernel": kind, "op_pattern": _OPAQUE}, **kwargs)
+
+
+def _requant_args(a) -> dict:
+    return dict(out_zp=int(a["out_zp"]), qmin=int(a["qmin"]), qmax=int(a["qmax"]),
+                out_dtype=dtype_name(a["out_dtype"]))
+
+
+def _per_channel(values, n: int) -> np.ndarray:
+    v = np.asarray(values, dtype=np.float32).reshape(-1)
+    if v.size not in (1, n):
+        raise ValueError(f"{v.size} multipliers for {n} output channels")
+    return np.broadcast_to(v, (n,)).copy()
+
+
+def quantize(em, a):
+    return quantize_relax(em.bb, a["x"], float(a["scale"]), int(a["zero_point"]),
+                          int(a["qmin"]), int(a["qmax"]), dtype_name(a["dtype"]))
+
+
+def dequantize(em, a):
+    return dequantize_relax(em.bb, a["q"], float(a["scale"]), int(a["zero_point"]))
+
+
+def dequantize_per_channel(em, a):
+    q = a["q"]
+    ndim = q.ty.ndim
+    axis = int(a["axis"]) % ndim
+    shape = [1] * ndim
+    shape[axis] = -1
+    s = em.numpy(a["scales"]).astype(np.float32).reshape(shape)
+    z = em.numpy(a["zero_points"]).astype(np.int32).reshape(shape)
+    return dequantize_relax(em.bb, q, relax.const(s), relax.const(z))
+
+
+def requantize(em, a):
+    r = _requant_args(a)
+    acc = centered_relax(em.bb, a["x"], int(a["x_zp"]))
+    return requant_relax(em.bb, acc, float(a["multiplier"]), r["out_zp"], r["qmin"], r["qmax"],
+                         r["out_dtype"])
+
+
+def clamp(em, a):
+    x = a["x"]
+    dt = dtype_name(x.ty.dtype)
+    lo = relax.const(np.array(a["qmin"], dtype=dt))
+    hi = relax.const(np.array(a["qmax"], dtype=dt))
+    return em.bb.emit(relax.op.minimum(relax.op.maximum(x, lo), hi))
+
+
+def linear(em, a):
+    x, fam = a["x"], em.family
+    w = em.numpy(a["weight"]).astype(np.int8)
+    n_out, k_in = w.shape
+    in_dt = dtype_name(x.ty.dtype)
+    zp_enc = packing.encoded_zero_point(a["x_zp"], in_dt, fam.act_dtype)
+    bias = None if a["bias"] is None else em.numpy(a["bias"])
+    corr = packing.correction(w, bias, zp_enc)
+    mult = _per_channel(em.numpy(a["multiplier"]), n_out)
+    wp = packing.pack_dense(w, fam.lanes, fam.depth)
+    return _kernel(em, dense_k.dense, x, relax.const(wp), relax.const(corr), relax.const(mult),
+                   kind="dense", n_out=n_out, k_in=k_in,
+                   shift=packing.encode_shift(in_dt, fam.act_dtype), act_dtype=fam.act_dtype,
+                   **_requant_args(a))
+
+
+def conv2d(em, a):
+    x, fam = a["x"], em.family
+    w = em.numpy(a["weight"]).astype(np.int8)
+    c_out, cg, kh, kw = w.shape
+    groups = int(a["groups"])
+    in_dt = dtype_name(x.ty.dtype)
+    bias = None if a["bias"] is None else em.numpy(a["bias"])
+    mult = _per_channel(em.numpy(a["multiplier"]), c_out)
+    geo = dict(kernel=(kh, kw), stride=_pair(a["stride"]), padding=_pair(a["padding"]),
+               dilation=_pair(a["dilation"]))
+    if cg == 1 and groups > 1:
+        corr = packing.correction(w, bias, int(a["x_zp"]))
+        return _kernel(em, conv_k.conv2d_depthwise, x, relax.const(w), relax.const(corr),
+                       relax.const(mult), kind="conv2d_depthwise", groups=groups, c_out=c_out,
+                       x_zp=int(a["x_zp"]), **geo, **_requant_args(a))
+    zp_enc = packing.encoded_zero_point(a["x_zp"], in_dt, fam.act_dtype)
+    corr = packing.correction(w, bias, zp_enc)
+    wp = packing.pack_conv(w, groups, fam.lanes, fam.depth)
+    return _kernel(em, conv_k.conv2d_packed, x, relax.const(wp), relax.const(corr),
+                   relax.const(mult), kind="conv2d", groups=groups, c_in=cg * groups,
+                   c_out=c_out, shift=packing.encode_shift(in_dt, fam.act_dtype), zp_enc=zp_enc,
+                   act_dtype=fam.act_dtype, **geo, **_requant_args(a))
+
+
+def _pair(v) -> tuple:
+    v = list(v) if isinstance(v, (list, tuple)) else [v]
+    return (int(v[0]), int(v[-1]))
+
+
+def matmul(em, a):
+    x, y = a["a"], a["b"]
+    squeeze = []
+    if x.ty.ndim == 1:
+        x, squeeze = em.bb.emit(relax.op.expand_dims(x, 0)), squeeze + [-2]
+    if y.ty.ndim == 1:
+        y, squeeze = em.bb.emit(relax.op.expand_dims(y, 1)), squeeze + [-1]
+    out = _kernel(em, matmul_k.matmul, x, y, kind="matmul", a_zp=int(a["a_zp"]),
+                  b_zp=int(a["b_zp"]), multiplier=float(a["multiplier"]), **_requant_args(a))
+    if squeeze:
+        out = em.bb.emit(relax.op.squeeze(out, squeeze))
+    return out
+
+
+def add(em, a):
+    r = _requant_args(a)
+    xa = centered_relax(em.bb, a["a"], int(a["a_zp"]))
+    xb = centered_relax(em.bb, a["b"], int(a["b_zp"]))
+    xa = em.bb.emit(relax.op.multiply(xa, relax.const(np.int32(a["a_mult"]))))
+    xb = em.bb.emit(relax.op.multiply(xb, relax.const(np.int32(a["b_mult"]))))
+    acc = em.bb.emit(relax.op.add(xa, xb))
+    return requant_relax(em.bb, acc, float(a["multiplier"]), r["out_zp"], r["qmin"], r["qmax"],
+                         r["out_dtype"])
+
+
+def mul(em, a):
+    r = _requant_args(a)
+    acc = em.bb.emit(relax.op.multiply(centered_relax(em.bb, a["a"], int(a["a_zp"])),
+                                       centered_relax(em.bb, a["b"], int(a["b_zp"]))))
+    return requant_relax(em.bb, acc, float(a["multiplier"]), r["out_zp"], r["qmin"], r["qmax"],
+                         r["out_dtype"])
+
+
+def cat(em, a):
+    r = _requant_args(a)
+    parts = [requant_relax(em.bb, centered_relax(em.bb, x, int(z)), float(m), r["out_zp"],
+                           r["qmin"], r["qmax"], r["out_dtype"])
+             for x, z, m in zip(a["xs"], a["zps"], a["multipliers"])]
+    return em.bb.emit(relax.op.concat(parts, axis=int(a["dim"])))
+
+
+def max_pool2d(em, a):
+    dil = a["dilation"] if a["dilation"] else [1, 1]
+    stride = a["stride"] if a["stride"] else a["kernel_size"]
+    return _kernel(em, pool_k.max_pool2d, a["x"], kind="max_pool2d",
+                   kernel=_pair(a["kernel_size"]), stride=_pair(stride),
+                   padding=_pair(a["padding"]), dilation=_pair(dil),
+                   ceil_mode=bool(a["ceil_mode"]))
+
+
+def avg_pool2d(em, a):
+    stride = a["stride"] if a["stride"] else a["kernel_size"]
+    return _kernel(em, pool_k.avg_pool2d, a["x"], kind="avg_pool2d",
+                   kernel=_pair(a["kernel_size"]), stride=_pair(stride),
+                   padding=_pair(a["padding"]), x_zp=int(a["x_zp"]),
+                   multiplier=float(a["multiplier"]), **_requant_args(a))
+
+
+def mean(em, a):
+    r = _requant_args(a)
+    x = centered_relax(em.bb, a["x"], int(a["x_zp"]))
+    acc = em.bb.emit(relax.op.sum(x, axis=[int(d) for d in a["dims"]],
+                                  keepdims=bool(a["keepdim"])))
+    return requant_relax(em.bb, acc, float(a["multiplier"]), r["out_zp"], r["qmin"], r["qmax"],
+                         r["out_dtype"])
+
+
+def lut(em, a):
+    """``table[x - x_min]`` as a gather from a constant table."""
+    table = em.numpy(a["table"])
+    idx = em.bb.emit(relax.op.subtract(relax.op.astype(a["x"], "int32"),
+                                       relax.const(np.int32(a["x_min"]))))
+    return em.bb.emit(relax.op.take(relax.const(table), idx, axis=0, mode="clip"))
+
+
+#: ``torch.ops.ptq`` op name -> emission function.
+HANDLERS = {f.__name__: f for f in (
+    quantize, dequantize, dequantize_per_channel, requantize, clamp, linear, conv2d, matmul,
+    add, mul, cat, max_pool2d, avg_pool2d, mean, lut)}

@@ -1,0 +1,73 @@
+"""The 16x4 u8 x s8 -> s32 VNNI tensor intrinsic, fixed for the LLVM 22 bundled with TVM 0.27.
+
+TVM registers ``dot_16x4_vnni`` with ``<16 x i32>`` operands for ``llvm.x86.avx512.vpdpbusd.512``;
+LLVM 22 types them as ``<64 x i8>`` and the build fails verification (``Call parameter type
+does not match function signature!``). This implementation passes the activation broadcast as
+``uint8x64`` and the weight block as ``int8x64``.
+
+It is registered under the project's own name (:data:`VNNI_INTRIN`) for the fixed schedule,
+because importing ``tvm.s_tir.tensor_intrin`` costs ~50 s here (its CUDA intrinsics alone take
+38 s). :func:`override_tvm_vnni` replaces TVM's ``dot_16x4_vnni`` (``override=True``) for
+MetaSchedule, whose VNNI rules look that name up; it must run after TVM's registry is imported,
+or TVM's own registration would later fail as a duplicate.
+"""
+
+from __future__ import annotations
+
+from tvm.s_tir import TensorIntrin
+from tvm.script import tirx as T
+
+VNNI_INTRIN = "ptq_dot_16x4_u8i8i32_vnni"
+TVM_VNNI_INTRIN = "dot_16x4_vnni"
+
+
+@T.prim_func(s_tir=True)
+def vnni_desc(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        for i in T.serial(0, 16):
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def vnni_impl(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        a_i32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+        a_u8x64 = T.reinterpret(T.broadcast(a_i32, 16), dtype="uint8x64")
+        b_i8x64 = B.vload([0, 0], dtype="int8x64")
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+            C.vload([0], dtype="int32x16"),
+            a_u8x64,
+            b_i8x64,
+            dtype="int32x16",
+        )
+
+
+def register() -> str:
+    """Register the fixed intrinsic under the project name (idempotent); returns the name."""
+    if TensorIntrin.get(VNNI_INTRIN, allow_missing=True) is None:
+        TensorIntrin.register(VNNI_INTRIN, vnni_desc, vnni_impl)
+    return VNNI_INTRIN
+
+
+def override_tvm_vnni() -> str:
+    """Replace TVM's broken ``dot_16x4_vnni`` with the fixed one (slow: imports TVM's registry)."""
+    import tvm.s_tir.tensor_intrin.x86  # noqa: F401  (registers TVM's version first)
+
+    TensorIntrin.register(TVM_VNNI_INTRIN, vnni_desc, vnni_impl, override=True)
+    return TVM_VNNI_INTRIN

@@ -1,0 +1,65 @@
+"""Shared helpers: build small integer graphs by hand and compile them once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import fx
+
+import ptqpasses.ops  # noqa: F401  (registers torch.ops.ptq)
+
+P = torch.ops.ptq
+
+
+class GraphBuilder:
+    """Build an ``fx.GraphModule`` node by node (constants become ``get_attr`` buffers)."""
+
+    def __init__(self):
+        self.graph = fx.Graph()
+        self.root = torch.nn.Module()
+        self._n = 0
+
+    def input(self, name: str = "x") -> fx.Node:
+        return self.graph.placeholder(name)
+
+    def const(self, tensor: torch.Tensor) -> fx.Node:
+        self._n += 1
+        name = f"c{self._n}"
+        self.root.register_buffer(name, tensor)
+        return self.graph.get_attr(name)
+
+    def call(self, op, *args) -> fx.Node:
+        return self.graph.call_function(op, tuple(args))
+
+    def build(self, outputs) -> fx.GraphModule:
+        self.graph.output(outputs)
+        gm = fx.GraphModule(self.root, self.graph)
+        gm.graph.lint()
+        return gm
+
+
+def host_has(feature: str) -> bool:
+    from backends.tvm import targets
+
+    return targets.has_feature(targets.resolve("host").target(), feature)
+
+
+@pytest.fixture(scope="session")
+def tvm_backend():
+    import backends.tvm as bt
+
+    return bt
+
+
+def assert_exact(got, want, what: str = ""):
+    """Bit-exact comparison of tensors or sequences of tensors."""
+    if isinstance(want, torch.Tensor):
+        got, want = [got], [want]
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.dtype == w.dtype, (what, i, g.dtype, w.dtype)
+        assert g.shape == w.shape, (what, i, g.shape, w.shape)
+        if not torch.equal(g, w):
+            diff = (g.to(torch.float64) - w.to(torch.float64)).abs()
+            raise AssertionError(f"{what} output {i}: {int((diff > 0).sum())} of {diff.numel()} "
+                                 f"elements differ, max {diff.max().item()}")

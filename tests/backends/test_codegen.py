@@ -1,0 +1,149 @@
+"""Cross-target builds: packed layouts in the IR, dot-product instructions in the assembly,
+CUDA source. Code for targets this CPU lacks is built and read, never run."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import tvm
+
+from tests.backends.conftest import P, GraphBuilder, assert_exact, host_has
+from tests.backends.strategies import int_tensor, multipliers, weight
+
+
+def _dense_conv_graph(dtype=torch.int8):
+    """conv, flatten+linear, grouped conv, depthwise conv on one ``dtype`` input."""
+    zp = -3 if dtype == torch.int8 else 131
+    b = GraphBuilder()
+    x = b.input("x")
+    w = b.const(weight(0, (32, 8, 3, 3)))
+    m = b.const(multipliers(1, 32, 0.002))
+    c = b.call(P.conv2d.default, x, zp, w, None, [1, 1], [1, 1], [1, 1], 1, m, 0, -128, 127,
+               torch.int8)
+    f = b.call(torch.ops.aten.flatten.using_ints, c, 1)
+    w2 = b.const(weight(2, (24, 32 * 6 * 6)))
+    m2 = b.const(multipliers(3, 24, 0.001))
+    y = b.call(P.linear.default, f, 0, w2, None, m2, 0, -128, 127, torch.int8)
+    wg = b.const(weight(5, (32, 4, 3, 3)))  # grouped: 2 groups of 4 -> 16 channels
+    gc = b.call(P.conv2d.default, x, zp, wg, None, [2, 2], [1, 1], [1, 1], 2, m, 0, -128, 127,
+                torch.int8)
+    wd = b.const(weight(6, (8, 1, 3, 3)))  # depthwise: not a dot-product kernel
+    dc = b.call(P.conv2d.default, x, zp, wd, None, [1, 1], [1, 1], [1, 1], 8,
+                b.const(multipliers(7, 8, 0.01)), 0, -128, 127, torch.int8)
+    return b.build((c, y, gc, dc)), [int_tensor(4, (2, 8, 6, 6), dtype)]
+
+
+DOT_KERNELS = ("ptq_conv2d", "ptq_dense", "ptq_conv2d1")  # conv, dense, grouped conv
+
+
+@pytest.fixture(scope="module")
+def graph():
+    return _dense_conv_graph()
+
+
+_BUILT = {}
+
+
+def _build(tvm_backend, graph, target):
+    if target not in _BUILT:
+        gm, inputs = graph
+        _BUILT[target] = tvm_backend.compile(gm, target, example_inputs=inputs)
+    return _BUILT[target]
+
+
+def _kernel_param_shapes(mod: tvm.IRModule, name: str) -> list:
+    """Shapes of the arguments ``main`` passes to the PrimFunc ``name`` (via call_tir)."""
+    shapes = []
+    for block in mod["main"].body.blocks:
+        for binding in block.bindings:
+            call = binding.value
+            if getattr(call, "op", None) != tvm.ir.Op.get("relax.call_tir"):
+                continue
+            if call.args[0].name_hint == name:
+                shapes += [[int(d) if isinstance(d, tvm.tirx.IntImm) else str(d)
+                            for d in arg.ty.shape] for arg in call.args[1].fields]
+    return shapes
+
+
+def test_weights_are_prepacked_in_vnni_blocks(tvm_backend, graph):
+    gm, inputs = graph
+    mod, _, _ = tvm_backend.build_ir(gm, "x86-avx512-vnni", example_inputs=inputs)
+    conv = _kernel_param_shapes(mod, "ptq_conv2d")
+    dense = _kernel_param_shapes(mod, "ptq_dense")
+    assert [2, 3, 3, 2, 16, 4] in conv  # [K/16, R, S, C/4, 16, 4]
+    assert [2, 288, 16, 4] in dense  # [N/16, K/4, 16, 4] (N = 24 padded to 32)
+    assert [2, 1, 3, 3, 1, 16, 4] in _kernel_param_shapes(mod, "ptq_conv2d1")  # [G, ...]
+    mod, _, _ = tvm_backend.build_ir(gm, "aarch64-dotprod", example_inputs=inputs)
+    assert [8, 3, 3, 2, 4, 4] in _kernel_param_shapes(mod, "ptq_conv2d")
+    assert [6, 288, 4, 4] in _kernel_param_shapes(mod, "ptq_dense")
+
+
+def test_vnni_assembly_has_vpdpbusd(tvm_backend, graph):
+    asm = _build(tvm_backend, graph, "x86-avx512-vnni").source("asm")
+    for kernel in DOT_KERNELS:
+        body = _function_asm(asm, kernel)
+        assert "vpdpbusd" in body, f"no vpdpbusd in {kernel}"
+    assert "vpdpbusd" not in _function_asm(asm, "ptq_conv2d_depthwise")
+
+
+def _function_asm(asm: str, name: str) -> str:
+    """The assembly of every function whose symbol contains ``name`` (the kernel and its
+    ``__tvm_ffi_`` wrapper), each from its label to its ``.size`` directive."""
+    bodies = re.findall(rf"^((?:__tvm_ffi_)?{name}(?:_compute_)?):\n(.*?)^\s*\.size\s+\1",
+                        asm, re.S | re.M)
+    assert bodies, f"function {name} not in assembly"
+    return "\n".join(body for _, body in bodies)
+
+
+def test_avx2_builds_without_vnni_and_runs_exact(tvm_backend, graph):
+    cm = _build(tvm_backend, graph, "x86-avx2")
+    assert "vpdpbusd" not in cm.source("asm")
+    gm, inputs = graph
+    assert_exact(cm(*inputs), gm(*inputs), "x86-avx2")
+
+
+def test_vnni_runs_exact_when_host_has_it(tvm_backend, graph):
+    if not host_has("avx512vnni"):
+        pytest.skip("host CPU has no AVX-512 VNNI: VNNI code is built and inspected, not run")
+    cm = _build(tvm_backend, graph, "x86-avx512-vnni")
+    gm, inputs = graph
+    assert_exact(cm(*inputs), gm(*inputs), "x86-avx512-vnni")
+
+
+@pytest.mark.parametrize("target", ["aarch64-dotprod", "aarch64-i8mm"])
+def test_aarch64_dotprod_assembly_has_sdot(tvm_backend, graph, target):
+    asm = _build(tvm_backend, graph, target).source("asm")
+    for kernel in DOT_KERNELS:
+        assert re.search(r"\b[su]dot\b", _function_asm(asm, kernel)), kernel
+
+
+def test_aarch64_neon_builds_without_sdot(tvm_backend, graph):
+    asm = _build(tvm_backend, graph, "aarch64-neon").source("asm")
+    assert not re.search(r"\bsdot\b", asm)
+
+
+def test_cross_module_refuses_to_run_and_exports_tar(tvm_backend, graph, tmp_path):
+    cm = _build(tvm_backend, graph, "aarch64-dotprod")
+    with pytest.raises(RuntimeError, match="cannot run on this machine"):
+        cm(*graph[1])
+    lib = cm.save(tmp_path / "arm")
+    assert lib.suffix in (".tar", ".so") and lib.exists()
+    with pytest.raises(tvm_backend.LoadError, match="cannot be loaded for execution"):
+        tvm_backend.load(tmp_path / "arm")
+
+
+def test_cuda_builds_and_source_has_kernels(tvm_backend, graph):
+    src = _build(tvm_backend, graph, "cuda-sm80").source("cuda")
+    kernels = re.findall(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)", src)
+    assert any(k.startswith("ptq_conv2d") for k in kernels), kernels
+    assert any(k.startswith("ptq_dense") for k in kernels), kernels
+
+
+@pytest.mark.parametrize("name", [
+    "llvm.x86.avx512.vpdpbusd.512", "llvm.aarch64.neon.sdot.v4i32.v16i8",
+    "llvm.aarch64.neon.udot.v4i32.v16i8", "llvm.aarch64.neon.usdot.v4i32.v16i8",
+    "llvm.aarch64.neon.smmla.v4i32.v16i8"])
+def test_int8_intrinsics_exist_in_bundled_llvm(name):
+    assert int(tvm.target.codegen.llvm_lookup_intrinsic_id(name)) != 0

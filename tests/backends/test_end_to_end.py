@@ -1,0 +1,62 @@
+"""The real flow: ptqpasses.quantize -> backends.tvm.compile -> identical to the torch
+reference of the integer graph (ResNet-18, BERT-style encoder with dynamic sequence length,
+the digits CNN, elementwise table lookups)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ptqpasses
+from backends import tvm as ptq_tvm
+from tools.digits import DigitsCNN
+from tools.models import bert_encoder, randomize_bn_stats, resnet18
+
+ptq = torch.ops.ptq
+
+
+def _quantize(model, shape, **kw):
+    data = [(torch.randn(*shape),) for _ in range(2)]
+    return ptqpasses.quantize(model.eval(), data[0], data, progress=False, **kw)
+
+
+def test_digits_cnn_is_bit_exact_at_any_batch():
+    q = _quantize(DigitsCNN(width=8), (4, 1, 8, 8))
+    cm = ptq_tvm.compile(q, target="host")
+    for batch in (1, 5):
+        x = torch.randn(batch, 1, 8, 8)
+        assert torch.equal(cm(x), q(x))
+
+
+@pytest.mark.slow
+def test_resnet18_is_bit_exact():
+    q = _quantize(randomize_bn_stats(resnet18(num_classes=10), seed=2), (2, 3, 32, 32))
+    cm = ptq_tvm.compile(q, target="host")
+    x = torch.randn(3, 3, 32, 32)
+    assert torch.equal(cm(x), q(x))
+
+
+@pytest.mark.slow
+def test_bert_encoder_dynamic_sequence():
+    q = _quantize(bert_encoder(take_embeddings=True), (2, 16, 64), dynamic_dims={0: {1: "seq"}})
+    cm = ptq_tvm.compile(q, target="host")
+    for shape in ((2, 16, 64), (3, 7, 64)):
+        x = torch.randn(*shape)
+        # the integer ops are exact; the final layer norm runs in float in both
+        torch.testing.assert_close(cm(x), q(x), rtol=0, atol=1e-5)
+
+
+def test_table_lookup_ops_are_bit_exact():
+    class Acts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            return self.b(F.gelu(torch.sigmoid(self.a(x))))
+
+    q = _quantize(Acts(), (2, 3, 6, 6))
+    assert any(n.target is ptq.lut.default for n in q.graph.nodes)
+    cm = ptq_tvm.compile(q, target="host")
+    x = torch.randn(2, 3, 6, 6) * 3
+    assert torch.equal(cm(x), q(x))

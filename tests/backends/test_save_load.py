@@ -1,0 +1,121 @@
+"""Save -> load in a fresh process; corrupted or mismatched files give clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.backends.models import SmallCNN
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def saved(tvm_backend, tmp_path_factory):
+    gm = torch.fx.symbolic_trace(SmallCNN())
+    x = torch.rand(3, 3, 12, 12) * 4 - 2
+    cm = tvm_backend.compile(gm, "host", example_inputs=[x])
+    d = tmp_path_factory.mktemp("saved")
+    lib = cm.save(d / "cnn")
+    torch.save({"x": x, "y": cm(x)}, d / "io.pt")
+    return d, lib, cm
+
+
+def test_files_and_metadata(saved):
+    d, lib, _ = saved
+    assert lib == d / "cnn.so" and lib.exists()
+    meta = json.loads((d / "cnn.json").read_text())
+    assert meta["target"] == "host" and meta["target_spec"]["mcpu"] != "native"
+    assert set(meta["versions"]) == {"tvm", "tvm_ffi", "torch"}
+    assert meta["inputs"] == [{"shape": ["batch", 3, 12, 12], "dtype": "float32"}]
+    assert meta["outputs"] == [{"shape": ["batch", 10], "dtype": "float32"}]
+    assert len(meta["sha256"]) == 64
+
+
+def test_load_in_fresh_process_is_identical(saved):
+    d, _, _ = saved
+    script = textwrap.dedent(f"""
+        import torch, backends.tvm as bt
+        io = torch.load({str(d / 'io.pt')!r})
+        cm = bt.load({str(d / 'cnn')!r})
+        (y,) = cm(io["x"])
+        assert torch.equal(y, io["y"][0]), "outputs differ after load"
+        (y1,) = cm(io["x"][:1])
+        assert torch.equal(y1, io["y"][0][:1])
+        print("OK")
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + sys.path))
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]
+
+
+def _copy(saved, tmp_path, name="m"):
+    d, lib, _ = saved
+    (tmp_path / f"{name}.so").write_bytes(lib.read_bytes())
+    meta = json.loads((d / "cnn.json").read_text())
+    meta["library"] = f"{name}.so"
+    (tmp_path / f"{name}.json").write_text(json.dumps(meta))
+    return tmp_path / name, meta
+
+
+def test_corrupted_library(tvm_backend, saved, tmp_path):
+    stem, _ = _copy(saved, tmp_path)
+    data = bytearray(stem.with_suffix(".so").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    stem.with_suffix(".so").write_bytes(bytes(data))
+    with pytest.raises(tvm_backend.LoadError, match="does not match its metadata"):
+        tvm_backend.load(stem)
+
+
+def test_truncated_library_and_missing_files(tvm_backend, saved, tmp_path):
+    stem, _ = _copy(saved, tmp_path)
+    stem.with_suffix(".so").write_bytes(b"\x7fELF")
+    with pytest.raises(tvm_backend.LoadError, match="corrupted or from another build"):
+        tvm_backend.load(stem)
+    stem.with_suffix(".so").unlink()
+    with pytest.raises(tvm_backend.LoadError, match="is missing"):
+        tvm_backend.load(stem)
+    with pytest.raises(tvm_backend.LoadError, match="no metadata file"):
+        tvm_backend.load(tmp_path / "nothing")
+
+
+def test_corrupted_or_mismatched_metadata(tvm_backend, saved, tmp_path):
+    stem, meta = _copy(saved, tmp_path)
+    stem.with_suffix(".json").write_text("{not json")
+    with pytest.raises(tvm_backend.LoadError, match="corrupted metadata"):
+        tvm_backend.load(stem)
+    stem.with_suffix(".json").write_text(json.dumps(dict(meta, versions=dict(
+        meta["versions"], tvm="0.1.0"))))
+    with pytest.raises(tvm_backend.LoadError, match="built with tvm 0.1.0"):
+        tvm_backend.load(stem)
+    stem.with_suffix(".json").write_text(json.dumps({k: v for k, v in meta.items()
+                                                     if k != "inputs"}))
+    with pytest.raises(tvm_backend.LoadError, match="lacks 'inputs'"):
+        tvm_backend.load(stem)
+    stem.with_suffix(".json").write_text(json.dumps(dict(meta, format="other/9")))
+    with pytest.raises(tvm_backend.LoadError, match="is not a ptqpasses-tvm-module/1"):
+        tvm_backend.load(stem)
+
+
+def test_module_for_a_cpu_this_host_lacks_is_refused(tvm_backend, saved, tmp_path):
+    if _host_has_avx512():
+        pytest.skip("host has AVX-512: a cascadelake module would run here")
+    stem, meta = _copy(saved, tmp_path)
+    spec = dict(meta["target_spec"], mcpu="cascadelake")
+    stem.with_suffix(".json").write_text(json.dumps(dict(meta, target_spec=spec)))
+    with pytest.raises(tvm_backend.LoadError, match="cannot be loaded for execution"):
+        tvm_backend.load(stem)
+
+
+def _host_has_avx512() -> bool:
+    from tests.backends.conftest import host_has
+
+    return host_has("avx512f")

@@ -1,0 +1,42 @@
+"""The fixed intrinsic replaces TVM's broken ``dot_16x4_vnni`` (what MetaSchedule looks up).
+
+Slow (importing TVM's intrinsic registry takes ~50 s here): runs with PTQ_SLOW_TESTS=1.
+"""
+
+import os
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not os.environ.get("PTQ_SLOW_TESTS"),
+                                reason="imports TVM's tensor-intrinsic registry (~50 s); "
+                                       "set PTQ_SLOW_TESTS=1")
+
+
+def test_override_tvm_vnni_builds_for_llvm22():
+    import tvm
+    from tvm import te
+    from tvm.s_tir import Schedule, TensorIntrin
+
+    from backends.tvm.x86 import intrinsics
+
+    name = intrinsics.override_tvm_vnni()
+    assert TensorIntrin.get(name).impl.script() == intrinsics.vnni_impl.script()
+    a = te.placeholder((16, 64), "uint8", name="a")
+    w = te.placeholder((2, 16, 16, 4), "int8", name="w")
+    k = te.reduce_axis((0, 64), name="k")
+    c = te.compute((16, 32), lambda i, j: te.sum(
+        a[i, k].astype("int32") * w[j // 16, k // 4, j % 16, k % 4].astype("int32"), axis=k),
+        name="acc")
+    sch = Schedule(te.create_prim_func([a, w, c]))
+    blk = sch.get_sblock("acc")
+    i, j, kk = sch.get_loops(blk)
+    jo, ji = sch.split(j, [None, 16])
+    ko, ki = sch.split(kk, [None, 4])
+    sch.reorder(i, jo, ko, ji, ki)
+    sch.decompose_reduction(blk, ko)
+    sch.tensorize(ji, name)
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu",
+                                "mcpu": "cascadelake"})
+    lib = tvm.compile(sch.mod, target=target)
+    mod = lib.mod if hasattr(lib, "mod") else lib
+    assert "vpdpbusd" in mod.inspect_source("asm")
