@@ -78,6 +78,18 @@ def _arg(node: fx.Node, i: int, name: str, default):
     return node.kwargs.get(name, default)
 
 
+def _pool_geometry(op: fx.Node) -> tuple[list[int], ...]:
+    """(kernel, stride, padding, dilation) of an ATen 2-d pooling call, as pairs."""
+    def pair(v):
+        v = list(v)
+        return v * 2 if len(v) == 1 else v
+
+    kernel = pair(op.args[1])
+    stride = pair(_arg(op, 2, "stride", []) or kernel)
+    dilation = [1, 1] if op.target is aten.avg_pool2d.default else pair(_arg(op, 4, "dilation", [1]))
+    return kernel, stride, pair(_arg(op, 3, "padding", [0])), dilation
+
+
 class _Lowering:
     """Builds integer ops for one graph; each ``lower_*`` returns the new node or a reason."""
 
@@ -162,12 +174,7 @@ class _Lowering:
             return "input is not quantized"
         xp = _dq_params(x)
         if op.target is aten.avg_pool2d.default:
-            kernel = list(op.args[1])
-            kernel = kernel * 2 if len(kernel) == 1 else kernel
-            stride = list(_arg(op, 2, "stride", [])) or kernel
-            stride = stride * 2 if len(stride) == 1 else stride
-            padding = list(_arg(op, 3, "padding", [0, 0]))
-            padding = padding * 2 if len(padding) == 1 else padding
+            kernel, stride, padding, _ = _pool_geometry(op)
             return self.call(ptq.avg_pool2d.default,
                              [x.args[0], xp.zero_point, kernel, stride, padding,
                               f32(xp.scale / (out.scale * kernel[0] * kernel[1])),
@@ -213,15 +220,9 @@ class _Lowering:
         if op.target in VIEWS:
             return self.call(op.target, [xq, *op.args[1:]])
         if op.target is aten.max_pool2d.default:
-            kernel = list(op.args[1])
-            kernel = kernel * 2 if len(kernel) == 1 else kernel
-            stride = list(_arg(op, 2, "stride", [])) or kernel
-            stride = stride * 2 if len(stride) == 1 else stride
-            pad = list(_arg(op, 3, "padding", [0, 0]))
-            dil = list(_arg(op, 4, "dilation", [1, 1]))
+            kernel, stride, pad, dil = _pool_geometry(op)
             return self.call(ptq.max_pool2d.default,
-                             [xq, kernel, stride, pad * 2 if len(pad) == 1 else pad,
-                              dil * 2 if len(dil) == 1 else dil, _arg(op, 5, "ceil_mode", False)])
+                             [xq, kernel, stride, pad, dil, _arg(op, 5, "ceil_mode", False)])
         lo, hi = clamp_bounds(op, out)
         return self.call(ptq.clamp.default, [xq, lo, hi])
 
