@@ -94,3 +94,8 @@ def test_demo_runs_and_is_bit_exact():
     rows = [line for line in out.stdout.splitlines() if line.startswith("| ptqpasses int8, TVM")]
     accuracy = float(rows[0].split("|")[2].strip().rstrip("%"))
     assert accuracy > 90.0
+
+
+def test_readme_tables_are_generated_from_the_registries():
+    from tools.gen_readme import main as gen_main
+    assert gen_main(["--check"]) == 0

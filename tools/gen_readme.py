@@ -1,0 +1,75 @@
+"""Regenerates the README's tables of integer operators and targets from the registries.
+
+    python -m tools.gen_readme          # rewrite README.md in place
+    python -m tools.gen_readme --check  # exit 1 if README.md is out of date (a test runs this)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+BEGIN, END = "<!-- generated:{} -->", "<!-- end:{} -->"
+
+
+def ops_table() -> str:
+    from backends.tvm.ptq_ops import HANDLERS
+    from ptqpasses.ops import INTEGER_OPS
+    from ptqpasses.ops import reference
+
+    rows = ["| op | semantics (first line of the reference kernel's docstring) | TVM |",
+            "|---|---|---|"]
+    for name in INTEGER_OPS:
+        fn = getattr(getattr(reference, name), "_init_fn", None)
+        doc = (fn.__doc__ if fn else "").strip().splitlines()
+        rows.append(f"| `ptq.{name}` | {doc[0] if doc else ''} | "
+                    f"{'yes' if name in HANDLERS else 'no'} |")
+    return "\n".join(rows)
+
+
+def targets_table() -> str:
+    from backends.tvm.targets import TARGETS
+
+    rows = ["| target | family | TVM target | required features |", "|---|---|---|---|"]
+    for name, t in TARGETS.items():
+        if t is None:
+            rows.append(f"| `{name}` | this machine's | detected with LLVM (`llvm_get_system_cpu`) | |")
+        else:
+            spec = ", ".join(f"{k}={v}" for k, v in t.spec.items())
+            rows.append(f"| `{name}` | {t.family} | `{spec}` | {', '.join(t.features)} |")
+    return "\n".join(rows)
+
+
+SECTIONS = {"ops": ops_table, "targets": targets_table}
+
+
+def render(text: str) -> str:
+    for key, make in SECTIONS.items():
+        begin, end = BEGIN.format(key), END.format(key)
+        if begin not in text or end not in text:
+            raise SystemExit(f"README.md lacks the markers {begin} ... {end}")
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        text = f"{head}{begin}\n{make()}\n{end}{tail}"
+    return text
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="only check; exit 1 if stale")
+    args = parser.parse_args(argv)
+    current = README.read_text()
+    new = render(current)
+    if args.check:
+        if new != current:
+            print("README.md tables are stale: run python -m tools.gen_readme", file=sys.stderr)
+            return 1
+        return 0
+    README.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
