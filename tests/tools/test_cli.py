@@ -99,3 +99,10 @@ def test_demo_runs_and_is_bit_exact():
 def test_readme_tables_are_generated_from_the_registries():
     from tools.gen_readme import main as gen_main
     assert gen_main(["--check"]) == 0
+
+
+def test_peak_microbenchmark_reports_fma_and_int8_rates():
+    from tools.peak import measure
+    peaks = measure(iterations=2_000_000)
+    assert {"fp32_fma_avx2", "int8_vpmaddwd_avx2"} <= set(peaks)
+    assert all(0.5 < v < 10_000 for v in peaks.values())  # GMAC/s on any real CPU

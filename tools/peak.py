@@ -1,0 +1,44 @@
+"""Measured one-core peak multiply-accumulate rates (GMAC/s) of this CPU.
+
+    python -m tools.peak            # prints JSON: fp32 FMA and int8 dot-product peaks
+
+Builds tools/peak.c with the system C compiler (-O2 -march=native) and runs it pinned to one
+core. The int8 figure is VNNI ``vpdpbusd`` where the CPU has it, else the exact AVX2 path
+(int16-widened ``vpmaddwd``), which is what bit-exact u8 x s8 kernels can use on that CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("peak.c")
+
+
+def measure(iterations: int = 50_000_000) -> dict[str, float]:
+    """Returns {kernel: GMAC/s} measured on one core."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc/gcc) on PATH: tools.peak builds a small C kernel")
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = Path(tmp) / "peak"
+        subprocess.run([cc, "-O2", "-march=native", str(SOURCE), "-o", str(exe)], check=True)
+        cmd = [str(exe), str(iterations)]
+        if shutil.which("taskset"):
+            cmd = ["taskset", "-c", str(sorted(os.sched_getaffinity(0))[0]), *cmd]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return {k: v / 1e9 for k, v in json.loads(out).items()}
+
+
+def main() -> int:
+    print(json.dumps({k: round(v, 2) for k, v in measure().items()}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
