@@ -16,7 +16,8 @@ import torch.fx as fx
 
 from ptqpasses import meta
 from ptqpasses.calibrate import _as_args
-from ptqpasses.graph_utils import add_constant, get_attr_value, is_call, remove_unused_attributes
+from ptqpasses.graph_utils import (add_constant, first_user_position, get_attr_value, is_call,
+                                   remove_unused_attributes)
 from ptqpasses.opsets import COMPUTE, SHARE
 from ptqpasses.pipeline import Pass, register_pass
 
@@ -130,7 +131,7 @@ class SmoothQuant(Pass):
             pass
         elif self.config.insert_scale and x.op == "call_function" \
                 and x.target not in COMPUTE and x.target not in SHARE:
-            const = add_constant(gm, f"{x.name}_smooth_scale", s.float(), linears[0])
+            const = add_constant(gm, f"{x.name}_smooth_scale", s.float(), first_user_position(gm))
             with gm.graph.inserting_after(x):
                 div = gm.graph.call_function(aten.div.Tensor, (x, const))
             if "val" in x.meta:
