@@ -69,6 +69,11 @@ class _Evaluator:
         self.qparams = {meta.observed_node(n): meta.get_qparams(n) for n, _ in observers(observed)}
         self.compute = [n.name for n in observed.graph.nodes
                         if meta.get_qspec(n) is not None and meta.get_qspec(n).role == "compute"]
+        self.output_of = {c: c for c in self.compute}  # the node whose value c's op produces
+        for n in observed.graph.nodes:
+            q = meta.get_qspec(n)
+            if q is not None and q.role == "fused" and q.fused_into in self.output_of:
+                self.output_of[q.fused_into] = n.name
         self.evaluations = 0
 
     def _observed(self, config: QuantConfig) -> fx.GraphModule:
@@ -110,6 +115,7 @@ class NodeSensitivity:
     node: str
     op: str
     score: float
+    output: str = ""  # node whose value the op produces (its fused activation, if any)
 
 
 def _op_of(gm: fx.GraphModule, name: str) -> str:
@@ -137,7 +143,8 @@ def _sensitivity(ev: _Evaluator) -> list[NodeSensitivity]:
     rows = []
     for name in ev.compute:
         others = [n for n in ev.compute if n != name]
-        rows.append(NodeSensitivity(name, _op_of(ev.float_gm, name), ev.score(others)))
+        rows.append(NodeSensitivity(name, _op_of(ev.float_gm, name), ev.score(others),
+                                    ev.output_of[name]))
     return sorted(rows, key=lambda r: r.score)
 
 

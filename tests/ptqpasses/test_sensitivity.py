@@ -1,5 +1,7 @@
 """Sensitivity ranking and AutoMixedPrecision: the search meets its target on a small model."""
 
+import copy
+
 import torch
 from torch import nn
 
@@ -73,3 +75,20 @@ def test_auto_mixed_precision_with_a_metric_drop():
     result = AutoMixedPrecision(metric=agreement, max_drop=0.02).search(gm, calib, calib)
     assert result.target == 0.98 and result.met
     assert "add" in result.config.keep_float
+
+
+def test_report_ranked_markdown_and_png(tmp_path):
+    torch.manual_seed(0)
+    m = MaskedScores().eval()
+    calib = _data(2, 0)
+    gm = ptqpasses.capture(m, calib[0])
+    result = AutoMixedPrecision(target=25.0).search(gm, calib, calib)
+    q = ptqpasses.quantize(copy.deepcopy(gm), calib[0], calib, result.config, progress=False)
+    rep = ptqpasses.report(q, gm, calib)
+    text = rep.ranked_markdown(result, title="masked")
+    assert "ranked by damage" in text and "| 1 |" in text and "alone-quantized score" in text
+    assert "raised by mixed precision" in text and "| add | aten.add.Tensor | float32 |" in text
+    assert all(r.precision in ("uint8", "int8") for r in rep.nodes)
+    paths = rep.save(tmp_path, sensitivity=result, title="masked")
+    assert [p.name for p in paths] == ["report.md", "report.png"]
+    assert paths[1].read_bytes()[:4] == b"\x89PNG"
