@@ -143,16 +143,191 @@ def ptqpasses_default(task: Task):
     return q, "uint8 histogram 99.99% activations, int8 per-channel minmax weights"
 
 
-METHODS: dict[str, Callable] = {"ptqpasses": ptqpasses_default}
+def _keep_float_adds(gm) -> tuple[str, ...]:
+    """Adds whose every consumer is a float op (LayerNorm, softmax): the residual and mask
+    adds of a BERT layer. Quantizing them buys no integer op and costs the most accuracy
+    (the -1e4 mask and the residual stream's outlier channels share one per-tensor scale)."""
+    aten = torch.ops.aten
+    floaty = {aten.layer_norm.default, aten.softmax.int}
+    return tuple(n.name for n in gm.graph.nodes if n.target is aten.add.Tensor
+                 and n.users and all(u.target in floaty for u in n.users))
+
+
+def ptqpasses_recipe(task: Task, report_dir: Optional[str] = None):
+    """The recovery recipe: see RECIPES; returns the integer graph and a note."""
+    from ptqpasses import QSpec, QuantConfig
+    from ptqpasses.passes import FoldBatchNorm, bias_correction, smooth_quant
+    from ptqpasses.sensitivity import AutoMixedPrecision
+
+    r = RECIPES[task.name]
+    gm = ptqpasses.capture(task.model, task.calib[0], dynamic_dims=task.dynamic_dims)
+    FoldBatchNorm()(gm)
+    notes = []
+    if r.get("smooth_quant") is not None:
+        smooth_quant(gm, task.calib, alpha=r["smooth_quant"])
+        notes.append(f"SmoothQuant alpha={r['smooth_quant']}")
+    keep = _keep_float_adds(gm) if r.get("float_adds") else ()
+    cfg = QuantConfig(activation=QSpec(observer=r.get("observer", "histogram")),
+                      weight=QSpec(dtype="int8", symmetric=True, per_channel=True,
+                                   observer=r.get("weight_observer", "minmax")),
+                      keep_float=keep)
+    notes.append(f"activations {cfg.activation.observer}, weights {cfg.weight.observer}")
+    if keep:
+        notes.append(f"float adds feeding LayerNorm/softmax: {len(keep)}")
+    amp = None
+    if r.get("amp_target") is not None:
+        metric = r["amp_metric"](task)
+        amp = AutoMixedPrecision(target=r["amp_target"], metric=metric).search(
+            gm, task.calib, task.calib, cfg)
+        cfg = amp.config
+        notes.append(f"AutoMixedPrecision (target {r['amp_target']} on calibration data) raised "
+                     f"{', '.join(x.node for x in amp.raised) or 'nothing'}")
+    import copy as _copy
+    observed = ptqpasses.prepare(_copy.deepcopy(gm), task.calib[0], cfg)
+    ptqpasses.calibrate(observed, task.calib, progress=False)
+    if r.get("bias_correction"):
+        bias_correction(observed, task.calib)
+        notes.append("bias correction")
+    q = ptqpasses.convert(observed)
+    if report_dir:
+        ref_gm = ptqpasses.capture(task.model, task.calib[0], dynamic_dims=task.dynamic_dims)
+        rep = ptqpasses.report(q, ref_gm, task.eval)
+        paths = rep.save(report_dir, name=task.name, sensitivity=amp, title=task.name)
+        notes.append(f"report: {paths[0]}")
+    floats = [c.node for c in ptqpasses.coverage(q) if not c.integer
+              and c.op in ("aten.linear.default", "aten.conv2d.default", "aten.add.Tensor",
+                           "aten.matmul.default")]
+    notes.append(f"kept above int8: {', '.join(floats) or 'none'}")
+    return q, "; ".join(notes)
+
+
+def _cos_min_metric(task: Task):
+    def metric(ref, out):
+        return score_minilm(ref, out, task.calib)["cos_min"]
+    return metric
+
+
+def _sqnr_metric(task: Task):
+    return lambda ref, out: sqnr(torch.cat(ref), torch.cat(out))
+
+
+#: Per-model recipe of ptqpasses-recipe (found with the sensitivity report; see README notes).
+RECIPES = {
+    "MiniLM-L6": {"float_adds": True, "smooth_quant": 0.5, "observer": "histogram"},
+    "MobileNetV2": {"observer": "histogram", "bias_correction": True},
+}
+
+
+# ----------------------------------------------------------------------------- peers
+
+
+def _needs(module: str) -> Optional[str]:
+    import importlib.util
+    return None if importlib.util.find_spec(module) else f"skipped: {module} not installed"
+
+
+def peer_fx(task: Task):
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    model = copy.deepcopy(task.model).eval()
+    prepared = prepare_fx(model, get_default_qconfig_mapping("x86"), task.calib[0])
+    with torch.no_grad():
+        for b in task.calib:
+            prepared(*b)
+    return convert_fx(prepared), "torch.ao FX, x86 qconfig mapping, fbgemm int8 kernels"
+
+
+def peer_pt2e(task: Task):
+    if _needs("torchao"):
+        return _needs("torchao")
+    from torch.export import Dim
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+
+    shapes = None
+    if task.dynamic_dims:
+        seq = Dim("seq", min=2, max=128)
+        shapes = tuple({1: seq} for _ in task.calib[0])
+    ep = torch.export.export(copy.deepcopy(task.model).eval(), task.calib[0],
+                             dynamic_shapes=shapes, strict=False)
+    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(ep.module(), quantizer)
+    with torch.no_grad():
+        for b in task.calib:
+            prepared(*b)
+    return convert_pt2e(prepared), "torchao PT2E X86InductorQuantizer (reference QDQ graph)"
+
+
+def _onnx(task: Task, folder: Path) -> Path:
+    path = folder / f"{task.name}.onnx"
+    names = [f"in{i}" for i in range(len(task.calib[0]))]
+    axes = {n: ({0: "batch", 1: "seq"} if task.dynamic_dims else {0: "batch"}) for n in names}
+    torch.onnx.export(copy.deepcopy(task.model).eval(), task.calib[0], str(path),
+                      input_names=names, output_names=["out"], dynamic_axes=axes,
+                      opset_version=17, dynamo=False)
+    return path
+
+
+class _OrtModel:
+    def __init__(self, path: Path):
+        import onnxruntime as ort
+        self.sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.names = [i.name for i in self.sess.get_inputs()]
+
+    def __call__(self, *args):
+        feed = {n: a.numpy() for n, a in zip(self.names, args)}
+        return torch.from_numpy(self.sess.run(None, feed)[0])
+
+
+def _ort(task: Task, static: bool):
+    if _needs("onnxruntime") or _needs("onnx"):
+        return _needs("onnxruntime") or _needs("onnx")
+    import tempfile
+
+    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
+                                          quantize_dynamic, quantize_static)
+    folder = Path(tempfile.mkdtemp(prefix="ptq_ort_"))
+    fp32 = _onnx(task, folder)
+    out = folder / "int8.onnx"
+    if not static:
+        quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, per_channel=True)
+        return _OrtModel(out), "ONNX Runtime dynamic int8 (per-channel weights)"
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter([{f"in{i}": a.numpy() for i, a in enumerate(b)} for b in task.calib])
+
+        def get_next(self):
+            return next(self.it, None)
+
+    quantize_static(str(fp32), str(out), Reader(), quant_format=QuantFormat.QDQ,
+                    per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
+    return _OrtModel(out), "ONNX Runtime static QDQ, per-channel, u8/s8, minmax"
+
+
+METHODS: dict[str, Callable] = {
+    "ptqpasses": ptqpasses_default,
+    "ptqpasses-recipe": ptqpasses_recipe,
+    "fx": peer_fx,
+    "pt2e": peer_pt2e,
+    "ort-static": lambda t: _ort(t, static=True),
+    "ort-dynamic": lambda t: _ort(t, static=False),
+}
 
 
 # ----------------------------------------------------------------------------- driver
 
 
-def run(task: Task, method: str) -> tuple[dict, str, float]:
+def run(task: Task, method: str, report_dir: Optional[str] = None) -> tuple[dict, str, float]:
     t0 = time.perf_counter()
     model = copy.deepcopy(task.model).eval()
-    result = METHODS[method](task)
+    if method == "ptqpasses-recipe":
+        result = ptqpasses_recipe(task, report_dir)
+    else:
+        result = METHODS[method](task)
     if isinstance(result, str):  # skipped
         return {}, result, 0.0
     q, note = result
@@ -187,7 +362,7 @@ def main(argv=None) -> int:
         print("| method | metrics | seconds | notes |\n|---|---|---:|---|")
         for m in methods:
             try:
-                metrics, note, secs = run(task, m)
+                metrics, note, secs = run(task, m, args.report)
             except Exception as e:  # a peer failing is a result, not a crash
                 metrics, note, secs = {}, f"failed: {type(e).__name__}: {str(e)[:200]}", 0.0
             print(f"| {m} | {_fmt(metrics) or '-'} | {secs:.0f} | {note} |", flush=True)

@@ -135,6 +135,25 @@ def test_bias_correction_records_shifts_and_improves_sqnr():
     before = _quantized_sqnr(gm, calib, x, m(x), cfg)
     after = _quantized_sqnr(gm, calib, x, m(x), cfg, bias_corr=True)
     assert after > before + 1.5, (before, after)
+    with pytest.raises(ValueError, match="mode"):
+        record_bias_shift(observed, calib, mode="everything")
+
+
+def test_bias_correction_output_mode_matches_layer_means():
+    torch.manual_seed(0)
+    m = Biased().eval()
+    calib = [(torch.randn(8, 3, 10, 10) + 1,) for _ in range(2)]
+    observed = ptqpasses.prepare(m, calib[0])
+    ptqpasses.calibrate(observed, calib, progress=False)
+    from ptqpasses.passes.bias_correction import layer_output_means
+    reference = layer_output_means(observed, calib)
+    bias_correction(observed, calib, mode="output")
+    qdq = ptqpasses.convert(copy.deepcopy(observed), lower=False)
+    from ptqpasses.passes.bias_correction import _channel_means, _wanted
+    quant = _channel_means(qdq, _wanted(observed), calib)
+    assert quant.keys() == reference.keys()
+    for name, ref in reference.items():  # the quantized layer means now match float
+        torch.testing.assert_close(quant[name], ref, rtol=0, atol=2e-3)
 
 
 # --- SmoothQuant ------------------------------------------------------------------------------
