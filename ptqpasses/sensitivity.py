@@ -15,8 +15,9 @@ for it), without re-calibrating.
     q = ptqpasses.quantize(fgm, calib[0], calib, result.config)     # the mixed-precision graph
     print(result.to_markdown())
 
-Precision raise = the node runs in float ("keep_float"); int16 activations are not in the
-integer operator set yet.
+Precision raise: the node runs in float (``keep_float``), or stays an integer op with int16
+activations (``raise_to="int16"``: a ``by_node_regex`` Scheme; the reference ops accumulate in
+int64 for int16 operands).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -32,7 +34,7 @@ import torch.fx as fx
 
 from ptqpasses import meta
 from ptqpasses.calibrate import _as_args, calibrate, finalize, observers
-from ptqpasses.config import QuantConfig
+from ptqpasses.config import QuantConfig, Scheme
 from ptqpasses.passes import Annotate, ConvertToQDQ, FoldBatchNorm, InsertObservers
 from ptqpasses.report import _flat, sqnr_db
 
@@ -56,7 +58,10 @@ class _Evaluator:
     """Builds and scores the QDQ graph for a set of float nodes, sharing one calibration."""
 
     def __init__(self, float_gm: fx.GraphModule, calib: Iterable[Any], evals: Iterable[Any],
-                 config: QuantConfig, metric: Metric):
+                 config: QuantConfig, metric: Metric, raise_to: str = "float"):
+        if raise_to not in ("float", "int16"):
+            raise ValueError(f"raise_to must be 'float' or 'int16', got {raise_to!r}")
+        self.raise_to = raise_to
         self.float_gm = copy.deepcopy(float_gm)
         FoldBatchNorm()(self.float_gm)
         self.calib = [_as_args(b) for b in calib]
@@ -66,7 +71,7 @@ class _Evaluator:
             self.reference = [self.float_gm(*b) for b in self.evals]
         observed = self._observed(config)
         calibrate(observed, self.calib, progress=False)
-        self.qparams = {meta.observed_node(n): meta.get_qparams(n) for n, _ in observers(observed)}
+        self.stats = {meta.observed_node(n): ob for n, ob in observers(observed)}
         self.compute = [n.name for n in observed.graph.nodes
                         if meta.get_qspec(n) is not None and meta.get_qspec(n).role == "compute"]
         self.output_of = {c: c for c in self.compute}  # the node whose value c's op produces
@@ -83,7 +88,16 @@ class _Evaluator:
         return gm
 
     def with_float(self, names: Iterable[str]) -> QuantConfig:
-        keep = tuple(dict.fromkeys(tuple(self.config.keep_float) + tuple(names)))
+        """The config with ``names`` raised (to float, or to int16 activations)."""
+        names = tuple(names)
+        if self.raise_to == "int16":
+            if not names:
+                return self.config
+            act = dataclasses.replace(self.config.activation, dtype="int16", symmetric=True)
+            pattern = "|".join(re.escape(n) for n in names)
+            return dataclasses.replace(self.config, by_node_regex={
+                pattern: Scheme(act, self.config.weight), **self.config.by_node_regex})
+        keep = tuple(dict.fromkeys(tuple(self.config.keep_float) + names))
         return dataclasses.replace(self.config, keep_float=keep)
 
     def build(self, float_nodes: Iterable[str]) -> fx.GraphModule:
@@ -92,10 +106,13 @@ class _Evaluator:
         if not obs:
             return gm  # nothing quantized: the graph computes in float
         missing = False
-        for node, _ in obs:
-            p = self.qparams.get(meta.observed_node(node))
-            missing |= p is None
-            meta.set_qparams(node, p)
+        for node, ob in obs:
+            stats = self.stats.get(meta.observed_node(node))
+            if stats is None or stats.kind != ob.kind:
+                missing = True
+                continue
+            # the same statistics, turned into qparams for this node's (maybe int16) spec
+            meta.set_qparams(node, stats.qparams(meta.get_qspec(node).output))
         if missing:  # a value observed only under this assignment: calibrate this graph
             calibrate(gm, self.calib, progress=False)
         return ConvertToQDQ()(gm).graph_module
@@ -160,6 +177,7 @@ class MixedPrecisionResult:
     target: float
     evaluations: int = 0
     compute_nodes: int = 0
+    raise_to: str = "float"
 
     @property
     def met(self) -> bool:
@@ -167,10 +185,10 @@ class MixedPrecisionResult:
 
     def to_markdown(self) -> str:
         lines = [f"Mixed precision: score {self.score_int8:.4g} (all int8) -> {self.score:.4g} "
-                 f"with {len(self.raised)}/{self.compute_nodes} compute nodes in float; "
+                 f"with {len(self.raised)}/{self.compute_nodes} compute nodes in {self.raise_to}; "
                  f"target {self.target:.4g} {'met' if self.met else 'NOT met'} "
                  f"({self.evaluations} evaluations).", "",
-                 "| node kept in float | op | score when alone quantized |", "|---|---|---:|"]
+                 "| node raised | op | score when alone quantized |", "|---|---|---:|"]
         lines += [f"| {r.node} | {r.op} | {r.score:.4g} |" for r in self.raised]
         return "\n".join(lines)
 
@@ -190,15 +208,20 @@ class AutoMixedPrecision:
         metric: ``metric(float_outputs, quantized_outputs)``, higher is better.
         max_drop: alternatively, the allowed drop from the float model's own metric value
             (``metric(ref, ref)``); overrides ``target`` when set.
+        raise_to: ``"float"`` (the node runs in float: ``keep_float``) or ``"int16"`` (the
+            node stays an integer op with int16 activations for its output and for inputs
+            it observes itself: ``by_node_regex`` with an int16 Scheme).
     """
 
     target: float = 30.0
     metric: Metric = output_sqnr
     max_drop: Optional[float] = None
+    raise_to: str = "float"
 
     def search(self, float_gm: fx.GraphModule, calib: Iterable[Any], evals: Iterable[Any],
                config: Optional[QuantConfig] = None) -> MixedPrecisionResult:
-        ev = _Evaluator(float_gm, calib, evals, config or QuantConfig(), self.metric)
+        ev = _Evaluator(float_gm, calib, evals, config or QuantConfig(), self.metric,
+                        self.raise_to)
         target = self.target
         if self.max_drop is not None:
             target = float(self.metric(ev.reference, ev.reference)) - self.max_drop
@@ -221,7 +244,7 @@ class AutoMixedPrecision:
                 lo, hi = (lo, mid) if score(mid) >= target else (mid, hi)
             k = hi
         return MixedPrecisionResult(ev.with_float(order[:k]), ranking[:k], ranking, score(0),
-                                    score(k), target, ev.evaluations, len(order))
+                                    score(k), target, ev.evaluations, len(order), self.raise_to)
 
 
 __all__ = ["AutoMixedPrecision", "MixedPrecisionResult", "NodeSensitivity", "node_sensitivity",

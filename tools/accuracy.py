@@ -155,7 +155,7 @@ def _keep_float_adds(gm) -> tuple[str, ...]:
 
 def ptqpasses_recipe(task: Task, report_dir: Optional[str] = None):
     """The recovery recipe: see RECIPES; returns the integer graph and a note."""
-    from ptqpasses import QSpec, QuantConfig
+    from ptqpasses import QSpec, QuantConfig, Scheme
     from ptqpasses.passes import FoldBatchNorm, bias_correction, smooth_quant
     from ptqpasses.sensitivity import AutoMixedPrecision
 
@@ -167,10 +167,19 @@ def ptqpasses_recipe(task: Task, report_dir: Optional[str] = None):
         smooth_quant(gm, task.calib, alpha=r["smooth_quant"])
         notes.append(f"SmoothQuant alpha={r['smooth_quant']}")
     keep = _keep_float_adds(gm) if r.get("float_adds") else ()
-    cfg = QuantConfig(activation=QSpec(observer=r.get("observer", "histogram")),
-                      weight=QSpec(dtype="int8", symmetric=True, per_channel=True,
-                                   observer=r.get("weight_observer", "minmax")),
-                      keep_float=keep)
+    weight = QSpec(dtype="int8", symmetric=True, per_channel=True,
+                   observer=r.get("weight_observer", "minmax"))
+    wide = {}
+    if r.get("int16_into_float_adds"):
+        # linears whose output feeds a float add (the residual stream): int16 activations
+        names = [n.name for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default
+                 and any(u.name in keep for u in n.users)]
+        if names:
+            wide = {"|".join(names): Scheme(QSpec(dtype="int16", symmetric=True,
+                                                  observer="minmax"), weight)}
+            notes.append(f"int16 activations for {len(names)} linears into the residual adds")
+    cfg = QuantConfig(activation=QSpec(observer=r.get("observer", "histogram")), weight=weight,
+                      keep_float=keep, by_node_regex=wide)
     notes.append(f"activations {cfg.activation.observer}, weights {cfg.weight.observer}")
     if keep:
         notes.append(f"float adds feeding LayerNorm/softmax: {len(keep)}")
@@ -194,10 +203,16 @@ def ptqpasses_recipe(task: Task, report_dir: Optional[str] = None):
         rep = ptqpasses.report(q, ref_gm, task.eval)
         paths = rep.save(report_dir, name=task.name, sensitivity=amp, title=task.name)
         notes.append(f"report: {paths[0]}")
-    floats = [c.node for c in ptqpasses.coverage(q) if not c.integer
+    cov = ptqpasses.coverage(q)
+    floats = [c.node for c in cov if not c.integer
               and c.op in ("aten.linear.default", "aten.conv2d.default", "aten.add.Tensor",
                            "aten.matmul.default")]
-    notes.append(f"kept above int8: {', '.join(floats) or 'none'}")
+    int16 = [n.name for n in q.graph.nodes
+             if getattr(ptqpasses.meta.get_qparams(n), "dtype", "") == "int16"
+             and str(n.target).startswith("ptq.linear")]
+    notes.append(f"kept in float: {', '.join(floats) or 'none'}; int16-output integer "
+                 f"linears: {len(int16)}; integer linears/convs: "
+                 f"{sum(c.integer and c.op in ('ptq.linear', 'ptq.conv2d') for c in cov)}")
     return q, "; ".join(notes)
 
 
@@ -213,7 +228,8 @@ def _sqnr_metric(task: Task):
 
 #: Per-model recipe of ptqpasses-recipe (found with the sensitivity report; see README notes).
 RECIPES = {
-    "MiniLM-L6": {"float_adds": True, "smooth_quant": 0.5, "observer": "histogram"},
+    "MiniLM-L6": {"float_adds": True, "int16_into_float_adds": True, "smooth_quant": 0.5,
+                  "observer": "mse"},
     "MobileNetV2": {"observer": "histogram", "bias_correction": True},
 }
 

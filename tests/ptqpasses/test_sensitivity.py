@@ -92,3 +92,19 @@ def test_report_ranked_markdown_and_png(tmp_path):
     paths = rep.save(tmp_path, sensitivity=result, title="masked")
     assert [p.name for p in paths] == ["report.md", "report.png"]
     assert paths[1].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_auto_mixed_precision_raising_to_int16_keeps_integer_ops():
+    torch.manual_seed(0)
+    m = MaskedScores().eval()
+    calib, held = _data(3, 0), _data(2, 1)
+    gm = ptqpasses.capture(m, calib[0])
+    result = AutoMixedPrecision(target=20.0, raise_to="int16").search(gm, calib, calib)
+    assert result.met and result.score_int8 < 20.0 and "add" in [r.node for r in result.raised]
+    assert result.config.keep_float == ()
+    q = ptqpasses.quantize(copy.deepcopy(gm), calib[0], calib, result.config, progress=False)
+    adds = [n for n in q.graph.nodes if n.target is torch.ops.ptq.add.default]
+    assert len(adds) == 1 and ptqpasses.meta.get_qparams(adds[0]).dtype == "int16"
+    with torch.no_grad():  # the real integer graph: target met on the search data, ~met held out
+        assert output_sqnr([m(*b) for b in calib], [q(*b) for b in calib]) >= 20.0
+        assert output_sqnr([m(*b) for b in held], [q(*b) for b in held]) >= 18.0
