@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -89,6 +90,7 @@ def test_report_ranked_markdown_and_png(tmp_path):
     assert "ranked by damage" in text and "| 1 |" in text and "alone-quantized score" in text
     assert "raised by mixed precision" in text and "| add | aten.add.Tensor | float32 |" in text
     assert all(r.precision in ("uint8", "int8") for r in rep.nodes)
+    pytest.importorskip("matplotlib")
     paths = rep.save(tmp_path, sensitivity=result, title="masked")
     assert [p.name for p in paths] == ["report.md", "report.png"]
     assert paths[1].read_bytes()[:4] == b"\x89PNG"
