@@ -186,11 +186,12 @@ def ptqpasses_recipe(task: Task, report_dir: Optional[str] = None):
     amp = None
     if r.get("amp_target") is not None:
         metric = r["amp_metric"](task)
-        amp = AutoMixedPrecision(target=r["amp_target"], metric=metric).search(
-            gm, task.calib, task.calib, cfg)
+        amp = AutoMixedPrecision(target=r["amp_target"], metric=metric,
+                                 raise_to=r.get("raise_to", "float")).search(
+            gm, task.calib, task.calib[:r.get("amp_batches", len(task.calib))], cfg)
         cfg = amp.config
         notes.append(f"AutoMixedPrecision (target {r['amp_target']} on calibration data) raised "
-                     f"{', '.join(x.node for x in amp.raised) or 'nothing'}")
+                     f"to {amp.raise_to}: {', '.join(x.node for x in amp.raised) or 'nothing'}")
     import copy as _copy
     observed = ptqpasses.prepare(_copy.deepcopy(gm), task.calib[0], cfg)
     ptqpasses.calibrate(observed, task.calib, progress=False)
@@ -230,7 +231,8 @@ def _sqnr_metric(task: Task):
 RECIPES = {
     "MiniLM-L6": {"float_adds": True, "int16_into_float_adds": True, "smooth_quant": 0.5,
                   "observer": "mse"},
-    "MobileNetV2": {"observer": "histogram", "bias_correction": True},
+    "MobileNetV2": {"observer": "histogram", "bias_correction": True, "amp_target": 23.0,
+                    "amp_metric": _sqnr_metric, "raise_to": "int16", "amp_batches": 1},
 }
 
 
