@@ -264,10 +264,12 @@ def peer_pt2e(task: Task):
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer, get_default_x86_inductor_quantization_config)
 
-    shapes = None
+    batch = Dim("batch", min=2, max=1024)
     if task.dynamic_dims:
         seq = Dim("seq", min=2, max=128)
-        shapes = tuple({1: seq} for _ in task.calib[0])
+        shapes = tuple({0: batch, 1: seq} for _ in task.calib[0])
+    else:
+        shapes = tuple({0: batch} for _ in task.calib[0])
     ep = torch.export.export(copy.deepcopy(task.model).eval(), task.calib[0],
                              dynamic_shapes=shapes, strict=False)
     quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
