@@ -18,6 +18,36 @@ Methods: ``ptqpasses`` (defaults), ``ptqpasses-recipe`` (the recovery recipe bel
 peers ``fx`` (torch.ao prepare_fx/convert_fx, 'x86'), ``pt2e`` (torchao
 X86InductorQuantizer), ``ort-static`` (ONNX Runtime static QDQ, per-channel) and
 ``ort-dynamic`` (ONNX Runtime dynamic int8), each skipped with a note when not installed.
+ptqpasses rows run the lowered integer-op graph (torch.ops.ptq reference kernels).
+
+Measured (torch 2.13 CPU, onnxruntime 1.32, torchao 0.18; data and metrics as above):
+
+MiniLM-L6 (50 held-out sentences)
+
+| method | cos mean | cos min | NN agree | Spearman |
+|---|---:|---:|---:|---:|
+| ptqpasses defaults | 0.3525 | 0.1667 | 0.16 | 0.321 |
+| ptqpasses-recipe | **0.9981** | **0.9969** | 0.98 | 0.997 |
+| PT2E X86Inductor | 0.9936 | 0.9886 | 0.90 | 0.990 |
+| ORT static QDQ | 0.3779 | 0.1953 | 0.28 | 0.307 |
+| ORT dynamic | 0.9925 | 0.9858 | 0.90 | 0.987 |
+| torch.ao FX x86 | 0.2098 | 0.0610 | 0.02 | 0.084 |
+
+MiniLM recipe: SmoothQuant (alpha 0.5) on the linears fed by LayerNorm/GELU; MSE activation
+ranges; the 19 adds whose only consumers are float (LayerNorm, softmax: the residual and
+-1e4 attention-mask adds, and the embedding add) stay float, because they buy no integer
+op and one per-tensor scale cannot hold both the mask and the scores, or the residual
+stream's outlier channels; the 12 linears that feed those adds output int16 (ffn_out also
+takes its GELU input as int16). All 36 linears and 12 matmuls are integer ops.
+
+MobileNetV2 (60 held-out crops)
+
+| method | top-1 agree | top-5 contain | SQNR dB |
+|---|---:|---:|---:|
+| ptqpasses defaults | 93.3% | 100% | 18.62 |
+| ORT static QDQ | 88.3% | 100% | 9.41 |
+| ORT dynamic | 91.7% | 98.3% | 11.79 |
+| torch.ao FX x86 | 80.0% | 95.0% | 5.71 |
 """
 
 from __future__ import annotations
