@@ -261,8 +261,10 @@ def _sqnr_metric(task: Task):
 RECIPES = {
     "MiniLM-L6": {"float_adds": True, "int16_into_float_adds": True, "smooth_quant": 0.5,
                   "observer": "mse"},
-    "MobileNetV2": {"observer": "histogram", "bias_correction": True, "amp_target": 23.0,
-                    "amp_metric": _sqnr_metric, "raise_to": "int16", "amp_batches": 1},
+    # AutoMixedPrecision (raise_to="int16", target 23 dB on one calibration batch) raised all
+    # 64 nodes and still stopped at 19.35 dB there: int8 *weights* cap MobileNetV2 near
+    # 20 dB, which activation precision cannot fix; bias correction targets that error.
+    "MobileNetV2": {"observer": "histogram", "bias_correction": True},
 }
 
 
