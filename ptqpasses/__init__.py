@@ -25,3 +25,11 @@ __all__ = [
     "graph_pass", "prepare", "prepare_pipeline", "quantize", "report", "RecipeError",
     "apply_recipe", "load_recipe", "save_recipe",
 ]
+
+# Accuracy (issue 5): recovery passes, sensitivity analysis, automatic mixed precision.
+from ptqpasses.passes import (BiasCorrection, CrossLayerEqualization, SmoothQuant,  # noqa: E402
+                              bias_correction, smooth_quant)
+from ptqpasses.sensitivity import AutoMixedPrecision, node_sensitivity  # noqa: E402
+
+__all__ += ["AutoMixedPrecision", "BiasCorrection", "CrossLayerEqualization", "SmoothQuant",
+            "bias_correction", "node_sensitivity", "smooth_quant"]

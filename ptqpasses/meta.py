@@ -128,3 +128,31 @@ def float_reason(node: fx.Node) -> Optional[str]:
 
 def set_float_reason(node: fx.Node, reason: str) -> None:
     node.meta[FLOAT_REASON] = reason
+
+
+# --- statistics recorded from data for the data-dependent recovery passes ----------------
+
+BIAS_SHIFT = "ptq.bias_shift"        # conv/linear: E[float out] - E[quantized out] per channel
+INPUT_ABSMAX = "ptq.input_absmax"    # linear: max |x| per input channel over calibration data
+
+
+def bias_shift(node: fx.Node) -> Optional[torch.Tensor]:
+    return node.meta.get(BIAS_SHIFT)
+
+
+def set_bias_shift(node: fx.Node, value: Optional[torch.Tensor]) -> None:
+    if value is None:
+        node.meta.pop(BIAS_SHIFT, None)
+    else:
+        node.meta[BIAS_SHIFT] = value
+
+
+def input_absmax(node: fx.Node) -> Optional[torch.Tensor]:
+    return node.meta.get(INPUT_ABSMAX)
+
+
+def set_input_absmax(node: fx.Node, value: Optional[torch.Tensor]) -> None:
+    if value is None:
+        node.meta.pop(INPUT_ABSMAX, None)
+    else:
+        node.meta[INPUT_ABSMAX] = value

@@ -38,7 +38,11 @@ def weight_qparams(w: torch.Tensor, spec: QSpec) -> tuple[torch.Tensor, torch.Te
     """Per-channel (axis ``spec.axis``) or per-tensor symmetric-or-not weight qparams.
 
     Returns float32 scales and int64 zero points, one per channel (length 1 per-tensor).
+    ``spec.observer == "mse"`` searches the clipping bound per channel (range_setting.py).
     """
+    if spec.observer == "mse":
+        from ptqpasses.range_setting import mse_weight_qparams
+        return mse_weight_qparams(w, spec)
     if spec.per_channel:
         flat = w.detach().transpose(0, spec.axis).reshape(w.shape[spec.axis], -1)
     else:
@@ -207,6 +211,11 @@ class HistogramObserver(Observer):
 OBSERVERS: dict[str, type[Observer]] = {
     cls.kind: cls for cls in (MinMaxObserver, MovingAverageMinMaxObserver, HistogramObserver)
 }
+
+
+from ptqpasses.range_setting import EntropyObserver, MSEObserver  # noqa: E402  (needs the base)
+
+OBSERVERS.update({cls.kind: cls for cls in (MSEObserver, EntropyObserver)})
 
 
 def make_observer(spec: QSpec, node_name: str) -> Observer:

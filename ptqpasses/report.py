@@ -82,6 +82,7 @@ class NodeSQNR:
     op: str
     source: str
     sqnr_db: float
+    precision: str = ""  # the integer type of the node's output (uint8, int8, int16)
 
 
 @dataclass
@@ -108,6 +109,85 @@ class Report:
         return "\n".join(lines)
 
     __str__ = to_markdown
+
+    def ranked_markdown(self, sensitivity: Optional[Iterable] = None, title: str = "") -> str:
+        """The answer to "which layer breaks accuracy": nodes ranked by damage.
+
+        Integer nodes are ranked by SQNR (lowest first); float nodes are listed with their
+        reason. ``sensitivity`` (``ptqpasses.sensitivity.node_sensitivity`` rows, or a
+        ``MixedPrecisionResult``) adds the score each node gets when it alone is quantized,
+        and marks the nodes a mixed-precision search raised to float.
+        """
+        raised, alone = set(), {}
+        if sensitivity is not None and hasattr(sensitivity, "sensitivity"):
+            raised = {r.node for r in sensitivity.raised}
+            sensitivity = sensitivity.sensitivity
+        for r in sensitivity or ():
+            alone[r.node] = r.score
+            alone.setdefault(getattr(r, "output", "") or r.node, r.score)
+        n_int = sum(c.integer for c in self.coverage)
+        lines = ([f"## {title}", ""] if title else []) + [
+            f"Output SQNR {self.output_sqnr_db:.2f} dB over {self.batches} batches; coverage "
+            f"{n_int}/{len(self.coverage)} compute nodes as integer ops "
+            f"({100.0 * n_int / max(1, len(self.coverage)):.0f}%).", "",
+            "### Integer nodes, ranked by damage (lowest SQNR first)", "",
+            "| rank | node | op | float source | precision | SQNR (dB) |"
+            + (" alone-quantized score |" if alone else ""),
+            "|---:|---|---|---|---|---:|" + ("---:|" if alone else "")]
+        for i, r in enumerate(self.worst(len(self.nodes)), 1):
+            extra = f" {alone[r.source]:.4g} |" if r.source in alone else (" - |" if alone else "")
+            lines.append(f"| {i} | {r.node} | {r.op} | {r.source} | {r.precision or 'int'} | "
+                         f"{r.sqnr_db:.2f} |" + extra)
+        floats = [c for c in self.coverage if not c.integer]
+        if floats:
+            lines += ["", "### Nodes in float (not int8) and why", "",
+                      "| node | op | precision | reason |", "|---|---|---|---|"]
+            for c in floats:
+                why = c.reason + (" (raised by mixed precision)" if c.node in raised else "")
+                lines.append(f"| {c.node} | {c.op} | float32 | {why} |")
+        return "\n".join(lines)
+
+    def save_png(self, path, title: str = "", top: int = 40) -> None:
+        """Bar chart of per-node SQNR, worst ``top`` nodes first (needs matplotlib)."""
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError as e:
+            raise ImportError("save_png needs matplotlib (pip install matplotlib, or the "
+                              "'accuracy' extra)") from e
+        rows = self.worst(top)
+        fig, ax = plt.subplots(figsize=(8, 0.25 * len(rows) + 1.5))
+        ops = sorted({r.op for r in rows})
+        colours = {op: plt.cm.tab10(i % 10) for i, op in enumerate(ops)}
+        ax.barh(range(len(rows)), [max(r.sqnr_db, -10.0) for r in rows],
+                color=[colours[r.op] for r in rows])
+        ax.set_yticks(range(len(rows)), [f"{r.node} ({r.precision or 'int'})" for r in rows],
+                    fontsize=7)
+        ax.invert_yaxis()
+        ax.axvline(self.output_sqnr_db, color="k", linestyle="--", linewidth=1,
+                   label=f"model output {self.output_sqnr_db:.1f} dB")
+        handles = [plt.Rectangle((0, 0), 1, 1, color=colours[op]) for op in ops]
+        ax.legend(handles + ax.get_legend_handles_labels()[0],
+                  ops + ax.get_legend_handles_labels()[1], fontsize=7, loc="lower right")
+        n_int = sum(c.integer for c in self.coverage)
+        ax.set_xlabel("SQNR vs float (dB), worst first")
+        ax.set_title((title + ": " if title else "") + f"{n_int}/{len(self.coverage)} compute "
+                     "nodes integer", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+    def save(self, folder, name: str = "report", sensitivity=None, title: str = "") -> list:
+        """Writes ``{name}.md`` (ranked by damage) and ``{name}.png``; returns the paths."""
+        from pathlib import Path
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        md, png = folder / f"{name}.md", folder / f"{name}.png"
+        md.write_text(self.ranked_markdown(sensitivity, title)
+                      + f"\n\n![per-node SQNR]({png.name})\n")
+        self.save_png(png, title)
+        return [md, png]
 
 
 def report(qgraph: fx.GraphModule, float_model: Any, data: Iterable[Any]) -> Report:
@@ -146,7 +226,8 @@ def report(qgraph: fx.GraphModule, float_model: Any, data: Iterable[Any]) -> Rep
             for fo, qo in zip(_flat(f_out), _flat(q_out)):
                 out_power[0] += float((fo.double() ** 2).sum())
                 out_power[1] += float(((fo.double() - qo.double()) ** 2).sum())
-    rows = [NodeSQNR(name, f"ptq.{_ptq_name(int_nodes[name])}", src, sqnr_db(*power[name]))
+    rows = [NodeSQNR(name, f"ptq.{_ptq_name(int_nodes[name])}", src, sqnr_db(*power[name]),
+                     meta.get_qparams(int_nodes[name]).dtype)
             for name, src in pairs.items()]
     return Report(rows, coverage(qgraph), sqnr_db(*out_power), len(batches))
 

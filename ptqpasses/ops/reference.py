@@ -4,6 +4,13 @@ The kernels compute integer accumulations in float64, which is exact while every
 sum stays below 2**53 (true for int8 operands and any reduction shorter than 2**37), then
 convert to int32. Requantization is done in float32 exactly as the docstring of
 :func:`requantize_acc` states; backends reproduce the same float32 operations.
+
+Accumulator width: int32 when every operand is 8-bit. When an activation operand is int16
+(a per-node precision raise), the accumulator is int64: an int16 x int8 product needs 23
+bits, so conv/linear reductions longer than 256 terms (and int16 x int16 matmul, add with
+the 2**14 scale factors, mul) can exceed int32. The reference computes the exact sum (float64
+is exact below 2**53) and converts it through int64; backends must accumulate in int64 for
+int16 operands.
 """
 
 from __future__ import annotations
@@ -25,11 +32,13 @@ def requantize_acc(
 ) -> torch.Tensor:
     """``clamp(rne(float32(acc) * m) + out_zp, qmin, qmax)`` cast to ``dtype``.
 
-    ``acc`` is an int32 (or exactly integer float64) tensor; ``multiplier`` is a float32
-    scalar or a float32 tensor broadcastable against ``acc``.
+    ``acc`` is an int32/int64 (or exactly integer float64) tensor; ``multiplier`` is a
+    float32 scalar or a float32 tensor broadcastable against ``acc``. ``float32(acc)`` is
+    the exact accumulator rounded to float32 (exact for |acc| < 2**24); an accumulator
+    beyond int32 occurs only with int16 operands (int64 accumulation, see the module doc).
     """
     m = torch.as_tensor(multiplier, dtype=torch.float32)
-    y = _rne(acc.to(torch.int32).to(torch.float32) * m) + out_zp
+    y = _rne(acc.to(torch.int64).to(torch.float32) * m) + out_zp
     return y.clamp(qmin, qmax).to(dtype)
 
 
@@ -135,9 +144,10 @@ def add(
     """``requant((a - a_zp) * a_mult + (b - b_zp) * b_mult, multiplier)``.
 
     ``a_mult``/``b_mult`` are integers (<= 2**14) that put both inputs on a common scale, so
-    the sum is exact in int32 and requantization is a single float32 multiply.
+    the sum is exact in int32 for 8-bit inputs (int64 when an input is int16) and
+    requantization is a single float32 multiply.
     """
-    acc = (a.to(torch.int32) - a_zp) * a_mult + (b.to(torch.int32) - b_zp) * b_mult
+    acc = (a.to(torch.int64) - a_zp) * a_mult + (b.to(torch.int64) - b_zp) * b_mult
     return requantize_acc(acc, multiplier, out_zp, qmin, qmax, out_dtype)
 
 
@@ -146,8 +156,9 @@ def mul(
     a: torch.Tensor, a_zp: int, b: torch.Tensor, b_zp: int, multiplier: float, out_zp: int,
     qmin: int, qmax: int, out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Elementwise ``requant((a - a_zp) * (b - b_zp), multiplier)`` with broadcasting."""
-    acc = (a.to(torch.int32) - a_zp) * (b.to(torch.int32) - b_zp)
+    """Elementwise ``requant((a - a_zp) * (b - b_zp), multiplier)`` with broadcasting
+    (int64 products: two int16 inputs overflow int32)."""
+    acc = (a.to(torch.int64) - a_zp) * (b.to(torch.int64) - b_zp)
     return requantize_acc(acc, multiplier, out_zp, qmin, qmax, out_dtype)
 
 

@@ -1,0 +1,80 @@
+"""MSE and entropy range setting: better clipping than min/max, mergeable statistics."""
+
+import torch
+
+from ptqpasses.meta import QSpec
+from ptqpasses.observers import OBSERVERS, make_observer, weight_qparams
+from ptqpasses.report import sqnr
+
+
+def _fake_quant(x, p):
+    return ((torch.round(x / p.scale) + p.zero_point).clamp(p.qmin, p.qmax) - p.zero_point) * p.scale
+
+
+def _heavy_tailed(n=200000, seed=0):
+    torch.manual_seed(seed)
+    return torch.distributions.Laplace(0.0, 1.0).sample((n,))
+
+
+def test_registered_and_selectable_by_qspec():
+    assert {"mse", "entropy"} <= set(OBSERVERS)
+    assert make_observer(QSpec(observer="mse"), "a").kind == "mse"
+    assert make_observer(QSpec(observer="entropy"), "a").kind == "entropy"
+
+
+def test_mse_minimizes_error_and_entropy_clips_tails():
+    x = _heavy_tailed()
+    db, scale = {}, {}
+    for k in ("minmax", "histogram", "mse", "entropy"):
+        s = QSpec(dtype="int8", symmetric=True, observer=k)
+        ob = make_observer(s, "x")
+        ob(x[:100000]), ob(x[100000:])
+        p = ob.qparams(s)
+        db[k], scale[k] = sqnr(x, _fake_quant(x, p)), p.scale
+    # MSE minimizes the squared error: no other range does better on the same data
+    assert db["mse"] >= max(db.values()) - 1e-9 and db["mse"] > db["minmax"]
+    # entropy (KL) clips the Laplace tails too, at about the same error as min/max
+    assert scale["entropy"] < scale["minmax"] and db["entropy"] > db["minmax"] - 0.5
+
+
+def test_one_sided_relu_output_uint8():
+    x = _heavy_tailed().abs()
+    s = QSpec(observer="mse")
+    ob = make_observer(s, "x")
+    ob(x)
+    p = ob.qparams(s)
+    assert p.zero_point == 0 and p.scale * 255 < float(x.max())
+    assert sqnr(x, _fake_quant(x, p)) > sqnr(x, _fake_quant(x, _minmax(x)))
+
+
+def _minmax(x):
+    ob = make_observer(QSpec(observer="minmax"), "m")
+    ob(x)
+    return ob.qparams(QSpec(observer="minmax"))
+
+
+def test_merged_statistics_give_the_same_range():
+    x = _heavy_tailed()
+    for kind in ("mse", "entropy"):
+        s = QSpec(dtype="int8", symmetric=True, observer=kind)
+        whole, a, b = (make_observer(s, "x") for _ in range(3))
+        whole(x[:100000]), whole(x[100000:])
+        a(x[:100000]), b(x[100000:])
+        a.merge(b)
+        assert (a.lo, a.hi) == (whole.lo, whole.hi) and a.batches == 2
+        assert torch.isclose(a.hist.sum(), whole.hist.sum())
+        if kind == "mse":  # a smooth objective: the merged histogram gives the same range
+            pa, pw = a.qparams(s), whole.qparams(s)
+            assert abs(pa.scale - pw.scale) / pw.scale < 0.05
+
+
+def test_mse_weight_qparams_per_channel_lower_error():
+    w = torch.distributions.StudentT(2.0).sample((16, 64, 3, 3)) * 0.05
+    errs = {}
+    for kind in ("minmax", "mse"):
+        spec = QSpec(dtype="int8", symmetric=True, per_channel=True, observer=kind)
+        scales, zps = weight_qparams(w, spec)
+        assert scales.shape == (16,) and scales.dtype == torch.float32
+        q = (torch.round(w / scales[:, None, None, None])).clamp(-127, 127) * scales[:, None, None, None]
+        errs[kind] = float(((q - w) ** 2).sum())
+    assert errs["mse"] < errs["minmax"]  # heavy tails: clipping pays a little at 8 bits
