@@ -23,12 +23,15 @@ is compiled with the fixed schedule.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import re
+import sys
 import tempfile
+import types
 import time
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
@@ -163,6 +166,45 @@ def _family_intrin(family_name: str, target: tvm.target.Target) -> Optional[str]
     return None
 
 
+@contextlib.contextmanager
+def _no_tvm_intrin_registry():
+    """Skip ``import tvm.s_tir.tensor_intrin`` (TuneContext and the default builder import it).
+
+    That registry parses ~250 TVMScript intrinsics (CUDA ones included); each parse walks
+    ``inspect.stack()``, which is slow with torch loaded: 141 s of a 225 s two-trial run here.
+    Our spaces use only the project's own intrinsics (registered by ``space``), so a stub module
+    stands in while tuning; an already imported registry is left alone.
+    """
+    name = "tvm.s_tir.tensor_intrin"
+    if name in sys.modules:
+        yield
+        return
+    sys.modules[name] = types.ModuleType(name)
+    try:
+        yield
+    finally:
+        sys.modules.pop(name, None)
+
+
+def _stub_registry_in_worker():  # pickled by value into the builder worker (no project import)
+    import sys as _sys
+    import types as _types
+
+    _sys.modules.setdefault("tvm.s_tir.tensor_intrin", _types.ModuleType("tvm.s_tir.tensor_intrin"))
+
+
+def _strategy(name: str, trials: int):
+    if name == "auto":
+        name = "replay" if trials < 16 else "evolutionary"
+    if name == "replay":
+        return ms.search_strategy.ReplayTrace()
+    if name == "evolutionary":
+        return ms.search_strategy.EvolutionarySearch(
+            population_size=max(64, min(512, 8 * trials)),
+            init_min_unmeasured=max(16, min(50, trials)))
+    raise ValueError(f"unknown search strategy {name!r}: evolutionary, replay or auto")
+
+
 @dataclasses.dataclass
 class TaskResult:
     """One kernel's tuning outcome: ``trials`` run now (0 if the database had it)."""
@@ -196,7 +238,7 @@ def tune(qgraph: fx.GraphModule, target: Any = "host", *, trials: int = 64,
          example_inputs: Optional[Sequence[torch.Tensor]] = None,
          dynamic_batch: bool = False, kinds: Iterable[str] = DEFAULT_KINDS,
          trials_per_iter: Optional[int] = None, builder_timeout: float = 600.0,
-         progress: bool = True) -> TuneResult:
+         strategy: str = "auto", progress: bool = True) -> TuneResult:
     """Tune the distinct int8 kernels of ``qgraph`` for ``target`` into ``database``.
 
     Args:
@@ -210,6 +252,8 @@ def tune(qgraph: fx.GraphModule, target: Any = "host", *, trials: int = 64,
         trials_per_iter: Candidates per search round (default ``min(trials, 16)``).
         builder_timeout: Seconds per build (one builder worker; importing TVM in a worker is
             slow on a loaded core, and the default 30 s kills workers forever).
+        strategy: ``evolutionary`` (cost-model guided), ``replay`` (random samples of the
+            space, no cost model: cheap per trial) or ``auto`` (replay below 16 trials).
         progress: tqdm bar per kernel.
 
     Returns:
@@ -238,23 +282,21 @@ def tune(qgraph: fx.GraphModule, target: Any = "host", *, trials: int = 64,
     if not pending:
         return TuneResult(folder, results)
 
-    builder = ms.builder.LocalBuilder(max_workers=1, timeout_sec=builder_timeout)
+    builder = ms.builder.LocalBuilder(max_workers=1, timeout_sec=builder_timeout,
+                                      initializer=_stub_registry_in_worker)
     runner = ms.runner.LocalRunner(
         timeout_sec=max(60.0, builder_timeout / 4),
         evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=20,
                                                    enable_cpu_cache_flush=False))
     per_iter = trials_per_iter or min(trials, 16)
-    with tempfile.TemporaryDirectory(prefix="ptq_tune_") as work_dir:
+    with tempfile.TemporaryDirectory(prefix="ptq_tune_") as work_dir, _no_tvm_intrin_registry():
         for name, kind, wl in pending:
             bar = tqdm(total=trials, desc=f"tune {name} ({kind})", disable=not progress,
                        unit="trial", leave=True)
             counter = _Progress(bar)
             ctx = ms.TuneContext(
                 mod=wl, target=tgt, space_generator=space(named.family, tgt),
-                search_strategy=ms.search_strategy.EvolutionarySearch(
-                    population_size=max(32, min(512, 8 * trials)),
-                    init_min_unmeasured=max(8, min(50, 2 * trials))),
-                task_name=name, num_threads=1)
+                search_strategy=_strategy(strategy, trials), task_name=name, num_threads=1)
             t0 = time.perf_counter()
             ms.tune.tune_tasks(
                 tasks=[ctx], task_weights=[1.0], work_dir=work_dir,
