@@ -193,6 +193,36 @@ def _stub_registry_in_worker():  # pickled by value into the builder worker (no 
     _sys.modules.setdefault("tvm.s_tir.tensor_intrin", _types.ModuleType("tvm.s_tir.tensor_intrin"))
 
 
+def _seed_template(db, wl, kind, family_name, tgt, builder, runner) -> Optional[float]:
+    """Measure the family's fixed template on ``wl`` and commit it as a tuning record, so the
+    database's best is never worse than the fallback (up to noise). Returns ms, or None."""
+    intrin = _family_intrin(family_name, tgt)
+    if family_name != "x86" or intrin is None or kind not in ("dense", "conv2d"):
+        return None
+    from tvm import s_tir
+
+    from backends.tvm.x86 import template
+
+    sch = s_tir.Schedule(wl)
+    rows = 1 if _targets.has_feature(tgt, "avx512vnni") else 4
+    try:
+        template.apply(sch, kind, intrin, 16, 4, rows=rows)
+    except Exception:  # noqa: BLE001  (no seed; tuning still runs)
+        return None
+    args = ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)
+    (built,) = builder.build([ms.builder.BuilderInput(sch.mod, tgt)])
+    if built.error_msg:
+        return None
+    (fut,) = runner.run([ms.runner.RunnerInput(built.artifact_path, "cpu", args)])
+    res = fut.result()
+    if res.error_msg or not res.run_secs:
+        return None
+    db.commit_tuning_record(ms.database.TuningRecord(
+        sch.trace, db.commit_workload(wl), res.run_secs, tgt, args))
+    secs = [float(x) for x in res.run_secs]
+    return 1e3 * sum(secs) / len(secs)
+
+
 def _strategy(name: str, trials: int):
     if name == "auto":
         name = "replay" if trials < 16 else "evolutionary"
@@ -298,6 +328,9 @@ def tune(qgraph: fx.GraphModule, target: Any = "host", *, trials: int = 64,
                 mod=wl, target=tgt, space_generator=space(named.family, tgt),
                 search_strategy=_strategy(strategy, trials), task_name=name, num_threads=1)
             t0 = time.perf_counter()
+            seed = _seed_template(db, wl, kind, named.family, tgt, builder, runner)
+            if seed is not None:
+                bar.set_postfix_str(f"template {seed:.3f} ms")
             ms.tune.tune_tasks(
                 tasks=[ctx], task_weights=[1.0], work_dir=work_dir,
                 max_trials_global=trials, max_trials_per_task=trials,

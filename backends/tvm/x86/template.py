@@ -20,6 +20,13 @@ def schedule_packed(func: tirx.PrimFunc, kind: str, intrin: str, lanes: int = 16
     if kind not in ("dense", "conv2d"):
         return func
     sch = s_tir.Schedule(func)
+    apply(sch, kind, intrin, lanes, depth, rows)
+    return sch.mod["main"].with_attr("tir.is_scheduled", True)
+
+
+def apply(sch: s_tir.Schedule, kind: str, intrin: str, lanes: int = 16, depth: int = 4,
+          rows: int = 4) -> None:
+    """The template on a (traced) Schedule of ``main``; ``tune`` seeds its database with it."""
     blk = sch.get_sblock("acc")
     loops = sch.get_loops(blk)
     if kind == "dense":
@@ -45,4 +52,3 @@ def schedule_packed(func: tirx.PrimFunc, kind: str, intrin: str, lanes: int = 16
     sch.unroll(m_in)
     # vectorize the init and the write-back of the 16 lanes
     sch.vectorize(sch.get_loops(init)[-1])
-    return sch.mod["main"].with_attr("tir.is_scheduled", True)
