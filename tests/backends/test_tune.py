@@ -62,3 +62,14 @@ def test_tune_applies_and_reuses_database(tvm_backend, tmp_path):
                               progress=False)
     assert second.trials == 0
     assert second.database == first.database
+
+
+@pytest.mark.skipif(not host_has("avx2") or host_has("avx512vnni"),
+                    reason="the AVX2 template is the fixed schedule of AVX2 hosts without VNNI")
+def test_avx2_template_is_exact_and_uses_vpmaddwd(tvm_backend):
+    gm, inputs = _dense()
+    cm = tvm_backend.compile(gm, "host", example_inputs=inputs, dynamic_batch=False)
+    assert_exact(cm(*inputs), gm(*inputs), "AVX2 template dense")
+    asm = cm.source("asm")
+    assert "vpmaddwd" in asm
+    assert "vpmaddubsw" not in asm  # saturates int16: not exact on full-range u8 x s8
