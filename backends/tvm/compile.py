@@ -93,7 +93,8 @@ def build_ir(qgraph: fx.GraphModule, target: Any = "host", *,
 
 def compile(qgraph: fx.GraphModule, target: Any = "host", *,
             example_inputs: Optional[Sequence[torch.Tensor]] = None,
-            dynamic_batch: bool = True, schedule: bool = True) -> CompiledModule:
+            dynamic_batch: Optional[bool] = None, schedule: bool = True,
+            database: Any = None) -> CompiledModule:
     """Compile an integer-operator graph with TVM.
 
     Args:
@@ -102,18 +103,29 @@ def compile(qgraph: fx.GraphModule, target: Any = "host", *,
         example_inputs: Tensors giving input shapes/dtypes when placeholders carry no
             ``meta['val']``.
         dynamic_batch: Make dim 0 of every input one symbolic ``batch`` dimension.
-        schedule: Apply the family's fixed dot-product schedule (VNNI / sdot tensorization).
+        schedule: Apply the family's fixed dot-product schedule (VNNI / sdot tensorization,
+            the AVX2 template); tuned records apply regardless.
+        database: Root folder of tuning records (``backends.tvm.tune``); the target's keyed
+            subfolder is used. Kernels with a record get the tuned schedule, the others the
+            fixed one. ``dynamic_batch`` defaults to False then (records are per static shape).
 
     Returns:
         A CompiledModule; call it with torch tensors.
     """
+    if dynamic_batch is None:
+        dynamic_batch = database is None
     mod, named, specs = build_ir(qgraph, target, example_inputs=example_inputs,
                                  dynamic_batch=dynamic_batch)
     family = get_family(named.family)
+    db = None
+    if database is not None:
+        from backends.tvm.tune import open_database
+
+        db = open_database(database, named)
     if not schedule:
         family = type(family)(family.name, family.act_dtype, family.lanes, family.depth, None)
     tgt = named.target()
-    exe = tvm.compile(mod, target=tgt, relax_pipeline=get_pipeline(family, tgt))
+    exe = tvm.compile(mod, target=tgt, relax_pipeline=get_pipeline(family, tgt, db))
     meta = {
         "target": named.name,
         "target_spec": dict(named.spec),

@@ -10,8 +10,10 @@ from tvm import relax
 from backends.tvm.family import Family
 
 
-def ApplyPtqSchedules(family: Family, target: tvm.target.Target) -> tvm.transform.Pass:
-    """Apply the family's fixed schedule to every PrimFunc tagged ``ptq.kernel``.
+def ApplyPtqSchedules(family: Family, target: tvm.target.Target,
+                      database=None) -> tvm.transform.Pass:
+    """Schedule every PrimFunc tagged ``ptq.kernel``: its tuned record from ``database`` (a
+    MetaSchedule Database, see ``tune.py``) if there is one, else the family's fixed schedule.
 
     Runs after fusion: ptq kernels are tagged opaque, so FuseOps leaves them (and their tag)
     intact.
@@ -19,12 +21,21 @@ def ApplyPtqSchedules(family: Family, target: tvm.target.Target) -> tvm.transfor
 
     @tvm.transform.module_pass(opt_level=0, name="ApplyPtqSchedules")
     def _apply(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        if family.schedule is None:
+        if family.schedule is None and database is None:
             return mod
         updates = {}
         for gv, func in mod.functions_items():
             attrs = func.attrs if isinstance(func, tvm.tirx.PrimFunc) else None
             if not attrs or "ptq.kernel" not in attrs or "tir.is_scheduled" in attrs:
+                continue
+            if database is not None:
+                from backends.tvm.tune import tuned_kernel
+
+                tuned = tuned_kernel(database, func, target)
+                if tuned is not None:
+                    updates[gv] = tuned
+                    continue
+            if family.schedule is None:
                 continue
             try:
                 updates[gv] = family.schedule(func, str(attrs["ptq.kernel"]), target)
@@ -38,8 +49,10 @@ def ApplyPtqSchedules(family: Family, target: tvm.target.Target) -> tvm.transfor
     return _apply
 
 
-def get_pipeline(family: Family, target: tvm.target.Target) -> tvm.transform.Pass:
-    """The Relax pipeline that ``tvm.compile`` runs for ``family`` on ``target``."""
+def get_pipeline(family: Family, target: tvm.target.Target,
+                 database=None) -> tvm.transform.Pass:
+    """The Relax pipeline that ``tvm.compile`` runs for ``family`` on ``target`` (tuned records
+    from the MetaSchedule ``database`` win over the fixed schedules)."""
     if target.kind.name == "cuda":
         stages = relax.backend.cuda.pipeline
     else:
@@ -50,7 +63,7 @@ def get_pipeline(family: Family, target: tvm.target.Target) -> tvm.transform.Pas
         with target:
             seq = tvm.transform.Sequential(
                 stages.library_dispatch_passes(target)
-                + [ApplyPtqSchedules(family, target)]
+                + [ApplyPtqSchedules(family, target, database)]
                 + stages.legalize_passes(target)
                 + stages.dataflow_lower_passes(target)
                 + stages.finalize_passes(target))
