@@ -80,9 +80,34 @@ def cmd_compile(args) -> int:
     model = load_model(args.model)
     inputs = example_inputs(args.input)
     q = ptqpasses.apply_recipe(model, inputs, args.recipe)
-    compiled = tvm_backend.compile(q, target=args.target)
+    if args.database:  # tuned records are per static shape: compile for the --input shapes
+        compiled = tvm_backend.compile(q, target=args.target, database=args.database,
+                                       example_inputs=inputs)
+    else:
+        compiled = tvm_backend.compile(q, target=args.target)
     out = compiled.save(args.out)
     print(f"compiled for {args.target}: {out}")
+    return 0
+
+
+def cmd_tune(args) -> int:
+    import ptqpasses
+    from backends import tvm as tvm_backend
+    try:
+        tvm_backend.resolve(args.target)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    model = load_model(args.model)
+    inputs = example_inputs(args.input)
+    q = ptqpasses.apply_recipe(model, inputs, args.recipe)
+    result = tvm_backend.tune(q, target=args.target, trials=args.trials, database=args.database,
+                              example_inputs=inputs, kinds=tuple(args.kinds))
+    print(f"tuning database: {result.database}")
+    print("| kernel | kind | new trials | seconds | best (ms) |\n|---|---|---:|---:|---:|")
+    for t in result.tasks:
+        best = "" if t.best_ms is None else f"{t.best_ms:.3f}"
+        print(f"| {t.name} | {t.kind} | {t.trials} | {t.seconds:.1f} | {best} |")
+    print(f"{result.trials} new trials; a second run of the same model tunes nothing")
     return 0
 
 
@@ -96,6 +121,8 @@ EXAMPLES = {
     "report": "ptq report tools.digits:DigitsCNN --input 1x1x8x8:float32 --calib x.npy",
     "compile": ("ptq compile tools.digits:DigitsCNN --input 1x1x8x8:float32 --recipe recipe "
                 "--target host --out model.so"),
+    "tune": ("ptq tune tools.digits:DigitsCNN --input 1x1x8x8:float32 --recipe recipe "
+             "--trials 16 --database ./tuning"),
     "demo": "ptq demo",
 }
 
@@ -125,6 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", required=True, help="recipe from `ptq quantize`")
     p.add_argument("--target", default="host", help="named target (see backends.tvm.targets)")
     p.add_argument("--out", required=True, help="output .so (metadata JSON written beside it)")
+    p.add_argument("--database", help="tuning database from `ptq tune` (compiles for the "
+                   "--input shapes)")
+    p = add("tune", "tune the model's int8 kernels with MetaSchedule into a reusable database",
+            cmd_tune)
+    _add_model_args(p)
+    p.add_argument("--recipe", required=True, help="recipe from `ptq quantize`")
+    p.add_argument("--target", default="host", help="named target that runs on this machine")
+    p.add_argument("--trials", type=int, default=64, help="measured candidates per kernel")
+    p.add_argument("--database", help="database root (default $PTQ_TVM_TUNING_DB or "
+                   "~/.cache/ptqpasses/tvm-tuning)")
+    p.add_argument("--kinds", nargs="+", default=["dense", "conv2d"],
+                   help="kernel kinds to tune (dense, conv2d)")
     p = add("demo", "train a digits CNN, quantize, compile for this CPU, compare with PyTorch",
             cmd_demo)
     p.add_argument("--quick", action="store_true", help="fewer epochs and timing runs")

@@ -106,3 +106,21 @@ def test_peak_microbenchmark_reports_fma_and_int8_rates():
     peaks = measure(iterations=2_000_000)
     assert {"fp32_fma_avx2", "int8_vpmaddwd_avx2"} <= set(peaks)
     assert all(0.5 < v < 10_000 for v in peaks.values())  # GMAC/s on any real CPU
+
+
+def test_tune_then_compile_with_the_database(tmp_path, capsys):
+    np.save(tmp_path / "calib.npy", np.random.randn(16, 1, 8, 8).astype("float32"))
+    model = ["tools.digits:DigitsCNN", "--input", "2x1x8x8:float32"]
+    assert main(["quantize", *model, "--calib", str(tmp_path / "calib.npy"),
+                 "--out", str(tmp_path / "recipe")]) == 0
+    tune = ["tune", *model, "--recipe", str(tmp_path / "recipe"), "--trials", "2",
+            "--kinds", "dense", "--database", str(tmp_path / "db")]
+    assert main(tune) == 0
+    first = capsys.readouterr().out
+    assert "| dense |" in first
+    assert main(tune) == 0
+    assert "0 new trials" in capsys.readouterr().out  # the database is reused
+    assert main(["compile", *model, "--recipe", str(tmp_path / "recipe"), "--database",
+                 str(tmp_path / "db"), "--out", str(tmp_path / "m.so")]) == 0
+    from backends import tvm as ptq_tvm
+    assert ptq_tvm.load(tmp_path / "m.so")(torch.randn(2, 1, 8, 8)).shape == (2, 10)
