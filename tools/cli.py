@@ -70,16 +70,21 @@ def cmd_report(args) -> int:
     return 0
 
 
-def cmd_compile(args) -> int:
+def _recipe_graph(args):
+    """Checks --target, then replays --recipe on the model: (integer graph, example inputs)."""
     import ptqpasses
     from backends import tvm as tvm_backend
     try:
         tvm_backend.resolve(args.target)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    model = load_model(args.model)
     inputs = example_inputs(args.input)
-    q = ptqpasses.apply_recipe(model, inputs, args.recipe)
+    return ptqpasses.apply_recipe(load_model(args.model), inputs, args.recipe), inputs
+
+
+def cmd_compile(args) -> int:
+    from backends import tvm as tvm_backend
+    q, inputs = _recipe_graph(args)
     if args.database:  # tuned records are per static shape: compile for the --input shapes
         compiled = tvm_backend.compile(q, target=args.target, database=args.database,
                                        example_inputs=inputs)
@@ -91,15 +96,8 @@ def cmd_compile(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    import ptqpasses
     from backends import tvm as tvm_backend
-    try:
-        tvm_backend.resolve(args.target)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    model = load_model(args.model)
-    inputs = example_inputs(args.input)
-    q = ptqpasses.apply_recipe(model, inputs, args.recipe)
+    q, inputs = _recipe_graph(args)
     result = tvm_backend.tune(q, target=args.target, trials=args.trials, database=args.database,
                               example_inputs=inputs, kinds=tuple(args.kinds))
     print(f"tuning database: {result.database}")
