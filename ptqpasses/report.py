@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
 import torch
@@ -91,7 +91,6 @@ class Report:
     coverage: list[CoverageEntry]
     output_sqnr_db: float
     batches: int = 0
-    _power: dict = field(default_factory=dict, repr=False)
 
     def worst(self, k: int = 10) -> list[NodeSQNR]:
         return sorted(self.nodes, key=lambda r: r.sqnr_db)[:k]

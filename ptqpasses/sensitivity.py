@@ -24,16 +24,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import re
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.fx as fx
 
 from ptqpasses import meta
-from ptqpasses.calibrate import _as_args, calibrate, finalize, observers
+from ptqpasses.calibrate import _as_args, calibrate, observers
 from ptqpasses.config import QuantConfig, Scheme
 from ptqpasses.passes import Annotate, ConvertToQDQ, FoldBatchNorm, InsertObservers
 from ptqpasses.report import _flat, sqnr_db

@@ -10,7 +10,7 @@ cast. Measured: the LLVM backend keeps ``vdivps`` and does not contract these in
 from __future__ import annotations
 
 import numpy as np
-from tvm import relax, te, tirx
+from tvm import relax, tirx
 
 
 def f32(value) -> tirx.PrimExpr:

@@ -11,7 +11,7 @@ import torch.fx as fx
 from ptqpasses import meta
 from ptqpasses.graph_utils import add_constant, get_attr_value, remove_unused_attributes
 from ptqpasses.meta import QParams
-from ptqpasses.opsets import ACTIVATIONS, VIEWS, op_name
+from ptqpasses.opsets import COMPUTE, VIEWS, op_name
 from ptqpasses.pipeline import Pass, register_pass
 
 aten, ptq = torch.ops.aten, torch.ops.ptq
@@ -259,8 +259,6 @@ class LowerToIntegerOps(Pass):
     name = "lower-to-integer-ops"
 
     def run(self, gm: fx.GraphModule) -> bool:
-        from ptqpasses.opsets import COMPUTE  # the rule key per aten op
-
         lowering = _Lowering(gm)
         modified = False
         for q in list(gm.graph.nodes):

@@ -17,9 +17,6 @@ from backends.tvm.x86.intrinsics import vnni_desc
 
 AVX2_INTRIN = "ptq_dot_16x4_u8i8i32_avx2"
 
-_EVEN = [0, 2, 4, 6, 8, 10, 12, 14]
-_ODD = [1, 3, 5, 7, 9, 11, 13, 15]
-
 
 @T.prim_func(s_tir=True)
 def avx2_impl(
