@@ -1,7 +1,9 @@
-"""``compile(qgraph, target)``: emit Relax, run the family pipeline, wrap the result."""
+"""``emit(qgraph, target)`` -> Relax IRModule; ``compile(qgraph or IRModule, target)`` runs the
+family pipeline (with user passes at named ``STAGES``) and wraps the result."""
 
 from __future__ import annotations
 
+import json
 import warnings
 from typing import Any, Optional, Sequence
 
@@ -12,9 +14,9 @@ from torch import fx
 from tvm import tirx
 
 from backends.tvm import targets as _targets
-from backends.tvm.emit import EmitError, TensorSpec, emit
+from backends.tvm.emit import EmitError, TensorSpec, emit_relax
 from backends.tvm.family import get_family
-from backends.tvm.pipeline import get_pipeline
+from backends.tvm.pipeline import get_pipeline, normalize_relax_passes
 from backends.tvm.runtime import CompiledModule
 
 
@@ -76,6 +78,11 @@ def _output_specs(mod: tvm.IRModule) -> list[TensorSpec]:
     return specs
 
 
+#: IRModule attribute (JSON text) with what ``compile`` needs to wrap a module ``emit`` made:
+#: the target it was emitted for, input specs and the output nesting.
+SIGNATURE_ATTR = "ptq.signature"
+
+
 def build_ir(qgraph: fx.GraphModule, target: Any = "host", *,
              example_inputs: Optional[Sequence[torch.Tensor]] = None,
              dynamic_batch: bool = True) -> tuple[tvm.IRModule, _targets.NamedTarget, list]:
@@ -88,34 +95,91 @@ def build_ir(qgraph: fx.GraphModule, target: Any = "host", *,
                       stacklevel=3)
         dynamic_batch = False
     specs = input_specs(qgraph, example_inputs, dynamic_batch)
-    return emit(qgraph, get_family(named.family), specs), named, specs
+    return emit_relax(qgraph, get_family(named.family), specs), named, specs
 
 
-def compile(qgraph: fx.GraphModule, target: Any = "host", *,
-            example_inputs: Optional[Sequence[torch.Tensor]] = None,
-            dynamic_batch: Optional[bool] = None, schedule: bool = True,
-            database: Any = None) -> CompiledModule:
-    """Compile an integer-operator graph with TVM.
+def emit(qgraph: fx.GraphModule, target: Any = "host", *,
+         example_inputs: Optional[Sequence[torch.Tensor]] = None,
+         dynamic_batch: bool = True) -> tvm.IRModule:
+    """The Relax IRModule of ``qgraph`` for ``target``, before any compilation pass.
+
+    Run your own ``tvm.transform`` passes on it, then ``compile(mod)``: the module carries its
+    target, input specs and output nesting in the ``ptq.signature`` attribute (keep module
+    attributes when you rebuild the module). ``main`` takes the graph's inputs (int8 kernels
+    are ``call_tir`` PrimFuncs tagged ``ptq.kernel``; weights are constants).
 
     Args:
-        qgraph: The integer-operator ``fx.GraphModule``.
+        qgraph, target, example_inputs, dynamic_batch: As for ``compile``.
+    """
+    mod, named, specs = build_ir(qgraph, target, example_inputs=example_inputs,
+                                 dynamic_batch=dynamic_batch)
+    signature = {"target": named.name, "target_spec": dict(named.spec), "family": named.family,
+                 "inputs": [s.to_json() for s in specs],
+                 "output_treespec": output_treespec(qgraph)}
+    return mod.with_attr(SIGNATURE_ATTR, json.dumps(signature))
+
+
+def _signature(mod: tvm.IRModule, target: Any) -> tuple[dict, _targets.NamedTarget]:
+    attrs = mod.attrs
+    if attrs is None or SIGNATURE_ATTR not in attrs:
+        raise ValueError(f"IRModule has no {SIGNATURE_ATTR!r} attribute: make it with "
+                         "backends.tvm.emit(qgraph, target), and keep module attributes in "
+                         "your passes (IRModule(functions) drops them; use mod.with_attr)")
+    sig = json.loads(str(attrs[SIGNATURE_ATTR]))
+    emitted = _targets.NamedTarget(sig["target"], sig["family"], sig["target_spec"])
+    if target is None:
+        return sig, _targets.resolve(emitted)
+    named = _targets.resolve(target)
+    if named.family != emitted.family:
+        raise ValueError(f"IRModule was emitted for {emitted.name!r} (family "
+                         f"{emitted.family!r}); it cannot be compiled for {named.name!r} "
+                         f"(family {named.family!r}): emit it again for that target")
+    return sig, named
+
+
+def compile(qgraph: fx.GraphModule | tvm.IRModule, target: Any = None, *,
+            example_inputs: Optional[Sequence[torch.Tensor]] = None,
+            dynamic_batch: Optional[bool] = None, schedule: bool = True,
+            database: Any = None, relax_passes: Any = None) -> CompiledModule:
+    """Compile an integer-operator graph (or the IRModule ``emit`` made of one) with TVM.
+
+    Args:
+        qgraph: The integer-operator ``fx.GraphModule``, or an IRModule from ``emit``
+            (possibly transformed by your passes).
         target: A name from ``backends.tvm.TARGETS``, a TVM target dict, or a NamedTarget.
+            Default ``"host"`` for a graph; for an IRModule, the target it was emitted for
+            (another target must be of the same family).
         example_inputs: Tensors giving input shapes/dtypes when placeholders carry no
-            ``meta['val']``.
-        dynamic_batch: Make dim 0 of every input one symbolic ``batch`` dimension.
+            ``meta['val']`` (graphs only).
+        dynamic_batch: Make dim 0 of every input one symbolic ``batch`` dimension (graphs only).
         schedule: Apply the family's fixed dot-product schedule (VNNI / sdot tensorization,
             the AVX2 template); tuned records apply regardless.
         database: Root folder of tuning records (``backends.tvm.tune``); the target's keyed
             subfolder is used. Kernels with a record get the tuned schedule, the others the
             fixed one. ``dynamic_batch`` defaults to False then (records are per static shape).
+        relax_passes: Your ``tvm.transform.Pass`` es inserted into our pipeline: a list (run
+            first, on the emitted module) or ``{stage: pass or [passes]}`` with stages from
+            ``backends.tvm.STAGES`` (``start``, ``before_schedule``, ``after_schedule``,
+            ``after_legalize``, ``after_lowering``). A failing pass, or one that leaves
+            ill-formed IR, raises ``RelaxPassError`` naming it and its stage.
 
     Returns:
         A CompiledModule; call it with torch tensors.
     """
-    if dynamic_batch is None:
-        dynamic_batch = database is None
-    mod, named, specs = build_ir(qgraph, target, example_inputs=example_inputs,
-                                 dynamic_batch=dynamic_batch)
+    normalize_relax_passes(relax_passes)  # bad stage names fail before any work
+    if isinstance(qgraph, tvm.IRModule):
+        if example_inputs is not None or dynamic_batch is not None:
+            raise ValueError("example_inputs / dynamic_batch apply when emitting a graph; this "
+                             "IRModule's shapes were fixed by backends.tvm.emit")
+        sig, named = _signature(qgraph, target)
+        mod, treespec = qgraph, sig["output_treespec"]
+        input_json = sig["inputs"]
+    else:
+        if dynamic_batch is None:
+            dynamic_batch = database is None
+        mod, named, specs = build_ir(qgraph, "host" if target is None else target,
+                                     example_inputs=example_inputs, dynamic_batch=dynamic_batch)
+        treespec, input_json = output_treespec(qgraph), [s.to_json() for s in specs]
     family = get_family(named.family)
     db = None
     if database is not None:
@@ -125,15 +189,22 @@ def compile(qgraph: fx.GraphModule, target: Any = "host", *,
     if not schedule:
         family = type(family)(family.name, family.act_dtype, family.lanes, family.depth, None)
     tgt = named.target()
-    exe = tvm.compile(mod, target=tgt, relax_pipeline=get_pipeline(family, tgt, db))
+    failures: list = []
+    try:
+        exe = tvm.compile(mod, target=tgt,
+                          relax_pipeline=get_pipeline(family, tgt, db, relax_passes, failures))
+    except Exception:
+        if failures:  # a user pass failed: raise its own error, not the FFI's wrapper
+            raise failures[0] from failures[0].__cause__
+        raise
     meta = {
         "target": named.name,
         "target_spec": dict(named.spec),
         "family": named.family,
         "runnable": _targets.runs_here(named),
         "cross": named.family != "cuda" and not _targets.runs_here(named),
-        "inputs": [s.to_json() for s in specs],
+        "inputs": input_json,
         "outputs": [s.to_json() for s in _output_specs(mod)],
-        "output_treespec": output_treespec(qgraph),
+        "output_treespec": treespec,
     }
     return CompiledModule(exe, meta)

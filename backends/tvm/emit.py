@@ -199,8 +199,10 @@ def _fetch_attr(gm: fx.GraphModule, target: str):
     return obj
 
 
-def emit(gm: fx.GraphModule, family: Family, inputs: Sequence[TensorSpec]) -> tvm.IRModule:
-    """Emit the Relax IRModule of ``gm`` for ``family``.
+def emit_relax(gm: fx.GraphModule, family: Family,
+               inputs: Sequence[TensorSpec]) -> tvm.IRModule:
+    """Emit the Relax IRModule of ``gm`` for ``family`` (the public entry point, which takes a
+    target name, is ``backends.tvm.emit``).
 
     Args:
         gm: Integer-operator graph.

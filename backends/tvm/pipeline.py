@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Optional
 
 import tvm
 from tvm import relax
@@ -15,8 +16,8 @@ def ApplyPtqSchedules(family: Family, target: tvm.target.Target,
     """Schedule every PrimFunc tagged ``ptq.kernel``: its tuned record from ``database`` (a
     MetaSchedule Database, see ``tune.py``) if there is one, else the family's fixed schedule.
 
-    Runs after fusion: ptq kernels are tagged opaque, so FuseOps leaves them (and their tag)
-    intact.
+    Runs before legalization: the ptq kernels are already TE PrimFuncs (``call_tir``), tagged
+    opaque so that the later FuseOps/FuseTIR leave them as they are.
     """
 
     @tvm.transform.module_pass(opt_level=0, name="ApplyPtqSchedules")
@@ -49,23 +50,112 @@ def ApplyPtqSchedules(family: Family, target: tvm.target.Target,
     return _apply
 
 
+#: Named insertion points of the per-family pipeline, in order, for ``compile(relax_passes=)``.
+#: Each maps to what the module looks like when user passes run there.
+STAGES = {
+    "start": "as emitted (ptq kernels are TE PrimFuncs tagged ``ptq.kernel``, float islands and "
+             "integer glue are high-level Relax ops)",
+    "before_schedule": "after TVM's library dispatch (sampling / sort-scan), before "
+                       "``ApplyPtqSchedules``",
+    "after_schedule": "ptq kernels scheduled (fixed template, tensorized intrinsic, or tuned "
+                      "record); Relax ops not yet legalized",
+    "after_legalize": "every op legalized to TIR, constants folded, ops fused "
+                      "(LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR)",
+    "after_lowering": "dataflow lowered (ToNonDataflow, CallTIRRewrite), before memory "
+                      "planning and VM finalization",
+}
+
+
+class RelaxPassError(RuntimeError):
+    """A user pass given to ``compile(relax_passes=)`` failed or left ill-formed IR; names the
+    pass and the stage."""
+
+
+def normalize_relax_passes(relax_passes) -> dict[str, list]:
+    """``relax_passes`` as ``{stage: [pass, ...]}``.
+
+    Accepts None, a list of ``tvm.transform.Pass`` (run at ``"start"``), or a dict from a
+    ``STAGES`` name to a pass or a list of passes.
+    """
+    if relax_passes is None:
+        return {}
+    if isinstance(relax_passes, (list, tuple, tvm.transform.Pass)):
+        relax_passes = {"start": relax_passes}
+    if not isinstance(relax_passes, dict):
+        raise TypeError("relax_passes must be a list of tvm.transform.Pass or a dict "
+                        f"{{stage: passes}}, got {type(relax_passes).__name__}")
+    out = {}
+    for stage, passes in relax_passes.items():
+        if stage not in STAGES:
+            raise ValueError(f"unknown pipeline stage {stage!r} in relax_passes; stages: "
+                             f"{', '.join(STAGES)}")
+        passes = [passes] if isinstance(passes, tvm.transform.Pass) else list(passes)
+        for p in passes:
+            if not isinstance(p, tvm.transform.Pass):
+                raise TypeError(f"relax_passes[{stage!r}] holds {p!r}, not a "
+                                "tvm.transform.Pass (wrap functions with "
+                                "tvm.transform.module_pass or relax.transform.function_pass)")
+        out[stage] = passes
+    return out
+
+
+def _guarded(stage: str, user_pass: tvm.transform.Pass, failures: list) -> tvm.transform.Pass:
+    """Run ``user_pass``; an exception or ill-formed result becomes a RelaxPassError naming
+    the pass and the stage. The error is also appended to ``failures``: exceptions crossing
+    TVM's FFI come back as plain RuntimeErrors, so ``compile`` re-raises the original."""
+    name = user_pass.info.name
+
+    @tvm.transform.module_pass(opt_level=0, name=f"User[{stage}]:{name}")
+    def _run(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        try:
+            out = user_pass(mod)
+        except Exception as e:  # noqa: BLE001  (re-raised with the pass and stage named)
+            err = RelaxPassError(f"user pass {name!r} at stage {stage!r} failed: "
+                                 f"{type(e).__name__}: {str(e)[:500]}")
+            err.__cause__ = e
+            failures.append(err)
+            raise err from e
+        # Relax functions only: PrimFuncs are checked by TIR's own passes later.
+        if not relax.analysis.check_well_formed(out):
+            err = RelaxPassError(f"user pass {name!r} at stage {stage!r} returned an "
+                                 "ill-formed IRModule (relax.analysis.check_well_formed)")
+            failures.append(err)
+            raise err
+        return out
+
+    return _run
+
+
 def get_pipeline(family: Family, target: tvm.target.Target,
-                 database=None) -> tvm.transform.Pass:
+                 database=None, relax_passes=None,
+                 failures: Optional[list] = None) -> tvm.transform.Pass:
     """The Relax pipeline that ``tvm.compile`` runs for ``family`` on ``target`` (tuned records
-    from the MetaSchedule ``database`` win over the fixed schedules)."""
+    from the MetaSchedule ``database`` win over the fixed schedules).
+
+    ``relax_passes`` (see ``normalize_relax_passes``) inserts user passes at the ``STAGES``
+    points, in the order given; their errors are appended to ``failures`` (see ``_guarded``).
+    """
+    failures = [] if failures is None else failures
     if target.kind.name == "cuda":
         stages = relax.backend.cuda.pipeline
     else:
         stages = relax.backend.cpu_generic.pipeline
+    user = {stage: [_guarded(stage, p, failures) for p in passes]
+            for stage, passes in normalize_relax_passes(relax_passes).items()}
 
     @tvm.transform.module_pass(opt_level=0, name="PtqPipeline")
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         with target:
             seq = tvm.transform.Sequential(
-                stages.library_dispatch_passes(target)
+                user.get("start", [])
+                + stages.library_dispatch_passes(target)
+                + user.get("before_schedule", [])
                 + [ApplyPtqSchedules(family, target, database)]
+                + user.get("after_schedule", [])
                 + stages.legalize_passes(target)
+                + user.get("after_legalize", [])
                 + stages.dataflow_lower_passes(target)
+                + user.get("after_lowering", [])
                 + stages.finalize_passes(target))
             return seq(mod)
 

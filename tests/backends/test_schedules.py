@@ -16,7 +16,7 @@ from tvm.s_tir import TensorIntrin
 from backends.tvm import dot_schedule, family, targets
 from backends.tvm.aarch64 import intrinsics as arm_intrin
 from backends.tvm.compile import _output_specs, input_specs
-from backends.tvm.emit import emit
+from backends.tvm.emit import emit_relax as emit
 from backends.tvm.pipeline import get_pipeline
 from backends.tvm.runtime import CompiledModule
 from backends.tvm.x86 import intrinsics as x86_intrin

@@ -1,0 +1,119 @@
+"""TVM pipelines: ``backends.tvm.emit`` gives the Relax IRModule before compilation; user
+passes run on it, or at the named ``STAGES`` of ``compile(relax_passes=)``."""
+
+import pytest
+import torch
+import tvm
+from tvm import relax
+
+import ptqpasses
+from backends import tvm as ptq_tvm
+from tools.digits import DigitsCNN
+
+
+@pytest.fixture(scope="module")
+def qgraph():
+    data = [(torch.randn(4, 1, 8, 8),) for _ in range(2)]
+    return ptqpasses.quantize(DigitsCNN(width=8).eval(), data[0], data, progress=False)
+
+
+def _ptq_kernels(mod: tvm.IRModule) -> dict[str, tvm.tirx.PrimFunc]:
+    return {gv.name_hint: f for gv, f in mod.functions_items()
+            if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and "ptq.kernel" in f.attrs}
+
+
+def _relax_op_names(mod: tvm.IRModule) -> set[str]:
+    names = set()
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op):
+            names.add(expr.op.name)
+
+    for _, f in mod.functions_items():
+        if isinstance(f, relax.Function):
+            relax.analysis.post_order_visit(f, visit)
+    return names
+
+
+def test_emit_then_user_passes_then_compile(qgraph):
+    mod = ptq_tvm.emit(qgraph, "host")
+    assert isinstance(mod, tvm.IRModule) and "main" in [gv.name_hint for gv in mod.get_global_vars()]
+    kinds = {str(f.attrs["ptq.kernel"]) for f in _ptq_kernels(mod).values()}
+    assert {"conv2d", "dense"} <= kinds
+    # The user's own passes on the emitted module; the signature attribute survives them.
+    mod = tvm.transform.Sequential([relax.transform.FoldConstant(),
+                                    relax.transform.DeadCodeElimination()])(mod)
+    cm = ptq_tvm.compile(mod)
+    for batch in (1, 3):
+        x = torch.randn(batch, 1, 8, 8)
+        assert torch.equal(cm(x), qgraph(x))
+
+
+def test_user_passes_run_at_each_named_stage_in_order(qgraph):
+    seen = []
+
+    def probe(stage):
+        @tvm.transform.module_pass(opt_level=0, name=f"probe_{stage}")
+        def _probe(mod, _ctx):
+            kernels = _ptq_kernels(mod)
+            seen.append((stage, kernels, _relax_op_names(mod)))
+            return mod
+        return _probe
+
+    cm = ptq_tvm.compile(qgraph, "host", relax_passes={s: probe(s) for s in ptq_tvm.STAGES})
+    assert [s for s, _, _ in seen] == list(ptq_tvm.STAGES)
+    by_stage = {s: (k, ops) for s, k, ops in seen}
+    # start / before_schedule: kernels present, not yet scheduled; high-level Relax ops present.
+    for stage in ("start", "before_schedule"):
+        kernels, ops = by_stage[stage]
+        assert kernels and not any("tir.is_scheduled" in f.attrs for f in kernels.values())
+        assert "relax.call_tir" in ops and len(ops) > 1
+    # after_schedule: the host's fixed template scheduled the conv/dense kernels.
+    kernels, _ = by_stage["after_schedule"]
+    assert any("tir.is_scheduled" in f.attrs for f in kernels.values())
+    # after_legalize: nothing high-level is left, only calls into TIR (and VM builtins).
+    _, ops = by_stage["after_legalize"]
+    assert not {o for o in ops if o.startswith("relax.") and o not in (
+        "relax.call_tir", "relax.call_pure_packed", "relax.null_value")}, ops
+    # after_lowering: call_tir rewritten into explicit allocations.
+    _, ops = by_stage["after_lowering"]
+    assert "relax.call_tir" not in ops and any("alloc" in o for o in ops)
+    x = torch.randn(2, 1, 8, 8)
+    assert torch.equal(cm(x), qgraph(x))
+
+
+def test_a_plain_list_runs_on_the_emitted_module(qgraph):
+    names = []
+
+    @tvm.transform.module_pass(opt_level=0, name="count")
+    def count(mod, _ctx):
+        names.append(len(_ptq_kernels(mod)))
+        return mod
+
+    ptq_tvm.compile(qgraph, "host", relax_passes=[count])
+    assert names and names[0] >= 2
+
+
+def test_bad_relax_passes_name_the_stage_or_pass(qgraph):
+    with pytest.raises(ValueError, match="unknown pipeline stage 'after_everything'.*after_legalize"):
+        ptq_tvm.compile(qgraph, "host", relax_passes={"after_everything": []})
+    with pytest.raises(TypeError, match="not a tvm.transform.Pass"):
+        ptq_tvm.compile(qgraph, "host", relax_passes=[lambda m: m])
+
+    @tvm.transform.module_pass(opt_level=0, name="broken_pass")
+    def broken(mod, _ctx):
+        raise RuntimeError("boom")
+
+    with pytest.raises(ptq_tvm.RelaxPassError, match="'broken_pass' at stage 'after_schedule'.*boom"):
+        ptq_tvm.compile(qgraph, "host", relax_passes={"after_schedule": broken})
+
+
+def test_compile_refuses_modules_without_signature_or_of_another_family(qgraph):
+    mod = ptq_tvm.emit(qgraph, "host")
+    bare = tvm.IRModule(dict(mod.functions_items()))
+    with pytest.raises(ValueError, match="no 'ptq.signature' attribute"):
+        ptq_tvm.compile(bare)
+    with pytest.raises(ValueError, match="emitted for .* cannot be compiled for 'aarch64-dotprod'"):
+        ptq_tvm.compile(mod, "aarch64-dotprod")
+    with pytest.raises(ValueError, match="example_inputs / dynamic_batch"):
+        ptq_tvm.compile(mod, dynamic_batch=False)
