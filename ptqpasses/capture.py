@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from typing import Any, Mapping, Optional, Sequence
 
@@ -25,8 +26,9 @@ def capture(
 
     Args:
         model: an ``nn.Module`` (put in eval mode), an ``ExportedProgram``, or a
-            GraphModule (an ATen one from ``ExportedProgram.module()`` is used as is; any
-            other is exported again).
+            GraphModule (a copy of an ATen one, e.g. from ``ExportedProgram.module()``, is
+            used as is, so passes never mutate the caller's graph; any other is exported
+            again).
         example_inputs: positional example inputs (a tuple).
         dynamic_batch: make dimension 0 of every tensor input one shared symbolic size.
         dynamic_dims: more symbolic dimensions, ``{input_index: {dim: name}}``; equal names
@@ -35,7 +37,7 @@ def capture(
     if isinstance(model, ExportedProgram):
         return _cleanup(model.module())
     if isinstance(model, fx.GraphModule) and _is_aten_graph(model):
-        return _cleanup(model)
+        return _cleanup(copy.deepcopy(model))
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"capture expects an nn.Module, ExportedProgram or GraphModule, got "
                         f"{type(model).__name__}")

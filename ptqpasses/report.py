@@ -189,7 +189,8 @@ class Report:
         return [md, png]
 
 
-def report(qgraph: fx.GraphModule, float_model: Any, data: Iterable[Any]) -> Report:
+def report(qgraph: fx.GraphModule, float_model: Any, data: Iterable[Any],
+           **capture_options) -> Report:
     """Per-node SQNR of the integer graph against the float model on ``data``, and coverage.
 
     Args:
@@ -198,11 +199,14 @@ def report(qgraph: fx.GraphModule, float_model: Any, data: Iterable[Any]) -> Rep
             folding: folded convs are compared with the batch norm output they replace) or
             its captured GraphModule.
         data: input tuples.
+        capture_options: for capturing ``float_model`` (``dynamic_dims=``, ...), as given
+            to ``quantize``.
     """
     batches = [_as_args(b) for b in data]
     if not batches:
         raise ValueError("report needs at least one batch of data")
-    fgm = float_model if isinstance(float_model, fx.GraphModule) else capture(float_model, batches[0])
+    fgm = float_model if isinstance(float_model, fx.GraphModule) else capture(
+        float_model, batches[0], **capture_options)
     int_nodes = {n.name: n for n in qgraph.graph.nodes
                  if _is_ptq(n) and _ptq_name(n) not in _CONVERSIONS | {"quantize"}
                  and meta.get_qparams(n) is not None}

@@ -31,7 +31,8 @@ def test_accepts_exported_program_and_graph_module():
     m = nn.Linear(3, 2).eval()
     ep = torch.export.export(m, (torch.randn(2, 3),))
     gm = ptqpasses.capture(ep)
-    assert ptqpasses.capture(gm) is gm
+    again = ptqpasses.capture(gm)
+    assert again is not gm and again.code == gm.code  # a copy, used as is (no re-export)
 
 
 def test_unexportable_model_names_construct_and_line():
@@ -46,3 +47,15 @@ def test_unexportable_model_names_construct_and_line():
 def test_bad_dynamic_dims_input_index():
     with pytest.raises(ValueError, match="dynamic_dims names input 3"):
         ptqpasses.capture(nn.Linear(3, 2), (torch.randn(2, 3),), dynamic_dims={3: {1: "s"}})
+
+
+def test_quantizing_a_captured_graph_leaves_it_untouched():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
+    model[1].running_mean.uniform_(-1, 1)
+    x = torch.randn(2, 3, 8, 8)
+    gm = ptqpasses.capture(model, (x,))
+    code, nodes = gm.code, len(gm.graph.nodes)
+    q = ptqpasses.quantize(gm, (x,), [(x,)], progress=False)
+    assert any(str(n.target).startswith("ptq.") for n in q.graph.nodes)
+    assert gm.code == code and len(gm.graph.nodes) == nodes  # batch norm not folded in gm
+    torch.testing.assert_close(gm(x), model(x))

@@ -111,3 +111,14 @@ def test_auto_mixed_precision_raising_to_int16_keeps_integer_ops():
     with torch.no_grad():  # the real integer graph: target met on the search data, ~met held out
         assert output_sqnr([m(*b) for b in calib], [q(*b) for b in calib]) >= 20.0
         assert output_sqnr([m(*b) for b in held], [q(*b) for b in held]) >= 18.0
+
+
+def test_report_captures_the_float_model_with_the_same_dynamic_dims():
+    from tools.models import bert_encoder
+
+    m = bert_encoder(take_embeddings=True).eval()
+    calib = [(torch.randn(2, 8, 64),), (torch.randn(2, 8, 64),)]
+    q = ptqpasses.quantize(m, calib[0], calib, progress=False, dynamic_dims={0: {1: "seq"}})
+    data = [(torch.randn(2, 8, 64),), (torch.randn(3, 13, 64),)]  # another sequence length
+    rep = ptqpasses.report(q, m, data, dynamic_dims={0: {1: "seq"}})
+    assert rep.nodes and rep.batches == 2 and rep.output_sqnr_db > 10
