@@ -42,6 +42,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.fx as fx
+from torch.export import Dim
 from tqdm.auto import tqdm
 
 from ptqpasses.calibrate import _as_args
@@ -102,6 +103,16 @@ class _Inputs:
                    for s, a in zip(self.shapes, acts))
 
 
+def _static_size(d) -> Optional[int]:
+    """The size if it is a number (also a SymInt that guards specialised), else None."""
+    if isinstance(d, int):
+        return d
+    expr = d.node.expr
+    env = getattr(d.node, "shape_env", None)
+    expr = env.replace(expr) if env is not None else expr
+    return int(expr) if expr.is_number else None
+
+
 def _classify(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> _Inputs:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(example_inputs):
@@ -119,7 +130,7 @@ def _classify(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> _Inputs:
             acts.append(i)
             sources.append(source)
             val = node.meta.get("example_value", ex)
-            shapes.append(tuple(d if isinstance(d, int) else None for d in val.shape))
+            shapes.append(tuple(_static_size(d) for d in val.shape))
         elif isinstance(ex, (int, torch.SymInt)):
             src = grapharg.source if grapharg is not None else None
             base = getattr(getattr(src, "base", None), "name", None)
@@ -200,8 +211,10 @@ class _Graph:
         self.group = backend._group(self._key())
 
     def _key(self) -> tuple:
+        # tensor-valued operators only: a recompile with dynamic shapes adds size arithmetic
         ops = tuple(str(n.target) for n in self.gm.graph.nodes
-                    if n.op in ("call_function", "call_method", "call_module"))
+                    if n.op in ("call_function", "call_method", "call_module")
+                    and not isinstance(n.meta.get("example_value"), (int, torch.SymInt)))
         consts = tuple(name for name, _ in self.inputs.consts.values())
         return self.inputs.sources, consts, ops
 
@@ -254,19 +267,25 @@ class _Graph:
     def _quantize_and_compile(self) -> Callable:
         from ptqpasses.api import convert, prepare
         from ptqpasses.calibrate import calibrate, observers
-        from ptqpasses.capture import CaptureError
         from ptqpasses.report import coverage
 
         data = [r for r in self.group.recordings if self.inputs.fits(r)]
         if not data:
             raise _Unservable("no calibration data reached this graph (it was first compiled "
                               "after calibration, and no earlier graph ran at this place)")
-        dynamic = {pos: {d: f"{self.name}_d{pos}_{d}" for d, n in enumerate(s) if n is None}
-                   for pos, s in enumerate(self.inputs.shapes)}
         frozen = _freeze(self.gm, self.inputs)
+        # dynamo's symbolic dimensions stay dynamic; AUTO lets export specialise the ones the
+        # graph fixes (dynamic=True makes even channel counts symbolic)
+        dims = tuple({d: Dim.AUTO for d, n in enumerate(s) if n is None} or None
+                     for s in self.inputs.shapes)
         try:
-            observed = prepare(frozen, data[0], self.backend.config, dynamic_batch=False,
-                               dynamic_dims={k: v for k, v in dynamic.items() if v})
+            ep = torch.export.export(frozen, data[0], dynamic_shapes=dims, strict=False)
+        except Exception as e:  # torch raises many unrelated types here
+            first = next((ln for ln in str(e).splitlines() if ln.strip()), "")
+            raise _Unservable(f"torch.export could not capture it: {type(e).__name__}: "
+                              f"{first}") from e
+        try:
+            observed = prepare(ep, (), self.backend.config)
             if not observers(observed):
                 ops = sorted({str(n.target) for n in observed.graph.nodes
                               if n.op == "call_function"})
@@ -276,7 +295,7 @@ class _Graph:
             qgraph = convert(observed)
         except _Unservable:
             raise
-        except (CaptureError, CalibrationError) as e:
+        except CalibrationError as e:
             raise _Unservable(f"{type(e).__name__}: {e}") from e
         except Exception as e:  # a pass failing on an unforeseen graph: fall back, say why
             raise _Unservable(f"quantization failed: {type(e).__name__}: {e}") from e
@@ -290,6 +309,14 @@ class _Graph:
             module = tvm_compile(qgraph, self.backend.target, dynamic_batch=False)
         except Exception as e:  # EmitError, TVM build errors: fall back, say why
             raise _Unservable(f"TVM could not compile it: {type(e).__name__}: {e}") from e
+        for pos, shape in enumerate(self.inputs.shapes):
+            fixed = [d for d, n in enumerate(shape) if n is None
+                     and not isinstance(module.inputs[pos].shape[d], str)]
+            if fixed:  # e.g. all calibration batches had size 1, and export kept it at 1
+                raise _Unservable(
+                    f"dims {fixed} of input {self.inputs.sources[pos]} are dynamic in the "
+                    f"graph but fixed to {[data[0][pos].shape[d] for d in fixed]} in the "
+                    "compiled module (calibrate with batches of another size)")
         self.status.calibration_batches = len(data)
         self.status.integer_ops, self.status.float_ops = n_int, len(cov) - n_int
         self.qgraph = qgraph
