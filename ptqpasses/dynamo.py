@@ -66,6 +66,7 @@ class GraphStatus:
         calibration_batches: how many recorded inputs it was calibrated on.
         integer_ops: integer operators in its quantized graph.
         float_ops: compute nodes left in float (each with its reason in ``ptqpasses.coverage``).
+        qgraph: the integer-op graph TVM compiled (for ``ptqpasses.coverage`` / ``report``).
     """
 
     name: str
@@ -75,6 +76,7 @@ class GraphStatus:
     calibration_batches: int = 0
     integer_ops: int = 0
     float_ops: int = 0
+    qgraph: Optional[fx.GraphModule] = field(default=None, repr=False, compare=False)
 
     def __str__(self) -> str:
         what = {"tvm": f"TVM ({self.integer_ops} integer ops, {self.float_ops} float, "
@@ -197,7 +199,6 @@ class _Graph:
     def __init__(self, backend: "DynamoBackend", gm: fx.GraphModule, example_inputs,
                  name: str):
         self.backend, self.gm, self.name = backend, gm, name
-        self.n_inputs = len(example_inputs)
         self.inputs: Optional[_Inputs] = None
         self.group: Optional[_Group] = None
         self.impl: Optional[Callable] = None
@@ -256,11 +257,12 @@ class _Graph:
             return
         self.group.served.append((self.inputs, impl, self.status))
         self._serve(impl, self.status)
+        log.info("ptqpasses.dynamo_backend: %s", self.status)
 
     def _serve(self, module: Callable, status: GraphStatus) -> None:
         acts = self.inputs.acts
         self.status.served_by, self.status.reason = "tvm", ""
-        for attr in ("calibration_batches", "integer_ops", "float_ops"):
+        for attr in ("calibration_batches", "integer_ops", "float_ops", "qgraph"):
             setattr(self.status, attr, getattr(status, attr))
         self.impl = lambda *args: module(*[args[i] for i in acts])
 
@@ -319,7 +321,7 @@ class _Graph:
                     "compiled module (calibrate with batches of another size)")
         self.status.calibration_batches = len(data)
         self.status.integer_ops, self.status.float_ops = n_int, len(cov) - n_int
-        self.qgraph = qgraph
+        self.status.qgraph = qgraph
         return module
 
     def fall_back(self, reason: str) -> None:
