@@ -37,7 +37,8 @@ in it, TVM cannot emit it) falls back to inductor (or eager if inductor fails to
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
@@ -46,7 +47,7 @@ from torch.export import Dim
 from tqdm.auto import tqdm
 
 from ptqpasses.calibrate import _as_args
-from ptqpasses.config import QuantConfig
+from ptqpasses.config import ConfigError, QuantConfig, _module_stack
 from ptqpasses.observers import CalibrationError
 
 log = logging.getLogger(__name__)
@@ -183,6 +184,34 @@ def _freeze(gm: fx.GraphModule, inputs: _Inputs) -> fx.GraphModule:
     return fx.GraphModule(root, graph)
 
 
+_ROOT = re.compile(r"^L\['[^']*'\]\.?")
+
+
+def _module_paths_from_root(gm: fx.GraphModule) -> fx.GraphModule:
+    """Dynamo names modules from the frame's local (``L['self'].layer1.0``); QuantConfig's
+    ``by_module_name`` uses paths from the model (``layer1.0``), as the direct path does."""
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            node.meta["nn_module_stack"] = {k: (_ROOT.sub("", path), t)
+                                            for k, (path, t) in stack.items()}
+    return gm
+
+
+def _config_for(config: QuantConfig, graph: fx.Graph) -> tuple[QuantConfig, set]:
+    """``config`` keeping only the names and regexes that match something in this graph
+    (a graph break splits the model; each graph has only its part), and those kept."""
+    nodes = {n.name for n in graph.nodes}
+    paths = {path for n in graph.nodes for path, _ in _module_stack(n)}
+    names = {k: v for k, v in config.by_module_name.items() if k in paths}
+    keep = tuple(k for k in config.keep_float if k in paths or k in nodes)
+    regex = {p: v for p, v in config.by_node_regex.items()
+             if any(re.fullmatch(p, n) for n in nodes)}
+    used = ({("by_module_name", k) for k in names} | {("keep_float", k) for k in keep}
+            | {("by_node_regex", p) for p in regex})
+    return replace(config, by_module_name=names, keep_float=keep, by_node_regex=regex), used
+
+
 @dataclass
 class _Group:
     """Graphs at the same place in the program (a recompile makes another): they share the
@@ -286,8 +315,11 @@ class _Graph:
             first = next((ln for ln in str(e).splitlines() if ln.strip()), "")
             raise _Unservable(f"torch.export could not capture it: {type(e).__name__}: "
                               f"{first}") from e
+        gm = _module_paths_from_root(ep.module())
+        config, used = _config_for(self.backend.config or QuantConfig(), gm.graph)
+        self.backend._config_used |= used
         try:
-            observed = prepare(ep, (), self.backend.config)
+            observed = prepare(gm, (), config)
             if not observers(observed):
                 ops = sorted({str(n.target) for n in observed.graph.nodes
                               if n.op == "call_function"})
@@ -368,6 +400,7 @@ class DynamoBackend:
         self._calibrated = False
         self._graphs: list[_Graph] = []
         self._recorded_calls = 0
+        self._config_used: set[tuple[str, str]] = set()
         self._groups: dict[tuple, _Group] = {}
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
@@ -389,6 +422,7 @@ class DynamoBackend:
 
         Raises:
             CalibrationError: no batches, or no graph reached this backend.
+            ConfigError: a QuantConfig name or regex that matched nothing in any graph.
             RuntimeError: called twice, or on a backend built with ``calibration_data=None``.
         """
         if self.calibration_data is None:
@@ -418,7 +452,21 @@ class DynamoBackend:
         for graph in self._graphs:
             if graph.impl is None:
                 graph.finalize()
+        self._check_config()
         return compiled_model
+
+    def _check_config(self) -> None:
+        config = self.config or QuantConfig()
+        named = ({("by_module_name", k) for k in config.by_module_name}
+                 | {("keep_float", k) for k in config.keep_float}
+                 | {("by_node_regex", p) for p in config.by_node_regex})
+        unused = sorted(named - self._config_used)
+        if unused:
+            raise ConfigError(
+                "QuantConfig names matching no module or node of any captured graph: "
+                + ", ".join(f"{option} {name!r}" for option, name in unused)
+                + " (module paths are as in model.named_modules(); node names are those of "
+                "each graph's qgraph in backend.report())")
 
     def report(self) -> list[GraphStatus]:
         """One entry per captured graph, in compile order."""
@@ -438,8 +486,9 @@ def dynamo_backend(calibration_data: Optional[Iterable[Any]], target: Any = "hos
             ``backend.calibrate(compiled_model)``; ``None`` to calibrate each graph on its
             first ``calibration_calls`` calls instead (those run in float).
         target: a TVM target the outputs run on here (``backends.tvm.TARGETS`` name or dict).
-        config: the QuantConfig; module-name overrides do not apply (dynamo graphs are
-            captured again without module names), type and node-name overrides do.
+        config: the QuantConfig. Module paths are as in ``model.named_modules()``; each
+            graph gets the entries that match something in it, and ``calibrate`` raises
+            ConfigError for an entry that matched no graph. Node names are each graph's own.
         calibration_calls: with ``calibration_data=None``, calls recorded per graph.
         fallback: ``"inductor"`` or ``"eager"``, for graphs TVM cannot serve.
 

@@ -138,6 +138,26 @@ def test_unservable_graph_falls_back_with_logged_reason(caplog):
         torch.testing.assert_close(compiled(x), torch.cumsum(qa(x), dim=1), rtol=1e-5, atol=1e-5)
 
 
+def test_config_module_paths_apply_per_graph():
+    model = _Branchy().eval()
+    data = _calib((2, 3, 8, 8))
+    config = ptqpasses.QuantConfig(keep_float=("b",))  # all of the graph after the break
+    backend, compiled = _compile(model, data, config=config, fallback="eager")
+    status = backend.report()
+    assert [s.served_by for s in status] == ["tvm", "eager"]
+    assert "nothing in it can be quantized" in status[1].reason
+    with torch.no_grad():
+        x = torch.randn(2, 3, 8, 8)
+        qa = ptqpasses.quantize(model.a, data[0], data, progress=False)
+        assert torch.equal(compiled(x), model.b(qa(x)))
+
+    torch._dynamo.reset()
+    bad = ptqpasses.QuantConfig(keep_float=("a.conv", "b.cnov"))
+    with pytest.raises(ptqpasses.ConfigError, match=r"keep_float 'b.cnov'") as e:
+        _compile(model, data, config=bad, fallback="eager")
+    assert "a.conv" not in str(e.value)
+
+
 def test_calibrating_on_the_first_calls_needs_no_extra_step():
     model = _Block(3, 4).eval()
     backend = ptqpasses.dynamo_backend(None, target="host", calibration_calls=2)
