@@ -164,10 +164,9 @@ def _freeze(gm: fx.GraphModule, inputs: _Inputs) -> fx.GraphModule:
     for i in inputs.acts:
         env[placeholders[i]] = graph.placeholder(placeholders[i].name)
     root = torch.nn.Module()
-    for name, child in gm.named_children():
-        root.add_module(name, child)
-    for name, t in list(gm.named_parameters(recurse=False)) + list(gm.named_buffers(recurse=False)):
-        setattr(root, name, t)
+    for node in gm.graph.nodes:  # modules and tensors the graph reads from its own root
+        if node.op in ("get_attr", "call_module"):
+            _copy_attr(gm, root, node.target)
     for i, (name, t) in inputs.consts.items():
         if isinstance(t, torch.nn.Parameter):
             root.register_parameter(name, t)
@@ -182,6 +181,20 @@ def _freeze(gm: fx.GraphModule, inputs: _Inputs) -> fx.GraphModule:
             env[node] = graph.node_copy(node, lambda n: env[n])
     graph.lint()
     return fx.GraphModule(root, graph)
+
+
+def _copy_attr(src: torch.nn.Module, dst: torch.nn.Module, target: str) -> None:
+    *path, name = target.split(".")
+    for part in path:
+        src = getattr(src, part)
+        if not hasattr(dst, part):
+            dst.add_module(part, torch.nn.Module())
+        dst = getattr(dst, part)
+    value = getattr(src, name)
+    if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter):
+        dst.register_buffer(name, value)
+    else:
+        setattr(dst, name, value)
 
 
 _ROOT = re.compile(r"^L\['[^']*'\]\.?")
