@@ -2,9 +2,9 @@
 
 The ``dense_wide`` / ``conv2d_wide`` computes have no dot-product intrinsic to map onto (their
 activations are 16-bit, their sums possibly int64); left to the default lowering they run on
-one thread. This only parallelizes: the spatial loops of each block (``x_enc``, ``acc``, ``out``; for convs
-batch x channel) are fused and bound to TVM's thread pool. Reduction order and dtypes are
-untouched, so results stay bit-exact.
+one thread. This only parallelizes: the spatial loops of each block (``x_enc``, ``acc``,
+``out``; for convs batch x channel) are fused and bound to TVM's thread pool. Reduction order
+and dtypes are untouched, so results stay bit-exact.
 """
 
 from __future__ import annotations
