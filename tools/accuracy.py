@@ -76,9 +76,7 @@ on calibration data (19.35 dB), so the remaining error is the int8 weights (the 
 ``--backend tvm`` (MobileNetV2, host = 2-core Zen 3 AVX2, load average 7-10 from other jobs):
 both ptqpasses rows compile (defaults 65 s, recipe 44 s) and their outputs on the 60 held-out
 crops are bit-identical to the torch reference run, so the metrics above are unchanged; 60
-crops in 31.2 s (defaults) and 32.0 s (recipe, 4 int16 nodes) as 3 batches of 20. MiniLM
-does not compile yet: its token-id input makes ``arange(seq)`` on the symbolic sequence
-length, which the emitter's TVM converter rejects (not an int16 issue).
+crops in 31.2 s (defaults) and 32.0 s (recipe, 4 int16 nodes) as 3 batches of 20.
 """
 
 from __future__ import annotations
