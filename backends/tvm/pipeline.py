@@ -9,12 +9,15 @@ import tvm
 from tvm import relax
 
 from backends.tvm.family import Family
+from backends.tvm.kernels import wide as wide_k
+from backends.tvm.wide_schedule import schedule_wide
 
 
 def ApplyPtqSchedules(family: Family, target: tvm.target.Target,
                       database=None) -> tvm.transform.Pass:
     """Schedule every PrimFunc tagged ``ptq.kernel``: its tuned record from ``database`` (a
-    MetaSchedule Database, see ``tune.py``) if there is one, else the family's fixed schedule.
+    MetaSchedule Database, see ``tune.py``) if there is one, else the family's fixed schedule
+    (int16-activation kernels on CPU: ``wide_schedule.py``).
 
     Runs before legalization: the ptq kernels are already TE PrimFuncs (``call_tir``), tagged
     opaque so that the later FuseOps/FuseTIR leave them as they are.
@@ -36,10 +39,14 @@ def ApplyPtqSchedules(family: Family, target: tvm.target.Target,
                 if tuned is not None:
                     updates[gv] = tuned
                     continue
-            if family.schedule is None:
+            kind = str(attrs["ptq.kernel"])
+            schedule = family.schedule
+            if kind in wide_k.KINDS:  # int16 kernels: no intrinsic; parallel loops on CPU
+                schedule = _schedule_wide if target.kind.name == "llvm" else None
+            if schedule is None:
                 continue
             try:
-                updates[gv] = family.schedule(func, str(attrs["ptq.kernel"]), target)
+                updates[gv] = schedule(func, kind, target)
             except Exception as e:  # noqa: BLE001  (keep the correct, unscheduled kernel)
                 warnings.warn(f"{family.name} schedule of {gv.name_hint} failed, left to the "
                               f"default lowering: {type(e).__name__}: {str(e)[:300]}")
@@ -124,6 +131,10 @@ def _guarded(stage: str, user_pass: tvm.transform.Pass, failures: list) -> tvm.t
         return out
 
     return _run
+
+
+def _schedule_wide(func, kind, _target):
+    return schedule_wide(func, kind)
 
 
 def get_pipeline(family: Family, target: tvm.target.Target,

@@ -15,6 +15,7 @@ from backends.tvm.kernels import conv2d as conv_k
 from backends.tvm.kernels import dense as dense_k
 from backends.tvm.kernels import matmul as matmul_k
 from backends.tvm.kernels import pool as pool_k
+from backends.tvm.kernels import wide as wide_k
 from backends.tvm.requant import (centered_relax, dequantize_relax, quantize_relax,
                                   requant_relax)
 
@@ -43,6 +44,31 @@ def _per_channel(values, n: int) -> np.ndarray:
     if v.size not in (1, n):
         raise ValueError(f"{v.size} multipliers for {n} output channels")
     return np.broadcast_to(v, (n,)).copy()
+
+
+_EIGHT_BIT = ("int8", "uint8")
+
+
+def _dt(value) -> str:
+    """The dtype name of a Relax tensor value."""
+    return dtype_name(value.ty.dtype)
+
+
+def _static(dim):
+    """A shape dim as an int, or None when symbolic."""
+    try:
+        return int(dim)
+    except TypeError:
+        return None
+
+
+def _sum_dtype(bound, *dtypes: str) -> str:
+    """Accumulator dtype of an exact integer sum whose partial sums are at most ``bound`` (None:
+    unknown, e.g. a symbolic reduction length): int32 when it provably fits, and for 8-bit
+    operands (the int8 kernels' int32 contract), else int64 (the reference's exact sum)."""
+    if bound is None:
+        return "int32" if all(d in _EIGHT_BIT for d in dtypes) else "int64"
+    return wide_k.accumulator_dtype(bound)
 
 
 def quantize(em, a):
@@ -85,6 +111,8 @@ def linear(em, a):
     w = em.numpy(a["weight"]).astype(np.int8)
     n_out, k_in = w.shape
     in_dt = dtype_name(x.ty.dtype)
+    if in_dt not in _EIGHT_BIT:
+        return _linear_wide(em, a, w)
     zp_enc = packing.encoded_zero_point(a["x_zp"], in_dt, fam.act_dtype)
     bias = None if a["bias"] is None else em.numpy(a["bias"])
     corr = packing.correction(w, bias, zp_enc)
@@ -102,6 +130,8 @@ def conv2d(em, a):
     c_out, cg, kh, kw = w.shape
     groups = int(a["groups"])
     in_dt = dtype_name(x.ty.dtype)
+    if in_dt not in _EIGHT_BIT:
+        return _conv2d_wide(em, a, w)
     bias = None if a["bias"] is None else em.numpy(a["bias"])
     mult = _per_channel(em.numpy(a["multiplier"]), c_out)
     geo = dict(kernel=(kh, kw), stride=_pair(a["stride"]), padding=_pair(a["padding"]),
@@ -120,6 +150,47 @@ def conv2d(em, a):
                    act_dtype=fam.act_dtype, **geo, **_requant_args(a))
 
 
+def _wide_operands(em, a, w):
+    """(bias const or None, multipliers, acc dtype) of an int16-activation linear/conv."""
+    x_zp = int(a["x_zp"])
+    bias = None if a["bias"] is None else em.numpy(a["bias"]).astype(np.int64)
+    bound = wide_k.weighted_bound(wide_k.max_centered(_dt(a["x"]), x_zp), w, bias)
+    acc_dtype = wide_k.accumulator_dtype(bound)
+    bias_c = None if bias is None else relax.const(bias.astype(acc_dtype))
+    return bias_c, relax.const(_per_channel(em.numpy(a["multiplier"]), w.shape[0])), acc_dtype
+
+
+def _linear_wide(em, a, w):
+    """An int16-activation linear: direct reduction (``kernels/wide.py``), no 8-bit packing."""
+    bias, mult, acc_dtype = _wide_operands(em, a, w)
+    args = [a["x"], relax.const(w)] + ([bias] if bias is not None else []) + [mult]
+    return _kernel(em, _bias_slot(wide_k.dense_wide, bias is not None), *args,
+                   kind="dense_wide", x_zp=int(a["x_zp"]), acc_dtype=acc_dtype,
+                   **_requant_args(a))
+
+
+def _conv2d_wide(em, a, w):
+    """An int16-activation conv (any groups): direct NCHW reduction on OIHW weights."""
+    bias, mult, acc_dtype = _wide_operands(em, a, w)
+    args = [a["x"], relax.const(w)] + ([bias] if bias is not None else []) + [mult]
+    return _kernel(em, _bias_slot(wide_k.conv2d_wide, bias is not None), *args,
+                   kind="conv2d_wide", groups=int(a["groups"]), stride=_pair(a["stride"]),
+                   padding=_pair(a["padding"]), dilation=_pair(a["dilation"]),
+                   x_zp=int(a["x_zp"]), acc_dtype=acc_dtype, **_requant_args(a))
+
+
+def _bias_slot(compute, has_bias: bool):
+    """``compute(x, w, bias, mult, ...)`` taking ``(x, w, mult, ...)`` when there is no bias
+    (``emit_te`` wants tensors for positional arguments)."""
+    if has_bias:
+        return compute
+
+    def no_bias(x, w, mult, **kwargs):
+        return compute(x, w, None, mult, **kwargs)
+
+    return no_bias
+
+
 def _pair(v) -> tuple:
     v = list(v) if isinstance(v, (list, tuple)) else [v]
     return (int(v[0]), int(v[-1]))
@@ -132,8 +203,13 @@ def matmul(em, a):
         x, squeeze = em.bb.emit(relax.op.expand_dims(x, 0)), squeeze + [-2]
     if y.ty.ndim == 1:
         y, squeeze = em.bb.emit(relax.op.expand_dims(y, 1)), squeeze + [-1]
-    out = _kernel(em, matmul_k.matmul, x, y, kind="matmul", a_zp=int(a["a_zp"]),
-                  b_zp=int(a["b_zp"]), multiplier=float(a["multiplier"]), **_requant_args(a))
+    a_zp, b_zp = int(a["a_zp"]), int(a["b_zp"])
+    k_dim = _static(x.ty.shape[-1]) if x.ty.shape is not None else None
+    bound = None if k_dim is None else (k_dim * wide_k.max_centered(_dt(x), a_zp)
+                                        * wide_k.max_centered(_dt(y), b_zp))
+    out = _kernel(em, matmul_k.matmul, x, y, kind="matmul", a_zp=a_zp, b_zp=b_zp,
+                  multiplier=float(a["multiplier"]),
+                  acc_dtype=_sum_dtype(bound, _dt(x), _dt(y)), **_requant_args(a))
     if squeeze:
         out = em.bb.emit(relax.op.squeeze(out, squeeze))
     return out
@@ -141,10 +217,13 @@ def matmul(em, a):
 
 def add(em, a):
     r = _requant_args(a)
-    xa = centered_relax(em.bb, a["a"], int(a["a_zp"]))
-    xb = centered_relax(em.bb, a["b"], int(a["b_zp"]))
-    xa = em.bb.emit(relax.op.multiply(xa, relax.const(np.int32(a["a_mult"]))))
-    xb = em.bb.emit(relax.op.multiply(xb, relax.const(np.int32(a["b_mult"]))))
+    a_zp, b_zp, ka, kb = int(a["a_zp"]), int(a["b_zp"]), int(a["a_mult"]), int(a["b_mult"])
+    dt = _sum_dtype(abs(ka) * wide_k.max_centered(_dt(a["a"]), a_zp)
+                    + abs(kb) * wide_k.max_centered(_dt(a["b"]), b_zp))
+    xa = centered_relax(em.bb, a["a"], a_zp, dt)
+    xb = centered_relax(em.bb, a["b"], b_zp, dt)
+    xa = em.bb.emit(relax.op.multiply(xa, relax.const(np.array(ka, dt))))
+    xb = em.bb.emit(relax.op.multiply(xb, relax.const(np.array(kb, dt))))
     acc = em.bb.emit(relax.op.add(xa, xb))
     return requant_relax(em.bb, acc, float(a["multiplier"]), r["out_zp"], r["qmin"], r["qmax"],
                          r["out_dtype"])
@@ -152,8 +231,11 @@ def add(em, a):
 
 def mul(em, a):
     r = _requant_args(a)
-    acc = em.bb.emit(relax.op.multiply(centered_relax(em.bb, a["a"], int(a["a_zp"])),
-                                       centered_relax(em.bb, a["b"], int(a["b_zp"]))))
+    a_zp, b_zp = int(a["a_zp"]), int(a["b_zp"])
+    dt = _sum_dtype(wide_k.max_centered(_dt(a["a"]), a_zp)
+                    * wide_k.max_centered(_dt(a["b"]), b_zp))
+    acc = em.bb.emit(relax.op.multiply(centered_relax(em.bb, a["a"], a_zp, dt),
+                                       centered_relax(em.bb, a["b"], b_zp, dt)))
     return requant_relax(em.bb, acc, float(a["multiplier"]), r["out_zp"], r["qmin"], r["qmax"],
                          r["out_dtype"])
 
@@ -177,15 +259,22 @@ def max_pool2d(em, a):
 
 def avg_pool2d(em, a):
     stride = a["stride"] if a["stride"] else a["kernel_size"]
-    return _kernel(em, pool_k.avg_pool2d, a["x"], kind="avg_pool2d",
-                   kernel=_pair(a["kernel_size"]), stride=_pair(stride),
-                   padding=_pair(a["padding"]), x_zp=int(a["x_zp"]),
-                   multiplier=float(a["multiplier"]), **_requant_args(a))
+    kernel = _pair(a["kernel_size"])
+    dt = _sum_dtype(kernel[0] * kernel[1] * wide_k.max_centered(_dt(a["x"]), int(a["x_zp"])))
+    return _kernel(em, pool_k.avg_pool2d, a["x"], kind="avg_pool2d", kernel=kernel,
+                   stride=_pair(stride), padding=_pair(a["padding"]), x_zp=int(a["x_zp"]),
+                   multiplier=float(a["multiplier"]), acc_dtype=dt, **_requant_args(a))
 
 
 def mean(em, a):
     r = _requant_args(a)
-    x = centered_relax(em.bb, a["x"], int(a["x_zp"]))
+    x, x_zp = a["x"], int(a["x_zp"])
+    count = 1
+    for d in a["dims"]:
+        n = _static(x.ty.shape[int(d)]) if x.ty.shape is not None else None
+        count = None if n is None or count is None else count * n
+    bound = None if count is None else count * wide_k.max_centered(_dt(x), x_zp)
+    x = centered_relax(em.bb, x, x_zp, _sum_dtype(bound, _dt(x)))
     acc = em.bb.emit(relax.op.sum(x, axis=[int(d) for d in a["dims"]],
                                   keepdims=bool(a["keepdim"])))
     return requant_relax(em.bb, acc, float(a["multiplier"]), r["out_zp"], r["qmin"], r["qmax"],

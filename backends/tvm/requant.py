@@ -41,12 +41,12 @@ def requant_relax(bb, acc, multiplier, out_zp: int, qmin: int, qmax: int, dtype:
     return _emit(bb, relax.op.astype(y, dtype))
 
 
-def centered_relax(bb, q, zp: int):
-    """``int32(q) - zp``."""
-    x = _emit(bb, relax.op.astype(q, "int32"))
+def centered_relax(bb, q, zp: int, dtype: str = "int32"):
+    """``dtype(q) - zp`` (``int64`` where int16 operands could overflow an int32 sum)."""
+    x = _emit(bb, relax.op.astype(q, dtype))
     if zp == 0:
         return x
-    return _emit(bb, relax.op.subtract(x, relax.const(np.int32(zp), "int32")))
+    return _emit(bb, relax.op.subtract(x, relax.const(np.array(zp, dtype), dtype)))
 
 
 def quantize_relax(bb, x, scale: float, zp: int, qmin: int, qmax: int, dtype: str):

@@ -1,7 +1,8 @@
 """``ptq.matmul``: activation x activation, batched with torch.matmul broadcasting.
 
 Both operands are activations, so zero points cannot be folded into constants; the product of
-centered values is exact in int32 (|a - za| * |b - zb| <= 255 * 255).
+centered values is exact in int32 for 8-bit operands (|a - za| * |b - zb| <= 255 * 255); an
+int16 operand may need ``acc_dtype="int64"`` (chosen by the emitter from K and the ranges).
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ def _batch_index(shape: list, out_idx: list) -> list:
 
 
 def matmul(a, b, *, a_zp: int, b_zp: int, multiplier: float, out_zp: int, qmin: int,
-           qmax: int, out_dtype: str):
-    """TE compute of ``requant((a - a_zp) @ (b - b_zp))``, ``a [..., M, K]``, ``b [..., K, N]``."""
+           qmax: int, out_dtype: str, acc_dtype: str = "int32"):
+    """TE compute of ``requant((a - a_zp) @ (b - b_zp))``, ``a [..., M, K]``, ``b [..., K, N]``,
+    accumulated in ``acc_dtype``."""
     a_batch, b_batch = list(a.shape[:-2]), list(b.shape[:-2])
     batch = broadcast_shape(a_batch, b_batch)
     m_dim, k_dim, n_dim = a.shape[-2], a.shape[-1], b.shape[-1]
@@ -40,8 +42,8 @@ def matmul(a, b, *, a_zp: int, b_zp: int, multiplier: float, out_zp: int, qmin: 
 
     def body(*idx):
         bi, i, j = list(idx[:-2]), idx[-2], idx[-1]
-        av = a[(*_batch_index(a_batch, bi), i, k)].astype("int32") - a_zp
-        bv = b[(*_batch_index(b_batch, bi), k, j)].astype("int32") - b_zp
+        av = a[(*_batch_index(a_batch, bi), i, k)].astype(acc_dtype) - tirx.const(a_zp, acc_dtype)
+        bv = b[(*_batch_index(b_batch, bi), k, j)].astype(acc_dtype) - tirx.const(b_zp, acc_dtype)
         return te.sum(av * bv, axis=k)
 
     acc = te.compute((*batch, m_dim, n_dim), body, name="acc")

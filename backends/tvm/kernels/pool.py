@@ -41,8 +41,10 @@ def max_pool2d(x, *, kernel: tuple, stride: tuple, padding: tuple, dilation: tup
 
 
 def avg_pool2d(x, *, kernel: tuple, stride: tuple, padding: tuple, x_zp: int,
-               multiplier: float, out_zp: int, qmin: int, qmax: int, out_dtype: str):
-    """Window sum of ``x - x_zp`` with zero padding (count_include_pad), then requantize."""
+               multiplier: float, out_zp: int, qmin: int, qmax: int, out_dtype: str,
+               acc_dtype: str = "int32"):
+    """Window sum of ``x - x_zp`` with zero padding (count_include_pad) in ``acc_dtype``, then
+    requantize."""
     n, c, h, w = static_shape(x)
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     oh = pool_out_size(h, kh, sh, ph, 1, False)
@@ -53,7 +55,8 @@ def avg_pool2d(x, *, kernel: tuple, stride: tuple, padding: tuple, x_zp: int,
     def tap(b, ch, i, j):
         y, z = i * sh + rr - ph, j * sw + ss - pw
         inside = tirx.all(y >= 0, y < h, z >= 0, z < w)
-        return tirx.if_then_else(inside, x[b, ch, y, z].astype("int32") - x_zp, 0)
+        v = x[b, ch, y, z].astype(acc_dtype) - tirx.const(x_zp, acc_dtype)
+        return tirx.if_then_else(inside, v, tirx.const(0, acc_dtype))
 
     acc = te.compute((n, c, oh, ow), lambda b, ch, i, j: te.sum(tap(b, ch, i, j), axis=[rr, ss]),
                      name="acc")
