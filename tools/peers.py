@@ -55,23 +55,46 @@ def pt2e_int8(model: torch.nn.Module, calib: list[tuple], dynamic_batch: bool = 
 
     shapes = None
     if dynamic_batch or dynamic_dims:
-        dims = {}
+        dims = {"batch": Dim("batch", min=2, max=1024)}  # one Dim object per name
         shapes = []
         for i, _ in enumerate(calib[0]):
-            spec = {0: Dim("batch", min=2, max=1024)} if dynamic_batch else {}
+            spec = {0: dims["batch"]} if dynamic_batch else {}
             for d, name in (dynamic_dims or {}).get(i, {}).items():
                 dims.setdefault(name, Dim(name, min=2, max=128))
                 spec[d] = dims[name]
             shapes.append(spec)
         shapes = tuple(shapes)
-    ep = torch.export.export(copy.deepcopy(model).eval(), calib[0], dynamic_shapes=shapes,
-                             strict=False)
+    model = copy.deepcopy(model).eval()
+    ep = torch.export.export(model, calib[0], dynamic_shapes=shapes, strict=False)
+    gm = ep.module()
+    _split_reused_stateless_calls(gm, model)
     quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
-    prepared = prepare_pt2e(ep.module(), quantizer)
+    prepared = prepare_pt2e(gm, quantizer)
     with torch.no_grad():
         for b in calib:
             prepared(*b)
     return convert_pt2e(prepared)
+
+
+def _split_reused_stateless_calls(gm: torch.fx.GraphModule, model: torch.nn.Module) -> None:
+    """Gives each call of a reused parameter-free module (ResNet's one ``relu`` per block) its
+    own ``source_fn_stack`` entry. Without it, torch.fx's source partitions (keyed by the
+    module's name when export records no source_fn_stack) put both calls in one partition,
+    and X86InductorQuantizer raises "Input partition has more than one output node"."""
+    by_fqn: dict[str, list] = {}
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.op == "call_function" and stack and "source_fn_stack" not in node.meta:
+            by_fqn.setdefault(list(stack.values())[-1][0], []).append(node)
+    for fqn, nodes in by_fqn.items():
+        try:
+            mod = model.get_submodule(fqn)
+        except AttributeError:
+            continue
+        if len(nodes) > 1 and not any(True for _ in mod.parameters()) and \
+                not any(True for _ in mod.buffers()):
+            for node in nodes:
+                node.meta["source_fn_stack"] = [(node.name, type(mod))]
 
 
 PT2E_NOTE = "torchao PT2E X86InductorQuantizer (default config)"
@@ -147,5 +170,6 @@ def ort_int8(fp32: Path, calib: list[tuple], static: bool = True) -> Path:
     return out
 
 
-ORT_STATIC_NOTE = "ONNX Runtime quantize_static, QDQ, per-channel s8 weights, u8 activations, MinMax"
+ORT_STATIC_NOTE = ("ONNX Runtime quantize_static, QDQ, per-channel s8 weights, u8 activations, "
+                   "MinMax")
 ORT_DYNAMIC_NOTE = "ONNX Runtime dynamic int8 (per-channel weights)"
