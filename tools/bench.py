@@ -457,14 +457,20 @@ def bench_case(case: Case, peer_names: list[str], args, peak: dict, log) -> list
                     traceback.print_exc()
             make_s[name] = time.perf_counter() - t0
         times = {name: [] for name in fns}
+        ticks = {name: {} for name in fns}  # CPU ticks per OS thread during the timed calls
+        probe = threads > 1 and os.path.isdir("/proc/self/task")
         with torch.no_grad():
             for r in range(args.runs):
                 for name, fn in fns.items():
                     if r >= runs[name]:
                         continue
+                    before = _thread_ticks() if probe else None
                     t0 = time.perf_counter()
                     fn(*case.inputs)
                     times[name].append(time.perf_counter() - t0)
+                    if probe:
+                        for tid, t in _thread_ticks().items():
+                            ticks[name][tid] = ticks[name].get(tid, 0) + t - before.get(tid, 0)
         eager = statistics.median(times["eager"]) if "eager" in times else None
         for name in peer_names:
             p = PEERS[name]
@@ -482,6 +488,7 @@ def bench_case(case: Case, peer_names: list[str], args, peak: dict, log) -> list
             gmacs = macs / med / 1e9
             key = "int8" if p.precision == "int8" else "fp32"
             acc = accuracy[name]
+            row.update(busy_threads=_busy(ticks[name]) if probe else None)
             row.update(status="ok", runs=len(times[name]), median_ms=1e3 * med,
                        p10_ms=1e3 * q[0], p90_ms=1e3 * q[-1],
                        vs_eager=(eager / med) if eager else None, gmacs=gmacs,
@@ -493,6 +500,27 @@ def bench_case(case: Case, peer_names: list[str], args, peak: dict, log) -> list
         log(f"  {threads} thread(s): " + ", ".join(
             f"{n} {1e3 * statistics.median(t):.2f} ms" for n, t in times.items()))
     return rows
+
+
+def _thread_ticks() -> dict[int, int]:
+    """user + system CPU ticks of each thread of this process (Linux /proc)."""
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        out[int(tid)] = int(fields[11]) + int(fields[12])
+    return out
+
+
+def _busy(ticks: dict[int, int]) -> int | None:
+    """Threads that did at least a quarter of the busiest one's CPU work; None when the calls
+    were too short to register (ticks are 10 ms)."""
+    top = max(ticks.values(), default=0)
+    if top < 10:
+        return None
+    return sum(t >= top / 4 for t in ticks.values())
 
 
 def measure_peak() -> dict:
@@ -521,12 +549,14 @@ def to_markdown(result: dict) -> str:
              f"{result['args']['slow_s']} s a call: {result['args']['slow_runs']} rounds, "
              "marked *); accuracy against fp32 on held-out "
              "inputs (SQNR dB; MiniLM: mean cosine of mean-pooled embeddings).", "",
-             "| model | thr | peer | median ms | vs eager | GMAC/s | % peak | accuracy |",
-             "|---|---:|---|---:|---:|---:|---:|---:|"]
+             "Busy: OS threads that did >= 1/4 of the busiest thread's CPU work during the "
+             "timed calls (checks that a peer really uses the threads it was given).", "",
+             "| model | thr | peer | median ms | vs eager | GMAC/s | % peak | accuracy | busy |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         if r["status"] != "ok":
             lines.append(f"| {r['model']} | {r['threads']} | {r['label']} | {r['status']} | | | "
-                         f"| |")
+                         f"| | |")
             continue
         if r["exact"]:
             acc = "exact"
@@ -536,7 +566,8 @@ def to_markdown(result: dict) -> str:
         pct = f"{r['pct_peak']:.1f}%" if r["pct_peak"] is not None else ""
         few = "*" if r["runs"] < result["args"]["runs"] else ""
         lines.append(f"| {r['model']} | {r['threads']} | {r['label']} | "
-                     f"{r['median_ms']:.2f}{few} | {vs} | {r['gmacs']:.1f} | {pct} | {acc} |")
+                     f"{r['median_ms']:.2f}{few} | {vs} | {r['gmacs']:.1f} | {pct} | {acc} | "
+                     f"{r['busy_threads'] or ''} |")
     notes = {}
     for r in result["rows"]:
         if r["status"] != "ok":
@@ -648,6 +679,9 @@ def run_bench(args) -> int:
 
 def _run(args, model_names: list[str], peer_names: list[str], out: Path, log) -> int:
     t_start = time.perf_counter()
+    # TVM's pool starts at most TVM_NUM_THREADS workers (else its own core count guess, 1 on
+    # some 2-vCPU VMs); config_threadpool then picks N of them per thread count.
+    os.environ["TVM_NUM_THREADS"] = str(max(args.threads))
     info = machine()
     peak = measure_peak()
     log(f"peak (one core, GMAC/s): fp32 {peak.get('fp32')}, int8 {peak.get('int8')}")

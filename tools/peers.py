@@ -129,6 +129,7 @@ class OrtModel:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
+        opts.log_severity_level = 3  # errors only: not one warning per unused initializer
         if threads is not None:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
