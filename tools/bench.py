@@ -677,6 +677,21 @@ def run_bench(args) -> int:
                     pass
 
 
+def _save(out: Path, info: dict, peak: dict, rows: list, args, model_names, peer_names,
+          t_start: float) -> dict:
+    """Writes bench.json (after every model, so a long run that dies keeps what it measured)."""
+    if hasattr(os, "getloadavg"):
+        info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    result = {"machine": info, "peak": peak, "rows": rows,
+              "args": {"models": model_names, "peers": peer_names, "runs": args.runs,
+                       "warmup": args.warmup, "threads": args.threads,
+                       "slow_s": args.slow_s, "slow_runs": args.slow_runs,
+                       "database": args.database, "tune_trials": args.tune_trials},
+              "wall_s": round(time.perf_counter() - t_start, 1)}
+    (out / "bench.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
 def _run(args, model_names: list[str], peer_names: list[str], out: Path, log) -> int:
     t_start = time.perf_counter()
     # TVM's pool starts at most TVM_NUM_THREADS workers (else its own core count guess, 1 on
@@ -702,15 +717,8 @@ def _run(args, model_names: list[str], peer_names: list[str], out: Path, log) ->
             rows += bench_case(case, peer_names, args, peak, log)
             log(f"  {time.perf_counter() - t0:.0f} s")
             del case
-    info["loadavg_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") \
-        else None
-    result = {"machine": info, "peak": peak, "rows": rows,
-              "args": {"models": model_names, "peers": peer_names, "runs": args.runs,
-                       "warmup": args.warmup, "threads": args.threads,
-                       "slow_s": args.slow_s, "slow_runs": args.slow_runs,
-                       "database": args.database, "tune_trials": args.tune_trials},
-              "wall_s": round(time.perf_counter() - t_start, 1)}
-    (out / "bench.json").write_text(json.dumps(result, indent=1))
+            _save(out, info, peak, rows, args, model_names, peer_names, t_start)
+    result = _save(out, info, peak, rows, args, model_names, peer_names, t_start)
     md = to_markdown(result)
     (out / "bench.md").write_text(md)
     plot(result, out / "bench.png")
