@@ -543,7 +543,9 @@ def to_markdown(result: dict) -> str:
              f"{' '.join(m['flags']) or 'none'}; load average at start {m.get('loadavg')}.",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) + ".",
              f"One-core peak (tools.peak): fp32 {pk.get('fp32') or 0:.1f} GMAC/s, int8 "
-             f"{pk.get('int8') or 0:.1f} GMAC/s; % of peak is against threads x that.",
+             f"{pk.get('int8') or 0:.1f} GMAC/s; % of peak is against threads x that. Without "
+             "VNNI the int8 peak is the exact u8 x s8 path (vpmaddwd); fbgemm / oneDNN / ORT "
+             "use vpmaddubsw (saturating, twice the rate), so their int8 rows can pass 100%.",
              f"Median of {result['args']['runs']} interleaved rounds after "
              f"{result['args']['warmup']} warm-up calls (peers slower than "
              f"{result['args']['slow_s']} s a call: {result['args']['slow_runs']} rounds, "
