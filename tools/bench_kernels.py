@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -100,6 +101,9 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
+    # TVM's pool starts at most TVM_NUM_THREADS workers (else its core-count guess, 1 on some
+    # 2-vCPU VMs), and config_threadpool cannot add more: without this, 2 threads ran as 1.
+    os.environ["TVM_NUM_THREADS"] = str(max(a.threads))
 
     rows = []
     for kind in a.kernels:

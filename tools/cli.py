@@ -1,4 +1,4 @@
-"""The ``ptq`` command: quantize, report, compile and demo."""
+"""The ``ptq`` command: quantize, report, compile, tune, demo and bench."""
 
 from __future__ import annotations
 
@@ -114,6 +114,11 @@ def cmd_demo(args) -> int:
     return run_demo(quick=args.quick, threads=args.threads)
 
 
+def cmd_bench(args) -> int:
+    from tools.bench import run_bench
+    return run_bench(args)
+
+
 EXAMPLES = {
     "quantize": "ptq quantize tools.digits:DigitsCNN --input 1x1x8x8:float32 --calib x.npy --out recipe",
     "report": "ptq report tools.digits:DigitsCNN --input 1x1x8x8:float32 --calib x.npy",
@@ -122,6 +127,8 @@ EXAMPLES = {
     "tune": ("ptq tune tools.digits:DigitsCNN --input 1x1x8x8:float32 --recipe recipe "
              "--trials 16 --database ./tuning"),
     "demo": "ptq demo",
+    "bench": ("ptq bench --models resnet18 minilm --peers eager compile ort-int8 tvm-int8 "
+              "--runs 30 --threads 1 2 --out bench-out"),
 }
 
 
@@ -166,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
             cmd_demo)
     p.add_argument("--quick", action="store_true", help="fewer epochs and timing runs")
     p.add_argument("--threads", type=int, default=1, help="threads for both TVM and torch")
+    p = add("bench", "whole-model latency and accuracy of ptqpasses' TVM builds against "
+            "PyTorch and ONNX Runtime peers (markdown, JSON and PNG)", cmd_bench)
+    from tools.bench import add_arguments as add_bench_arguments
+    add_bench_arguments(p)
     return parser
 
 

