@@ -320,6 +320,22 @@ def peer_tvm_int8_tuned(ctx: Context) -> Built:
     return Built(_fixed(_tvm_call(cm)), note)
 
 
+def peer_tvm_int8_recipe(ctx: Context) -> Built:
+    """The model's accuracy recipe (``tools.accuracy.RECIPES``: int16 or float where the
+    sensitivity analysis put them), compiled with the fixed schedule templates."""
+    import backends.tvm as bt
+    from tools import accuracy
+
+    key = next((k for k, prefix in (("MiniLM-L6", "all-MiniLM"), ("MobileNetV2", "MobileNetV2"))
+                if ctx.case.name.startswith(prefix)), None)
+    if key is None:
+        raise Skip("no recipe for this model (tools/accuracy.py RECIPES)")
+    task = accuracy.Task(key, ctx.case.model, ctx.case.calib, [], {})
+    q, note = accuracy.ptqpasses_recipe(task)
+    cm = bt.compile(q, "host", example_inputs=list(ctx.case.inputs), dynamic_batch=False)
+    return Built(_fixed(_tvm_call(cm)), f"ptqpasses recipe ({note}), fixed schedule template")
+
+
 @dataclass(frozen=True)
 class Peer:
     label: str
@@ -338,6 +354,7 @@ PEERS: dict[str, Peer] = {
     "tvm-int8-untuned": Peer("ptqpasses TVM int8 untuned", "int8", peer_tvm_int8_untuned),
     "tvm-int8": Peer("ptqpasses TVM int8 template", "int8", peer_tvm_int8),
     "tvm-int8-tuned": Peer("ptqpasses TVM int8 tuned", "int8", peer_tvm_int8_tuned),
+    "tvm-int8-recipe": Peer("ptqpasses TVM int8 accuracy recipe", "int8", peer_tvm_int8_recipe),
 }
 
 # ----------------------------------------------------------------------------- machine
