@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from typing import Any, Optional, Sequence
 
@@ -88,7 +89,7 @@ def build_ir(qgraph: fx.GraphModule, target: Any = "host", *,
                       stacklevel=3)
         dynamic_batch = False
     specs = input_specs(qgraph, example_inputs, dynamic_batch)
-    return emit(qgraph, get_family(named.family), specs), named, specs
+    return emit(qgraph, get_family(named.family, named.target()), specs), named, specs
 
 
 def compile(qgraph: fx.GraphModule, target: Any = "host", *,
@@ -116,15 +117,15 @@ def compile(qgraph: fx.GraphModule, target: Any = "host", *,
         dynamic_batch = database is None
     mod, named, specs = build_ir(qgraph, target, example_inputs=example_inputs,
                                  dynamic_batch=dynamic_batch)
-    family = get_family(named.family)
+    tgt = named.target()
+    family = get_family(named.family, tgt)
     db = None
     if database is not None:
         from backends.tvm.tune import open_database
 
         db = open_database(database, named)
     if not schedule:
-        family = type(family)(family.name, family.act_dtype, family.lanes, family.depth, None)
-    tgt = named.target()
+        family = dataclasses.replace(family, schedule=None)
     exe = tvm.compile(mod, target=tgt, relax_pipeline=get_pipeline(family, tgt, db))
     meta = {
         "target": named.name,
