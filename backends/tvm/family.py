@@ -18,6 +18,8 @@ class Family:
         lanes: Output channels per weight block.
         depth: Reduction elements per weight block.
         weight_dtype: Dtype of the packed weights (``int16``: widened at pack time, once).
+        width_block: Packed convs compute their output width rounded up to a multiple of this
+            (the fixed schedule's register tile).
         schedule: ``(PrimFunc, kernel_kind, Target) -> PrimFunc`` applied to ptq kernels before
             lowering, or None to leave them to the default pipeline.
     """
@@ -27,6 +29,7 @@ class Family:
     lanes: int
     depth: int
     weight_dtype: str = "int8"
+    width_block: int = 1
     schedule: Optional[Callable[[tvm.tirx.PrimFunc, str, tvm.target.Target],
                                 tvm.tirx.PrimFunc]] = None
 

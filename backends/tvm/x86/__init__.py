@@ -35,12 +35,12 @@ def _schedule_avx2(func, kind, target):
     return template.schedule_packed(func, kind, **args)
 
 
-FAMILY = Family("x86", act_dtype="uint8", lanes=16, depth=4, schedule=_schedule_vnni)
-AVX2_FAMILY = Family("x86", act_dtype="int16", lanes=16, depth=2, weight_dtype="int16",
-                     schedule=_schedule_avx2)
-
 #: Output rows per register tile of the AVX2 template (rows x 16 int32 accumulators).
 AVX2_ROWS = 4
+
+FAMILY = Family("x86", act_dtype="uint8", lanes=16, depth=4, schedule=_schedule_vnni)
+AVX2_FAMILY = Family("x86", act_dtype="int16", lanes=16, depth=2, weight_dtype="int16",
+                     width_block=AVX2_ROWS, schedule=_schedule_avx2)
 
 
 def uses_avx2_layout(target: Optional[tvm.target.Target]) -> bool:

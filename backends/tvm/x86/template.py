@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import tvm
 from tvm import s_tir, tirx
 
 
@@ -59,7 +60,13 @@ def apply(sch: s_tir.Schedule, kind: str, intrin: str, lanes: int = 16, depth: i
     o_out, o_mid, o_in = sch.split(o, [None, lanes // intrin_lanes, intrin_lanes])
     c_out, c_in = sch.split(c, [None, depth])
     m_out, m_in = sch.split(m, [None, rows])
-    sch.reorder(*outer, o_out, m_out, *reduce_outer, c_out, m_in, o_mid, o_in, c_in)
+    tiles = [*outer, o_out, m_out]
+    if cache and kind == "conv2d" and _weights_outweigh_activations(sch, blk):
+        # deep layers (e.g. 512 channels on 7x7): keep each weight block hot for every
+        # output pixel instead of streaming all weights once per output row
+        n, oh, g = outer
+        tiles = [n, g, o_out, oh, m_out]
+    sch.reorder(*tiles, *reduce_outer, c_out, m_in, o_mid, o_in, c_in)
     if cache:
         wb = sch.cache_write(blk, 0, "global")
         sch.reverse_compute_at(wb, m_out)
@@ -67,7 +74,7 @@ def apply(sch: s_tir.Schedule, kind: str, intrin: str, lanes: int = 16, depth: i
             # requantize each tile straight from the accumulators: no full int32 round trip
             sch.compute_inline(wb)
             sch.reverse_compute_at(sch.get_sblock("out"), m_out)
-        sch.parallel(sch.fuse(*outer, o_out, m_out))
+        sch.parallel(sch.fuse(*tiles))
     else:
         par = [*outer, o_out]
         sch.parallel(sch.fuse(*par) if len(par) > 1 else par[0])
@@ -81,6 +88,21 @@ def apply(sch: s_tir.Schedule, kind: str, intrin: str, lanes: int = 16, depth: i
         sch.vectorize(sch.get_loops(wb)[-1])
     if cache:
         _schedule_x_enc(sch, kind)
+
+
+def _weights_outweigh_activations(sch: s_tir.Schedule, blk) -> bool:
+    """Whether the packed weights read by ``blk`` take more bytes than its ``x_enc`` input."""
+    size = {}
+    for region in sch.get(blk).reads:
+        buf = region.source
+        if not all(isinstance(d, tirx.IntImm) for d in buf.shape):
+            return False
+        n = 1
+        for d in buf.shape:
+            n *= int(d)
+        size[buf.name] = n * tvm.DataType(buf.dtype).bits // 8
+    acts = size.pop("x_enc", None)
+    return acts is not None and bool(size) and max(size.values()) > acts
 
 
 def _schedule_x_enc(sch: s_tir.Schedule, kind: str) -> None:
