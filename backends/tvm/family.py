@@ -17,7 +17,6 @@ class Family:
         act_dtype: Activation encoding the dot-product instruction wants.
         lanes: Output channels per weight block.
         depth: Reduction elements per weight block.
-        weight_dtype: Dtype of the packed weights (``int16``: widened at pack time, once).
         width_block: Packed convs compute their output width rounded up to a multiple of this
             (the fixed schedule's register tile).
         schedule: ``(PrimFunc, kernel_kind, Target) -> PrimFunc`` applied to ptq kernels before
@@ -28,7 +27,6 @@ class Family:
     act_dtype: str
     lanes: int
     depth: int
-    weight_dtype: str = "int8"
     width_block: int = 1
     schedule: Optional[Callable[[tvm.tirx.PrimFunc, str, tvm.target.Target],
                                 tvm.tirx.PrimFunc]] = None

@@ -6,8 +6,7 @@ are packed so that block is contiguous; the compute definitions index the packed
 directly, which is what tensorization (now, and in tuning later) needs.
 
 Activations are re-encoded to the family's activation dtype (VNNI wants uint8, sdot int8) by a
-shift of 128, or widened unchanged to int16 (the AVX2 ``vpmaddwd`` layout, whose weights are
-widened to int16 here, at pack time); the shifted zero point ``zp_enc`` then satisfies ``x - x_zp == x_enc - zp_enc``,
+shift of 128, or widened unchanged to int16 (the AVX2 ``vpmaddwd`` layout); the shifted zero point ``zp_enc`` then satisfies ``x - x_zp == x_enc - zp_enc``,
 so ``sum((x - x_zp) * w) == sum(x_enc * w) - zp_enc * sum(w)`` and the second term is a constant
 folded, with the bias, into one int32 correction per output channel.
 """
@@ -41,24 +40,22 @@ def encoded_zero_point(x_zp: int, in_dtype: str, act_dtype: str) -> int:
     return zp
 
 
-def pack_dense(weight: np.ndarray, lanes: int, depth: int, dtype: str = "int8") -> np.ndarray:
-    """``[N, K]`` int8 -> ``[N/lanes, K/depth, lanes, depth]`` of ``dtype`` (zero padded)."""
+def pack_dense(weight: np.ndarray, lanes: int, depth: int) -> np.ndarray:
+    """``[N, K]`` int8 -> ``[N/lanes, K/depth, lanes, depth]`` (zero padded)."""
     n, k = weight.shape
     nb, kb = ceil_div(n, lanes), ceil_div(k, depth)
-    w = np.zeros((nb * lanes, kb * depth), dtype)
+    w = np.zeros((nb * lanes, kb * depth), np.int8)
     w[:n, :k] = weight
     return np.ascontiguousarray(w.reshape(nb, lanes, kb, depth).transpose(0, 2, 1, 3))
 
 
-def pack_conv(weight: np.ndarray, groups: int, lanes: int, depth: int,
-              dtype: str = "int8") -> np.ndarray:
+def pack_conv(weight: np.ndarray, groups: int, lanes: int, depth: int) -> np.ndarray:
     """OIHW ``[O, C/g, R, S]`` -> ``[O/lanes, R, S, C/depth, lanes, depth]`` for one group,
-    or ``[g, Og/lanes, R, S, Cg/depth, lanes, depth]`` for grouped convs, of ``dtype`` (zero
-    padded)."""
+    or ``[g, Og/lanes, R, S, Cg/depth, lanes, depth]`` for grouped convs (zero padded)."""
     o, cg, r, s = weight.shape
     og = o // groups
     ob, cb = ceil_div(og, lanes), ceil_div(cg, depth)
-    w = np.zeros((groups, ob * lanes, cb * depth, r, s), dtype)
+    w = np.zeros((groups, ob * lanes, cb * depth, r, s), np.int8)
     w[:, :og, :cg] = weight.reshape(groups, og, cg, r, s)
     # [g, ob, lanes, cb, depth, r, s] -> [g, ob, r, s, cb, lanes, depth]
     w = w.reshape(groups, ob, lanes, cb, depth, r, s).transpose(0, 1, 5, 6, 3, 2, 4)

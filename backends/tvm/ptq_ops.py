@@ -89,7 +89,7 @@ def linear(em, a):
     bias = None if a["bias"] is None else em.numpy(a["bias"])
     corr = packing.correction(w, bias, zp_enc)
     mult = _per_channel(em.numpy(a["multiplier"]), n_out)
-    wp = packing.pack_dense(w, fam.lanes, fam.depth, fam.weight_dtype)
+    wp = packing.pack_dense(w, fam.lanes, fam.depth)
     return _kernel(em, dense_k.dense, x, relax.const(wp), relax.const(corr), relax.const(mult),
                    kind="dense", n_out=n_out, k_in=k_in,
                    shift=packing.encode_shift(in_dt, fam.act_dtype), act_dtype=fam.act_dtype,
@@ -113,7 +113,7 @@ def conv2d(em, a):
                        x_zp=int(a["x_zp"]), **geo, **_requant_args(a))
     zp_enc = packing.encoded_zero_point(a["x_zp"], in_dt, fam.act_dtype)
     corr = packing.correction(w, bias, zp_enc)
-    wp = packing.pack_conv(w, groups, fam.lanes, fam.depth, fam.weight_dtype)
+    wp = packing.pack_conv(w, groups, fam.lanes, fam.depth)
     return _kernel(em, conv_k.conv2d_packed, x, relax.const(wp), relax.const(corr),
                    relax.const(mult), kind="conv2d", groups=groups, c_in=cg * groups,
                    c_out=c_out, shift=packing.encode_shift(in_dt, fam.act_dtype), zp_enc=zp_enc,

@@ -2,10 +2,10 @@
 
 * :data:`FAMILY` (targets with ``avx512vnni``, and x86 targets without AVX2): u8 activations x
   s8 weights in 16x4 blocks for ``vpdpbusd``, tensorized by ``dot_schedule.tensorize_acc``.
-* :data:`AVX2_FAMILY` (AVX2 targets without VNNI): int16 activations x int16 weights (widened
-  once, at pack time) in ``[O/16, K/2, 16, 2]`` blocks for the exact ``vpmaddwd`` intrinsic
-  (``avx2.py``; ``vpmaddubsw`` saturates int16 and is not bit-exact on full-range u8 x s8),
-  scheduled by the hand-written register-tiled template (``template.py``).
+* :data:`AVX2_FAMILY` (AVX2 targets without VNNI): activations widened to int16 once (in
+  ``x_enc``) x s8 weights in ``[O/16, K/2, 16, 2]`` blocks for the exact ``vpmaddwd``
+  intrinsic (``avx2.py``; ``vpmaddubsw`` saturates int16 and is not bit-exact on full-range
+  u8 x s8), scheduled by the hand-written register-tiled template (``template.py``).
 
 Tuned records (``backends.tvm.tune``) win over both fixed schedules.
 """
@@ -39,8 +39,8 @@ def _schedule_avx2(func, kind, target):
 AVX2_ROWS = 4
 
 FAMILY = Family("x86", act_dtype="uint8", lanes=16, depth=4, schedule=_schedule_vnni)
-AVX2_FAMILY = Family("x86", act_dtype="int16", lanes=16, depth=2, weight_dtype="int16",
-                     width_block=AVX2_ROWS, schedule=_schedule_avx2)
+AVX2_FAMILY = Family("x86", act_dtype="int16", lanes=16, depth=2, width_block=AVX2_ROWS,
+                     schedule=_schedule_avx2)
 
 
 def uses_avx2_layout(target: Optional[tvm.target.Target]) -> bool:
