@@ -91,15 +91,14 @@ def apply(sch: s_tir.Schedule, kind: str, intrin: str, lanes: int = 16, depth: i
 
 
 def _weights_outweigh_activations(sch: s_tir.Schedule, blk) -> bool:
-    """Whether the packed weights read by ``blk`` take more bytes than its ``x_enc`` input."""
+    """Whether the packed weights read by ``blk`` take more bytes than its ``x_enc`` input
+    (per sample: a symbolic batch dim counts as 1)."""
     size = {}
     for region in sch.get(blk).reads:
         buf = region.source
-        if not all(isinstance(d, tirx.IntImm) for d in buf.shape):
-            return False
         n = 1
         for d in buf.shape:
-            n *= int(d)
+            n *= int(d) if isinstance(d, tirx.IntImm) else 1
         size[buf.name] = n * tvm.DataType(buf.dtype).bits // 8
     acts = size.pop("x_enc", None)
     return acts is not None and bool(size) and max(size.values()) > acts
@@ -114,7 +113,8 @@ def _schedule_x_enc(sch: s_tir.Schedule, kind: str) -> None:
         *rows, k = loops
         if rows:
             sch.parallel(sch.fuse(*rows) if len(rows) > 1 else rows[0])
-        k_out, k_in = sch.split(k, [None, 16])
-        sch.vectorize(k_in)
+        k_ext = sch.get(k).extent
+        if isinstance(k_ext, tirx.IntImm) and int(k_ext) % 16 == 0:
+            sch.vectorize(sch.split(k, [None, 16])[1])
     else:  # b, y, z, g, c
         sch.parallel(sch.fuse(*loops[:2]))
