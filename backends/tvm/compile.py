@@ -3,6 +3,7 @@ family pipeline (with user passes at named ``STAGES``) and wraps the result."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from typing import Any, Optional, Sequence
@@ -95,7 +96,7 @@ def build_ir(qgraph: fx.GraphModule, target: Any = "host", *,
                       stacklevel=3)
         dynamic_batch = False
     specs = input_specs(qgraph, example_inputs, dynamic_batch)
-    return emit_relax(qgraph, get_family(named.family), specs), named, specs
+    return emit_relax(qgraph, get_family(named.family, named.target()), specs), named, specs
 
 
 def emit(qgraph: fx.GraphModule, target: Any = "host", *,
@@ -130,11 +131,19 @@ def _signature(mod: tvm.IRModule, target: Any) -> tuple[dict, _targets.NamedTarg
     if target is None:
         return sig, _targets.resolve(emitted)
     named = _targets.resolve(target)
-    if named.family != emitted.family:
+    if _layout(named) != _layout(emitted):
         raise ValueError(f"IRModule was emitted for {emitted.name!r} (family "
-                         f"{emitted.family!r}); it cannot be compiled for {named.name!r} "
-                         f"(family {named.family!r}): emit it again for that target")
+                         f"{emitted.family!r}, layout {_layout(emitted)}); it cannot be compiled "
+                         f"for {named.name!r} (family {named.family!r}, layout "
+                         f"{_layout(named)}): emit it again for that target")
     return sig, named
+
+
+def _layout(named: _targets.NamedTarget) -> tuple:
+    """What emission baked into the module for this target: family, activation encoding and
+    weight block shape (x86 AVX2 and VNNI targets pack differently)."""
+    fam = get_family(named.family, named.target())
+    return (fam.name, fam.act_dtype, fam.lanes, fam.depth, fam.width_block)
 
 
 def compile(qgraph: fx.GraphModule | tvm.IRModule, target: Any = None, *,
@@ -180,15 +189,15 @@ def compile(qgraph: fx.GraphModule | tvm.IRModule, target: Any = None, *,
         mod, named, specs = build_ir(qgraph, "host" if target is None else target,
                                      example_inputs=example_inputs, dynamic_batch=dynamic_batch)
         treespec, input_json = output_treespec(qgraph), [s.to_json() for s in specs]
-    family = get_family(named.family)
+    tgt = named.target()
+    family = get_family(named.family, tgt)
     db = None
     if database is not None:
         from backends.tvm.tune import open_database
 
         db = open_database(database, named)
     if not schedule:
-        family = type(family)(family.name, family.act_dtype, family.lanes, family.depth, None)
-    tgt = named.target()
+        family = dataclasses.replace(family, schedule=None)
     failures: list = []
     try:
         exe = tvm.compile(mod, target=tgt,

@@ -17,6 +17,8 @@ class Family:
         act_dtype: Activation encoding the dot-product instruction wants.
         lanes: Output channels per weight block.
         depth: Reduction elements per weight block.
+        width_block: Packed convs compute their output width rounded up to a multiple of this
+            (the fixed schedule's register tile).
         schedule: ``(PrimFunc, kernel_kind, Target) -> PrimFunc`` applied to ptq kernels before
             lowering, or None to leave them to the default pipeline.
     """
@@ -25,15 +27,19 @@ class Family:
     act_dtype: str
     lanes: int
     depth: int
+    width_block: int = 1
     schedule: Optional[Callable[[tvm.tirx.PrimFunc, str, tvm.target.Target],
                                 tvm.tirx.PrimFunc]] = None
 
 
-def get_family(name: str) -> Family:
-    """The Family for ``x86`` / ``aarch64`` / ``cuda``."""
+def get_family(name: str, target: Optional[tvm.target.Target] = None) -> Family:
+    """The Family for ``x86`` / ``aarch64`` / ``cuda``; ``target`` picks among a family's
+    variants (x86: the int16 AVX2 layout on AVX2 targets without VNNI)."""
     if name == "x86":
-        from backends.tvm.x86 import FAMILY
-    elif name == "aarch64":
+        from backends.tvm.x86 import family_for
+
+        return family_for(target)
+    if name == "aarch64":
         from backends.tvm.aarch64 import FAMILY
     elif name == "cuda":
         from backends.tvm.cuda import FAMILY

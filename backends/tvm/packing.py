@@ -6,7 +6,7 @@ are packed so that block is contiguous; the compute definitions index the packed
 directly, which is what tensorization (now, and in tuning later) needs.
 
 Activations are re-encoded to the family's activation dtype (VNNI wants uint8, sdot int8) by a
-shift of 128; the shifted zero point ``zp_enc`` then satisfies ``x - x_zp == x_enc - zp_enc``,
+shift of 128, or widened unchanged to int16 (the AVX2 ``vpmaddwd`` layout); the shifted zero point ``zp_enc`` then satisfies ``x - x_zp == x_enc - zp_enc``,
 so ``sum((x - x_zp) * w) == sum(x_enc * w) - zp_enc * sum(w)`` and the second term is a constant
 folded, with the bias, into one int32 correction per output channel.
 """
@@ -22,7 +22,7 @@ def ceil_div(a: int, b: int) -> int:
 
 def encode_shift(in_dtype: str, act_dtype: str) -> int:
     """What to add to an ``in_dtype`` activation to express it in ``act_dtype``."""
-    if in_dtype == act_dtype:
+    if in_dtype == act_dtype or (act_dtype == "int16" and in_dtype in ("int8", "uint8")):
         return 0
     if (in_dtype, act_dtype) == ("int8", "uint8"):
         return 128
@@ -34,7 +34,7 @@ def encode_shift(in_dtype: str, act_dtype: str) -> int:
 def encoded_zero_point(x_zp: int, in_dtype: str, act_dtype: str) -> int:
     """The zero point after :func:`encode_shift`; it must fit the encoded dtype (it pads)."""
     zp = int(x_zp) + encode_shift(in_dtype, act_dtype)
-    lo, hi = (0, 255) if act_dtype == "uint8" else (-128, 127)
+    lo, hi = {"uint8": (0, 255), "int8": (-128, 127), "int16": (-2**15, 2**15 - 1)}[act_dtype]
     if not lo <= zp <= hi:
         raise ValueError(f"zero point {x_zp} of a {in_dtype} tensor is outside {in_dtype}'s range")
     return zp

@@ -147,7 +147,8 @@ def conv2d(em, a):
     return _kernel(em, conv_k.conv2d_packed, x, relax.const(wp), relax.const(corr),
                    relax.const(mult), kind="conv2d", groups=groups, c_in=cg * groups,
                    c_out=c_out, shift=packing.encode_shift(in_dt, fam.act_dtype), zp_enc=zp_enc,
-                   act_dtype=fam.act_dtype, **geo, **_requant_args(a))
+                   act_dtype=fam.act_dtype, width_block=fam.width_block, **geo,
+                   **_requant_args(a))
 
 
 def _wide_operands(em, a, w):

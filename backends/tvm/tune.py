@@ -154,12 +154,10 @@ def space(family_name: str, target: tvm.target.Target) -> ms.space_generator.Spa
 
 def _family_intrin(family_name: str, target: tvm.target.Target) -> Optional[str]:
     if family_name == "x86":
-        if _targets.has_feature(target, "avx512vnni"):
-            from backends.tvm.x86 import intrinsics
-            return intrinsics.register()
-        if _targets.has_feature(target, "avx2"):
-            from backends.tvm.x86 import avx2
-            return avx2.register()
+        from backends.tvm.x86 import template_args
+
+        args = template_args(target)
+        return None if args is None else args["intrin"]
     if family_name == "aarch64" and _targets.has_feature(target, "dotprod"):
         from backends.tvm.aarch64 import intrinsics
         return intrinsics.register()
@@ -196,17 +194,18 @@ def _stub_registry_in_worker():  # pickled by value into the builder worker (no 
 def _seed_template(db, wl, kind, family_name, tgt, builder, runner) -> Optional[float]:
     """Measure the family's fixed template on ``wl`` and commit it as a tuning record, so the
     database's best is never worse than the fallback (up to noise). Returns ms, or None."""
-    intrin = _family_intrin(family_name, tgt)
-    if family_name != "x86" or intrin is None or kind not in ("dense", "conv2d"):
+    if family_name != "x86" or kind not in ("dense", "conv2d"):
         return None
     from tvm import s_tir
 
-    from backends.tvm.x86 import template
+    from backends.tvm.x86 import template, template_args
 
+    targs = template_args(tgt)
+    if targs is None:
+        return None
     sch = s_tir.Schedule(wl)
-    rows = 1 if _targets.has_feature(tgt, "avx512vnni") else 4
     try:
-        template.apply(sch, kind, intrin, 16, 4, rows=rows)
+        template.apply(sch, kind, **targs)
     except Exception:  # noqa: BLE001  (no seed; tuning still runs)
         return None
     args = ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)

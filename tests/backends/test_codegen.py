@@ -80,6 +80,23 @@ def test_weights_are_prepacked_in_vnni_blocks(tvm_backend, graph):
     assert [6, 288, 4, 4] in _kernel_param_shapes(mod, "ptq_dense")
 
 
+def test_avx2_weights_are_prepacked_in_vpmaddwd_blocks(tvm_backend, graph):
+    """AVX2 without VNNI: int8 weights in ``[O/16, ..., K/2, 16, 2]`` blocks, int16 activations;
+    convs reduce over the output width padded to the 4-column register tile."""
+    gm, inputs = graph
+    mod, _, _ = tvm_backend.build_ir(gm, "x86-avx2", example_inputs=inputs)
+    assert [2, 3, 3, 4, 16, 2] in _kernel_param_shapes(mod, "ptq_conv2d")  # C = 8 -> 4 pairs
+    assert [2, 576, 16, 2] in _kernel_param_shapes(mod, "ptq_dense")  # K = 1152, N 24 -> 32
+    assert [2, 1, 3, 3, 2, 16, 2] in _kernel_param_shapes(mod, "ptq_conv2d1")
+    for name in DOT_KERNELS:
+        assert re.search(r'x_enc = T.sblock_alloc_buffer\(\(.*\), "int16"\)', mod[name].script())
+    # output widths 6 (conv) and 3 (grouped, stride 2) are computed 8 and 4 wide
+    assert re.search(r"acc = T.sblock_alloc_buffer\(\(batch, T.int64\(6\), T.int64\(8\),",
+                     mod["ptq_conv2d"].script())
+    assert re.search(r"acc = T.sblock_alloc_buffer\(\(batch, T.int64\(3\), T.int64\(4\),",
+                     mod["ptq_conv2d1"].script())
+
+
 def test_vnni_assembly_has_vpdpbusd(tvm_backend, graph):
     asm = _build(tvm_backend, graph, "x86-avx512-vnni").source("asm")
     for kernel in DOT_KERNELS:
@@ -97,9 +114,28 @@ def _function_asm(asm: str, name: str) -> str:
     return "\n".join(body for _, body in bodies)
 
 
+def _kernel_asm(asm: str, name: str) -> str:
+    """:func:`_function_asm` plus the parallel-loop bodies (``.L__tvm_parallel_lambda*``,
+    separate local functions) that the kernel launches."""
+    body = _function_asm(asm, name)
+    parts = [body]
+    for label in sorted(set(re.findall(r"(\.L__tvm_parallel_lambda[\w.]*)\(%rip\)", body))):
+        found = re.search(rf"^{re.escape(label)}:\n(.*?)^\s*\.size\s+{re.escape(label)},",
+                          asm, re.S | re.M)
+        assert found, f"parallel body {label} of {name} not in assembly"
+        parts.append(found.group(1))
+    return "\n".join(parts)
+
+
 def test_avx2_builds_without_vnni_and_runs_exact(tvm_backend, graph):
     cm = _build(tvm_backend, graph, "x86-avx2")
-    assert "vpdpbusd" not in cm.source("asm")
+    asm = cm.source("asm")
+    assert "vpdpbusd" not in asm
+    for kernel in DOT_KERNELS:
+        body = _kernel_asm(asm, kernel)
+        assert "vpmaddwd" in body, f"no vpmaddwd in {kernel}"
+        # int16 pairs in lane order: no saturating u8 x s8 form, no horizontal reduction
+        assert "vpmaddubsw" not in body and "vphaddd" not in body, kernel
     gm, inputs = graph
     assert_exact(cm(*inputs), gm(*inputs), "x86-avx2")
 

@@ -117,3 +117,17 @@ def test_compile_refuses_modules_without_signature_or_of_another_family(qgraph):
         ptq_tvm.compile(mod, "aarch64-dotprod")
     with pytest.raises(ValueError, match="example_inputs / dynamic_batch"):
         ptq_tvm.compile(mod, dynamic_batch=False)
+
+
+def test_compile_refuses_an_x86_module_emitted_for_another_packing(qgraph):
+    from backends.tvm.compile import _layout
+    from backends.tvm.targets import resolve
+
+    host = resolve("host")
+    other = next((t for t in ("x86-avx512-vnni", "x86-avx2")
+                  if host.family == "x86" and _layout(resolve(t)) != _layout(host)), None)
+    if other is None:
+        pytest.skip("host is not x86")
+    mod = ptq_tvm.emit(qgraph, "host")  # AVX2 (vpmaddwd) and VNNI blocks differ
+    with pytest.raises(ValueError, match=f"cannot be compiled for '{other}'.*emit it again"):
+        ptq_tvm.compile(mod, other)

@@ -34,7 +34,7 @@ def _scheduled_kernels(gm, inputs, database):
     mod, named, _ = build_ir(gm, "host", example_inputs=inputs, dynamic_batch=False)
     tgt = named.target()
     with tgt:
-        out = ApplyPtqSchedules(family.get_family(named.family), tgt,
+        out = ApplyPtqSchedules(family.get_family(named.family, tgt), tgt,
                                 open_database(database, named))(mod)
     return [f for _, f in out.functions_items()
             if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and "ptq.kernel" in f.attrs]

@@ -20,11 +20,14 @@ def out_size(size, k: int, stride: int, pad: int, dil: int):
 def conv2d_packed(x, w_packed, corr, mult, *, groups: int, c_in: int, c_out: int,
                   kernel: tuple, stride: tuple, padding: tuple, dilation: tuple, shift: int,
                   zp_enc: int, act_dtype: str, out_zp: int, qmin: int, qmax: int,
-                  out_dtype: str):
+                  out_dtype: str, width_block: int = 1):
     """TE compute of a requantized int8 conv2d on packed weights.
 
     ``w_packed`` is ``[O/l, R, S, C/d, l, d]`` (groups == 1) or ``[G, Og/l, R, S, Cg/d, l, d]``.
     Padding holds the encoded zero point, so the folded correction is exact at borders.
+    ``width_block``: the reduction runs over the output width rounded up to a multiple of this
+    (the extra columns read padding and are never requantized), so a schedule's register
+    tiles of that many columns divide it (7x7 and 14x14 maps with 4-column tiles).
     """
     n, _, h, w = static_shape(x)
     r_k, s_k = kernel
@@ -34,6 +37,8 @@ def conv2d_packed(x, w_packed, corr, mult, *, groups: int, c_in: int, c_out: int
     cg, og = c_in // groups, c_out // groups
     (ph, pw), (sh, sw), (dh, dw) = padding, stride, dilation
     oh, ow = out_size(h, r_k, sh, ph, dh), out_size(w, s_k, sw, pw, dw)
+    ow_acc = -(-ow // width_block) * width_block
+    w_enc = max(w + 2 * pw, (ow_acc - 1) * sw + (s_k - 1) * dw + 1)
     pad_val = tirx.const(zp_enc, act_dtype)
 
     def enc(b, y, z, g, c):
@@ -41,7 +46,7 @@ def conv2d_packed(x, w_packed, corr, mult, *, groups: int, c_in: int, c_out: int
         v = (x[b, g * cg + c, y - ph, z - pw].astype("int32") + shift).astype(act_dtype)
         return tirx.if_then_else(inside, v, pad_val)
 
-    x_enc = te.compute((n, h + 2 * ph, w + 2 * pw, groups, cb * depth), enc, name="x_enc")
+    x_enc = te.compute((n, h + 2 * ph, w_enc, groups, cb * depth), enc, name="x_enc")
     rr = te.reduce_axis((0, r_k), name="r")
     ss = te.reduce_axis((0, s_k), name="s")
     cc = te.reduce_axis((0, cb * depth), name="c")
@@ -51,7 +56,7 @@ def conv2d_packed(x, w_packed, corr, mult, *, groups: int, c_in: int, c_out: int
         return w_packed[idx if groups == 1 else (g, *idx)]
 
     acc = te.compute(
-        (n, oh, ow, groups, ob * lanes),
+        (n, oh, ow_acc, groups, ob * lanes),
         lambda b, y, z, g, o: te.sum(
             x_enc[b, y * sh + rr * dh, z * sw + ss * dw, g, cc].astype("int32")
             * weight(g, o, rr, ss, cc).astype("int32"),

@@ -1,13 +1,20 @@
-"""x86: u8 activations x s8 weights in 16x4 blocks (AVX-512 VNNI ``vpdpbusd``).
+"""x86: two weight layouts, chosen by the target's dot-product instruction.
 
-Every x86 target uses the VNNI packing so one weight layout serves all of them. Targets with
-``avx512vnni`` get the tensorized VNNI schedule; AVX2 targets without VNNI get the hand-written
-template (``template.py``) tensorized with the exact AVX2 intrinsic (``avx2.py``: int16
-widening + ``vpmaddwd``; ``vpmaddubsw`` saturates int16 and is not bit-exact on full-range
-u8 x s8). Others keep the default lowering. Tuned records (``backends.tvm.tune``) win over both.
+* :data:`FAMILY` (targets with ``avx512vnni``, and x86 targets without AVX2): u8 activations x
+  s8 weights in 16x4 blocks for ``vpdpbusd``, tensorized by ``dot_schedule.tensorize_acc``.
+* :data:`AVX2_FAMILY` (AVX2 targets without VNNI): activations widened to int16 once (in
+  ``x_enc``) x s8 weights in ``[O/16, K/2, 16, 2]`` blocks for the exact ``vpmaddwd``
+  intrinsic (``avx2.py``; ``vpmaddubsw`` saturates int16 and is not bit-exact on full-range
+  u8 x s8), scheduled by the hand-written register-tiled template (``template.py``).
+
+Tuned records (``backends.tvm.tune``) win over both fixed schedules.
 """
 
 from __future__ import annotations
+
+from typing import Optional
+
+import tvm
 
 from backends.tvm.dot_schedule import tensorize_acc
 from backends.tvm.family import Family
@@ -15,12 +22,44 @@ from backends.tvm.targets import has_feature
 from backends.tvm.x86 import avx2, intrinsics, template
 
 
-def _schedule(func, kind, target):
+def _schedule_vnni(func, kind, target):
     if has_feature(target, "avx512vnni"):
         return tensorize_acc(func, kind, intrinsics.register(), 16, 4)
-    if has_feature(target, "avx2"):
-        return template.schedule_packed(func, kind, avx2.register(), 16, 4, rows=4)
     return func
 
 
-FAMILY = Family("x86", act_dtype="uint8", lanes=16, depth=4, schedule=_schedule)
+def _schedule_avx2(func, kind, target):
+    args = template_args(target)
+    if args is None or args["intrin"] != avx2.AVX2_INTRIN:
+        return func
+    return template.schedule_packed(func, kind, **args)
+
+
+#: Output rows per register tile of the AVX2 template (rows x 16 int32 accumulators).
+AVX2_ROWS = 4
+
+FAMILY = Family("x86", act_dtype="uint8", lanes=16, depth=4, schedule=_schedule_vnni)
+AVX2_FAMILY = Family("x86", act_dtype="int16", lanes=16, depth=2, width_block=AVX2_ROWS,
+                     schedule=_schedule_avx2)
+
+
+def uses_avx2_layout(target: Optional[tvm.target.Target]) -> bool:
+    """Whether ``target`` gets :data:`AVX2_FAMILY` (AVX2 without AVX-512 VNNI)."""
+    return (target is not None and has_feature(target, "avx2")
+            and not has_feature(target, "avx512vnni"))
+
+
+def family_for(target: Optional[tvm.target.Target]) -> Family:
+    """The x86 family variant of ``target`` (:data:`FAMILY` when no target is given)."""
+    return AVX2_FAMILY if uses_avx2_layout(target) else FAMILY
+
+
+def template_args(target: tvm.target.Target) -> Optional[dict]:
+    """Keyword arguments of ``template.apply`` (intrinsic, block shape, tiling) for the
+    family of ``target``, or None where no dot-product intrinsic applies."""
+    if has_feature(target, "avx512vnni"):
+        return dict(intrin=intrinsics.register(), lanes=16, depth=4, rows=1)
+    if uses_avx2_layout(target):
+        return dict(intrin=avx2.register(), lanes=AVX2_FAMILY.lanes, depth=AVX2_FAMILY.depth,
+                    rows=AVX2_ROWS, intrin_lanes=avx2.LANES, cache=True, fuse_out=True)
+    return None

@@ -1,12 +1,19 @@
 """Hand-written x86 schedule of the packed dense / conv2d computes (the tuning fallback).
 
-The reduction ``acc`` is tiled as ``[spatial outer] x [rows] x [16 lanes] x [4 deep]``: the
-16x4 block is tensorized with the family's dot-product intrinsic (VNNI, or the exact AVX2 one),
-``rows`` output rows share each weight block (unrolled, accumulators LLVM may keep in registers), and the outermost spatial loop is parallel (TVM's thread pool).
+The reduction ``acc`` is tiled as ``[spatial outer] x [rows] x [lanes] x [depth]``, the
+``lanes`` output channels of one packed weight block being ``lanes / intrin_lanes`` calls of the
+family's dot-product intrinsic (VNNI 16x4, or the exact AVX2 8x2 one). ``rows`` output rows
+(dense: rows of ``x``; conv: output columns) share each weight block (unrolled), and with
+``cache=True`` the ``rows x lanes`` int32 tile accumulates in a small buffer of its own, written
+back once per tile, which LLVM keeps in registers for the whole reduction. The outer spatial
+loops and the output-channel blocks are fused into one parallel loop (TVM's thread pool).
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
+import tvm
 from tvm import s_tir, tirx
 
 
@@ -15,18 +22,30 @@ def _divisor_at_most(n: int, cap: int) -> int:
 
 
 def schedule_packed(func: tirx.PrimFunc, kind: str, intrin: str, lanes: int = 16,
-                    depth: int = 4, rows: int = 4) -> tirx.PrimFunc:
+                    depth: int = 4, rows: int = 4, intrin_lanes: Optional[int] = None,
+                    cache: bool = False, fuse_out: bool = False) -> tirx.PrimFunc:
     """Tile, tensorize and parallelize the ``acc`` block of a ``dense`` / ``conv2d`` kernel."""
     if kind not in ("dense", "conv2d"):
         return func
     sch = s_tir.Schedule(func)
-    apply(sch, kind, intrin, lanes, depth, rows)
+    apply(sch, kind, intrin, lanes, depth, rows, intrin_lanes, cache, fuse_out)
     return sch.mod["main"].with_attr("tir.is_scheduled", True)
 
 
 def apply(sch: s_tir.Schedule, kind: str, intrin: str, lanes: int = 16, depth: int = 4,
-          rows: int = 4) -> None:
-    """The template on a (traced) Schedule of ``main``; ``tune`` seeds its database with it."""
+          rows: int = 4, intrin_lanes: Optional[int] = None, cache: bool = False,
+          fuse_out: bool = False) -> None:
+    """The template on a (traced) Schedule of ``main``; ``tune`` seeds its database with it.
+
+    Args:
+        lanes, depth: The packed weight block (``Family.lanes`` / ``Family.depth``).
+        rows: Output rows per tile (the largest divisor of the row extent up to this).
+        intrin_lanes: Output channels of one intrinsic call (default ``lanes``).
+        cache: Accumulate each tile in its own buffer (registers) instead of in ``acc``.
+    """
+    intrin_lanes = intrin_lanes or lanes
+    if lanes % intrin_lanes:
+        raise ValueError(f"{lanes} lanes are not a multiple of the intrinsic's {intrin_lanes}")
     blk = sch.get_sblock("acc")
     loops = sch.get_loops(blk)
     if kind == "dense":
@@ -36,19 +55,66 @@ def apply(sch: s_tir.Schedule, kind: str, intrin: str, lanes: int = 16, depth: i
         *outer, m, g, o, r, s, c = loops
         outer = [*outer, g]
         reduce_outer = [r, s]
-    m_ext = int(sch.get(m).extent) if isinstance(sch.get(m).extent, tirx.IntImm) else None
-    o_out, o_in = sch.split(o, [None, lanes])
+    m_ext = sch.get(m).extent
+    rows = _divisor_at_most(int(m_ext), rows) if isinstance(m_ext, tirx.IntImm) else 1
+    o_out, o_mid, o_in = sch.split(o, [None, lanes // intrin_lanes, intrin_lanes])
     c_out, c_in = sch.split(c, [None, depth])
-    if m_ext is None:
-        rows = 1
-    else:
-        rows = _divisor_at_most(m_ext, rows)
     m_out, m_in = sch.split(m, [None, rows])
-    sch.reorder(*outer, o_out, m_out, *reduce_outer, c_out, m_in, o_in, c_in)
-    par = [*outer, o_out]
-    sch.parallel(sch.fuse(*par) if len(par) > 1 else par[0])
+    tiles = [*outer, o_out, m_out]
+    if cache and kind == "conv2d" and _weights_outweigh_activations(sch, blk):
+        # deep layers (e.g. 512 channels on 7x7): keep each weight block hot for every
+        # output pixel instead of streaming all weights once per output row
+        n, oh, g = outer
+        tiles = [n, g, o_out, oh, m_out]
+    sch.reorder(*tiles, *reduce_outer, c_out, m_in, o_mid, o_in, c_in)
+    if cache:
+        wb = sch.cache_write(blk, 0, "global")
+        sch.reverse_compute_at(wb, m_out)
+        if fuse_out:
+            # requantize each tile straight from the accumulators: no full int32 round trip
+            sch.compute_inline(wb)
+            sch.reverse_compute_at(sch.get_sblock("out"), m_out)
+        sch.parallel(sch.fuse(*tiles))
+    else:
+        par = [*outer, o_out]
+        sch.parallel(sch.fuse(*par) if len(par) > 1 else par[0])
     init = sch.decompose_reduction(blk, (reduce_outer or [c_out])[0])
     sch.tensorize(o_in, intrin)
     sch.unroll(m_in)
-    # vectorize the init and the write-back of the 16 lanes
+    sch.unroll(o_mid)
+    # vectorize the init and the write-back of the lanes
     sch.vectorize(sch.get_loops(init)[-1])
+    if cache and not fuse_out:
+        sch.vectorize(sch.get_loops(wb)[-1])
+    if cache:
+        _schedule_x_enc(sch, kind)
+
+
+def _weights_outweigh_activations(sch: s_tir.Schedule, blk) -> bool:
+    """Whether the packed weights read by ``blk`` take more bytes than its ``x_enc`` input
+    (per sample: a symbolic batch dim counts as 1)."""
+    size = {}
+    for region in sch.get(blk).reads:
+        buf = region.source
+        n = 1
+        for d in buf.shape:
+            n *= int(d) if isinstance(d, tirx.IntImm) else 1
+        size[buf.name] = n * tvm.DataType(buf.dtype).bits // 8
+    acts = size.pop("x_enc", None)
+    return acts is not None and bool(size) and max(size.values()) > acts
+
+
+def _schedule_x_enc(sch: s_tir.Schedule, kind: str) -> None:
+    """Parallel activation re-encoding: over rows (dense, vectorized along K) or over padded
+    input rows (conv; a NCHW -> NHWC transpose, left scalar)."""
+    enc = sch.get_sblock("x_enc")
+    loops = sch.get_loops(enc)
+    if kind == "dense":
+        *rows, k = loops
+        if rows:
+            sch.parallel(sch.fuse(*rows) if len(rows) > 1 else rows[0])
+        k_ext = sch.get(k).extent
+        if isinstance(k_ext, tirx.IntImm) and int(k_ext) % 16 == 0:
+            sch.vectorize(sch.split(k, [None, 16])[1])
+    else:  # b, y, z, g, c
+        sch.parallel(sch.fuse(*loops[:2]))
