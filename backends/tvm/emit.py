@@ -173,7 +173,22 @@ class Emitter:
                 f"node {node.name!r} ({_op_name(node)}) could not be emitted: "
                 f"{type(e).__name__}: {e}") from e
 
+    def _sym_size(self, node: fx.Node):
+        """``aten.sym_size.int``: a Python int when the dim is static in the emitted module
+        (e.g. a graph captured with a dynamic batch, compiled for one batch size), else the
+        dim's symbolic ``PrimExpr``. TVM's converter wraps static sizes in a Relax constant,
+        which shape lists mixing ints and PrimExprs (view/reshape/expand) cannot take."""
+        x = self.env[node.args[0]]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        shape = x.ty.shape
+        if shape is None or not hasattr(shape, "values"):
+            raise EmitError(f"shape of {node.args[0]} unknown for sym_size")
+        size = shape.values[int(dim)]
+        return int(size.value) if isinstance(size, tirx.IntImm) else size
+
     def _emit_other(self, node: fx.Node):
+        if node.target is torch.ops.aten.sym_size.int:
+            return self._sym_size(node)
         key = "getitem" if node.target is _getitem else getattr(node.target, "__name__", None)
         convert = self._float.convert_map.get(key)
         if convert is None:

@@ -60,3 +60,23 @@ def test_table_lookup_ops_are_bit_exact():
     cm = ptq_tvm.compile(q, target="host")
     x = torch.randn(2, 3, 6, 6) * 3
     assert torch.equal(cm(x), q(x))
+
+
+def test_graph_with_dynamic_batch_compiles_for_one_batch_size():
+    """A graph captured with a dynamic batch whose reshapes read ``x.size(0)`` (aten.sym_size),
+    compiled with ``dynamic_batch=False`` for one example batch."""
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 32), nn.Linear(8, 8)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.b(h.reshape(x.shape[0], x.shape[1], 4, 8).transpose(1, 2).reshape(
+                x.shape[0], -1, 8))
+
+    q = _quantize(Heads().eval(), (2, 5, 16))
+    assert any(n.target is torch.ops.aten.sym_size.int for n in q.graph.nodes)
+    x = torch.randn(3, 5, 16)
+    cm = ptq_tvm.compile(q, target="host", example_inputs=[x], dynamic_batch=False)
+    assert torch.equal(cm(x), q(x))
