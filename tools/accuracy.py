@@ -85,7 +85,8 @@ defaults match the torch run to 9.5e-7 on all 50 sentences (the final LayerNorm'
 integer node identical on the batch checked node by node; metrics as above). The recipe
 still drifts (largest difference 0.30): its float residual adds carry LayerNorm's remaining
 1-2 ulp difference from ATen (ATen's Welford moments are not correctly rounded either) into
-the next LayerNorm, and a quantize after one flips an LSB now and then; recipe via TVM cos mean / min 0.9958 / 0.9919, NN agree 0.90, Spearman 0.993.
+the next LayerNorm, and a quantize after one flips an LSB now and then; recipe via TVM cos
+mean / min 0.9958 / 0.9919, NN agree 0.90, Spearman 0.993.
 """
 
 from __future__ import annotations

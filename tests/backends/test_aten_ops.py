@@ -95,7 +95,8 @@ def test_layer_norm_statistics_are_accurate(tvm_backend):
         xin = stream(n)
         got, want = cm(xin), gm(xin)
         f64 = P.dequantize.default(xin, scale, zp).double()
-        exact = [torch.nn.functional.layer_norm(f64, [384], *wb) for wb in ((weight.double(), bias.double(), 1e-12), (None, None, 1e-5))]
+        exact = [torch.nn.functional.layer_norm(f64, [384], *wb)
+                 for wb in ((weight.double(), bias.double(), 1e-12), (None, None, 1e-5))]
         for g, w, e, what in zip(got[:2], want[:2], exact, ("affine", "plain")):
             ulp = eps32 * float(w.abs().max())
             err_exact = float((g.double() - e).abs().max())
