@@ -62,3 +62,45 @@ def test_float_islands(tvm_backend):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
     for g, w in zip(got[len(outs):], want[len(outs):]):
         assert (g.int() - w.int()).abs().max() <= 1
+
+
+def test_layer_norm_statistics_are_accurate(tvm_backend):
+    """LayerNorm on a dequantized residual stream with an outlier channel (MiniLM's shape:
+    rows of 384, std ~0.5, one channel ~16 std out). TVM's own ``nn.layer_norm`` sums the row
+    serially in float32 and lands ~11 ulps of max|y| from ATen here (~34 on MiniLM), enough
+    for the quantize after it to flip LSBs; the emitter's float64-statistics form must stay
+    within 2 ulps of the exact result and 4 of ATen's. Also without weight/bias, and with a
+    dynamic batch."""
+    gen = torch.Generator().manual_seed(0)
+    scale, zp = 0.0581, 116
+    weight = torch.rand(384, generator=gen) + 0.5
+    weight[99] = 1.5
+    bias = torch.randn(384, generator=gen) * 0.1
+    b = GraphBuilder()
+    x = b.input("x")  # uint8 [B, T, 384]
+    f = b.call(P.dequantize.default, x, scale, zp)
+    ln = b.call(aten.layer_norm.default, f, [384], b.const(weight), b.const(bias), 1e-12)
+    plain = b.call(aten.layer_norm.default, f, [384])
+    q = b.call(P.quantize.default, ln, 0.0578, 118, 0, 255, torch.uint8)
+    gm = b.build((ln, plain, q))
+
+    def stream(n):
+        xf = torch.randn(n, 16, 384, generator=gen) * 0.5
+        xf[..., 99] += 8.0
+        return (xf / scale).round().add(zp).clamp(0, 255).to(torch.uint8)
+
+    cm = tvm_backend.compile(gm, "host", example_inputs=[stream(2)])
+    eps32 = torch.finfo(torch.float32).eps
+    for n in (10, 3):
+        xin = stream(n)
+        got, want = cm(xin), gm(xin)
+        f64 = P.dequantize.default(xin, scale, zp).double()
+        exact = [torch.nn.functional.layer_norm(f64, [384], *wb)
+                 for wb in ((weight.double(), bias.double(), 1e-12), (None, None, 1e-5))]
+        for g, w, e, what in zip(got[:2], want[:2], exact, ("affine", "plain")):
+            ulp = eps32 * float(w.abs().max())
+            err_exact = float((g.double() - e).abs().max())
+            err_aten = float((g - w).abs().max())
+            assert err_exact <= 2 * ulp, f"{what} batch {n}: {err_exact:.3g} from exact"
+            assert err_aten <= 4 * ulp, f"{what} batch {n}: {err_aten:.3g} from ATen"
+        assert (got[2].int() - want[2].int()).abs().max() <= 1
