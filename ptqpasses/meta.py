@@ -136,15 +136,20 @@ BIAS_SHIFT = "ptq.bias_shift"        # conv/linear: E[float out] - E[quantized o
 INPUT_ABSMAX = "ptq.input_absmax"    # linear: max |x| per input channel over calibration data
 
 
+def _put(node: fx.Node, key: str, value) -> None:
+    """``node.meta[key] = value``; None removes the key."""
+    if value is None:
+        node.meta.pop(key, None)
+    else:
+        node.meta[key] = value
+
+
 def bias_shift(node: fx.Node) -> Optional[torch.Tensor]:
     return node.meta.get(BIAS_SHIFT)
 
 
 def set_bias_shift(node: fx.Node, value: Optional[torch.Tensor]) -> None:
-    if value is None:
-        node.meta.pop(BIAS_SHIFT, None)
-    else:
-        node.meta[BIAS_SHIFT] = value
+    _put(node, BIAS_SHIFT, value)
 
 
 def input_absmax(node: fx.Node) -> Optional[torch.Tensor]:
@@ -152,7 +157,4 @@ def input_absmax(node: fx.Node) -> Optional[torch.Tensor]:
 
 
 def set_input_absmax(node: fx.Node, value: Optional[torch.Tensor]) -> None:
-    if value is None:
-        node.meta.pop(INPUT_ABSMAX, None)
-    else:
-        node.meta[INPUT_ABSMAX] = value
+    _put(node, INPUT_ABSMAX, value)
