@@ -25,7 +25,14 @@ _DTYPES = {"int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16}
 
 @dataclass(frozen=True)
 class QSpec:
-    """How one tensor is quantized: integer type, range, symmetry, granularity, observer."""
+    """How one tensor is quantized: integer type, range, symmetry, granularity, observer.
+
+    ``reduce_range`` drops one bit of the range (uint8 ``[0, 127]``, int8 ``[-64, 63]``, or
+    ``[-63, 63]`` symmetric), as PyTorch's ``reduce_range`` does. The integer operators are
+    unchanged (the range is the ``qmin``/``qmax`` of every op writing the tensor); backends
+    use it to prove that a pair of u8 x s8 products fits int16, which lets x86 without VNNI
+    run the fast ``vpmaddubsw`` dot product exactly (see backends/tvm/x86/avx2.py).
+    """
 
     dtype: str = "uint8"
     symmetric: bool = False
@@ -33,6 +40,7 @@ class QSpec:
     axis: int = 0
     observer: str = "histogram"
     percentile: float = 99.99
+    reduce_range: bool = False
 
     def __post_init__(self):
         if self.dtype not in _DTYPES:
@@ -45,9 +53,12 @@ class QSpec:
     @property
     def qrange(self) -> tuple[int, int]:
         info = torch.iinfo(self.torch_dtype)
-        if self.symmetric and info.min < 0:
-            return info.min + 1, info.max  # restricted range: symmetric around zero
-        return info.min, info.max
+        lo, hi = info.min, info.max
+        if self.reduce_range:
+            lo, hi = lo // 2, hi // 2  # uint8 [0, 127]; int8 [-64, 63]; int16 [-16384, 16383]
+        if self.symmetric and lo < 0:
+            return lo + 1, hi  # restricted range: symmetric around zero
+        return lo, hi
 
 
 @dataclass(frozen=True)

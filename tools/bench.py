@@ -26,7 +26,9 @@ model is recorded as failed with its reason; the run continues.
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
+import dataclasses
 import json
 import os
 import platform
@@ -306,6 +308,23 @@ def peer_tvm_int8(ctx: Context) -> Built:
                  "template")
 
 
+def peer_tvm_int8_rr(ctx: Context) -> Built:
+    """Activations quantized to 7 bits (``QSpec(reduce_range=True)``, as the FX 'x86' qconfig
+    does): on x86 without VNNI every packed kernel is proven exact for ``vpmaddubsw``."""
+    import backends.tvm as bt
+    import ptqpasses
+    from ptqpasses.config import DEFAULT_ACTIVATION, QuantConfig
+
+    cfg = QuantConfig(activation=dataclasses.replace(DEFAULT_ACTIVATION, reduce_range=True))
+    q = ptqpasses.quantize(ctx.case.model, ctx.case.inputs, ctx.case.calib, config=cfg,
+                           progress=False, dynamic_batch=False)
+    cm = bt.compile(q, "host", example_inputs=list(ctx.case.inputs), dynamic_batch=False)
+    kinds = collections.Counter(v for v, _ in cm.meta["variants"].values())
+    return Built(_fixed(_tvm_call(cm)), "ptqpasses, 7-bit activations (reduce_range), fixed "
+                 "schedule template; packed kernels: "
+                 + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))
+
+
 def peer_tvm_int8_tuned(ctx: Context) -> Built:
     import backends.tvm as bt
     db = ctx.args.database
@@ -353,6 +372,7 @@ PEERS: dict[str, Peer] = {
     "ort-int8": Peer("ONNX Runtime int8 (static QDQ)", "int8", peer_ort_int8),
     "tvm-int8-untuned": Peer("ptqpasses TVM int8 untuned", "int8", peer_tvm_int8_untuned),
     "tvm-int8": Peer("ptqpasses TVM int8 template", "int8", peer_tvm_int8),
+    "tvm-int8-rr": Peer("ptqpasses TVM int8, 7-bit activations", "int8", peer_tvm_int8_rr),
     "tvm-int8-tuned": Peer("ptqpasses TVM int8 tuned", "int8", peer_tvm_int8_tuned),
     "tvm-int8-recipe": Peer("ptqpasses TVM int8 accuracy recipe", "int8", peer_tvm_int8_recipe),
 }

@@ -15,7 +15,7 @@ from torch import fx
 from tvm import tirx
 
 from backends.tvm import targets as _targets
-from backends.tvm.emit import EmitError, TensorSpec, emit_relax
+from backends.tvm.emit import VARIANTS_ATTR, EmitError, TensorSpec, emit_relax
 from backends.tvm.family import get_family
 from backends.tvm.pipeline import get_pipeline, normalize_relax_passes
 from backends.tvm.runtime import CompiledModule
@@ -146,6 +146,14 @@ def _layout(named: _targets.NamedTarget) -> tuple:
     return (fam.name, fam.act_dtype, fam.lanes, fam.depth, fam.width_block)
 
 
+def _variants(mod: tvm.IRModule) -> dict:
+    """Packed kernel node -> [family variant, why], as emission chose (``emit.VARIANTS_ATTR``)."""
+    attrs = mod.attrs
+    if attrs is None or VARIANTS_ATTR not in attrs:
+        return {}
+    return json.loads(str(attrs[VARIANTS_ATTR]))
+
+
 def compile(qgraph: fx.GraphModule | tvm.IRModule, target: Any = None, *,
             example_inputs: Optional[Sequence[torch.Tensor]] = None,
             dynamic_batch: Optional[bool] = None, schedule: bool = True,
@@ -197,7 +205,8 @@ def compile(qgraph: fx.GraphModule | tvm.IRModule, target: Any = None, *,
 
         db = open_database(database, named)
     if not schedule:
-        family = dataclasses.replace(family, schedule=None)
+        pairwise = family.pairwise and dataclasses.replace(family.pairwise, schedule=None)
+        family = dataclasses.replace(family, schedule=None, pairwise=pairwise)
     failures: list = []
     try:
         exe = tvm.compile(mod, target=tgt,
@@ -215,5 +224,6 @@ def compile(qgraph: fx.GraphModule | tvm.IRModule, target: Any = None, *,
         "inputs": input_json,
         "outputs": [s.to_json() for s in _output_specs(mod)],
         "output_treespec": treespec,
+        "variants": _variants(mod),
     }
     return CompiledModule(exe, meta)

@@ -9,6 +9,7 @@ own ``relax.frontend.torch`` importer, which read and write the same node -> val
 from __future__ import annotations
 
 import dataclasses
+import json
 import operator
 from typing import Any, Optional, Sequence
 
@@ -22,6 +23,7 @@ from tvm.relax.frontend.torch.exported_program_translator import ExportedProgram
 import ptqpasses.ops  # noqa: F401  (registers torch.ops.ptq)
 from backends.tvm import ptq_ops
 from backends.tvm.family import Family
+from backends.tvm.fxgraph import bind_args, ptq_name as _ptq_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,26 +46,6 @@ class EmitError(RuntimeError):
     """A node the emitter cannot translate (names the node and its op)."""
 
 
-def _ptq_name(target) -> Optional[str]:
-    if isinstance(target, torch._ops.OpOverload) and target.namespace == "ptq":
-        return target._schema.name.split("::")[-1]
-    return None
-
-
-def bind_args(node: fx.Node) -> dict:
-    """The node's arguments by schema name, defaults filled in."""
-    schema = node.target._schema
-    out = {}
-    for i, arg in enumerate(schema.arguments):
-        if i < len(node.args):
-            out[arg.name] = node.args[i]
-        elif arg.name in node.kwargs:
-            out[arg.name] = node.kwargs[arg.name]
-        else:
-            out[arg.name] = arg.default_value if arg.has_default_value() else None
-    return out
-
-
 class Emitter:
     """Translate one fx integer graph into Relax.
 
@@ -75,6 +57,10 @@ class Emitter:
     def __init__(self, gm: fx.GraphModule, family: Family):
         self.gm = gm
         self.family = family
+        #: The node being emitted (handlers read graph facts of its inputs through it).
+        self.node: Optional[fx.Node] = None
+        #: Per packed kernel node: the family variant it got, and why (``compile`` reports it).
+        self.variants: dict[str, tuple[str, str]] = {}
         self.bb = relax.BlockBuilder()
         self.env: dict[fx.Node, Any] = {}
         self._float = ExportedProgramImporter()
@@ -158,6 +144,7 @@ class Emitter:
                 if name not in ptq_ops.HANDLERS:
                     raise EmitError(f"no emitter for ptq op {name!r}")
                 bound = bind_args(node)
+                self.node = node
                 # Constants (weights, bias, multipliers) stay fx nodes: handlers read the
                 # tensors from the graph to pack them; activations become Relax values.
                 args = {k: v if k in _CONSTANT_ARGS and isinstance(v, fx.Node)
@@ -237,6 +224,7 @@ class Emitter:
 
 
 _getitem = operator.getitem
+
 _CONSTANT_ARGS = ("weight", "bias", "multiplier", "scales", "zero_points", "table")
 
 
@@ -264,4 +252,13 @@ def emit_relax(gm: fx.GraphModule, family: Family,
         family: Target family (see ``backends.tvm.family``).
         inputs: One spec per placeholder; named dims become symbolic (shared by name).
     """
-    return Emitter(gm, family).run(inputs)
+    em = Emitter(gm, family)
+    mod = em.run(inputs)
+    if em.variants:
+        mod = mod.with_attr(VARIANTS_ATTR, json.dumps(em.variants))
+    return mod
+
+
+#: IRModule attribute (JSON): packed kernel node -> [family variant, why] (see
+#: ``Family.pairwise``); ``compile`` copies it to ``CompiledModule.meta["variants"]``.
+VARIANTS_ATTR = "ptq.variants"

@@ -21,6 +21,13 @@ class Family:
             (the fixed schedule's register tile).
         schedule: ``(PrimFunc, kernel_kind, Target) -> PrimFunc`` applied to ptq kernels before
             lowering, or None to leave them to the default pipeline.
+        variant: Name of this variant; kernels emitted with it carry it in their
+            ``ptq.variant`` attribute ("" for a family's main variant).
+        pairwise: A faster variant for the packed dense / conv kernels whose u8 x s8 product
+            pairs provably fit int16 (x86 AVX2: ``vpmaddubsw``); the emitter checks the proof
+            per kernel (``fits``) and uses this family's own layout otherwise.
+        fits: ``(packed weights, largest encoded activation) -> bool``, the proof for
+            ``pairwise`` (on the pairwise variant).
     """
 
     name: str
@@ -30,6 +37,19 @@ class Family:
     width_block: int = 1
     schedule: Optional[Callable[[tvm.tirx.PrimFunc, str, tvm.target.Target],
                                 tvm.tirx.PrimFunc]] = None
+    variant: str = ""
+    pairwise: Optional["Family"] = None
+    fits: Optional[Callable[[object, int], bool]] = None
+
+    def of_kernel(self, func: tvm.tirx.PrimFunc) -> "Family":
+        """The variant a ptq kernel was emitted with (its ``ptq.variant`` attribute)."""
+        variant = str(func.attrs.get("ptq.variant", "")) if func.attrs else ""
+        if variant and self.pairwise is not None and variant == self.pairwise.variant:
+            return self.pairwise
+        if variant and variant != self.variant:
+            raise ValueError(f"kernel emitted for variant {variant!r}, which family "
+                             f"{self.name!r} ({self.variant or 'main'}) does not have")
+        return self
 
 
 def get_family(name: str, target: Optional[tvm.target.Target] = None) -> Family:

@@ -26,7 +26,7 @@ def ApplyPtqSchedules(family: Family, target: tvm.target.Target,
     @tvm.transform.module_pass(opt_level=0, name="ApplyPtqSchedules")
     def _apply(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         if family.schedule is None and database is None:
-            return mod
+            return mod  # (schedule=False drops the variants' schedules with the family's)
         updates = {}
         for gv, func in mod.functions_items():
             attrs = func.attrs if isinstance(func, tvm.tirx.PrimFunc) else None
@@ -40,7 +40,7 @@ def ApplyPtqSchedules(family: Family, target: tvm.target.Target,
                     updates[gv] = tuned
                     continue
             kind = str(attrs["ptq.kernel"])
-            schedule = family.schedule
+            schedule = family.of_kernel(func).schedule
             if kind in wide_k.KINDS:  # int16 kernels: no intrinsic; parallel loops on CPU
                 schedule = _schedule_wide if target.kind.name == "llvm" else None
             if schedule is None:

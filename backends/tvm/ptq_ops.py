@@ -11,6 +11,7 @@ import torch
 from tvm import relax
 
 from backends.tvm import packing
+from backends.tvm.fxgraph import bind_args, value_range
 from backends.tvm.kernels import conv2d as conv_k
 from backends.tvm.kernels import dense as dense_k
 from backends.tvm.kernels import matmul as matmul_k
@@ -29,9 +30,12 @@ def dtype_name(dtype) -> str:
     return str(dtype)
 
 
-def _kernel(em, func, *args, kind: str, **kwargs):
-    return em.bb.emit_te(func, *args, primfunc_name_hint=f"ptq_{kind}",
-                         primfunc_attrs={"ptq.kernel": kind, "op_pattern": _OPAQUE}, **kwargs)
+def _kernel(em, func, *args, kind: str, variant: str = "", **kwargs):
+    attrs = {"ptq.kernel": kind, "op_pattern": _OPAQUE}
+    if variant:
+        attrs["ptq.variant"] = variant
+    return em.bb.emit_te(func, *args, primfunc_name_hint=f"ptq_{kind}", primfunc_attrs=attrs,
+                         **kwargs)
 
 
 def _requant_args(a) -> dict:
@@ -106,26 +110,56 @@ def clamp(em, a):
     return em.bb.emit(relax.op.minimum(relax.op.maximum(x, lo), hi))
 
 
+def _packed_variant(em, a, in_dt: str, pack) -> tuple:
+    """``(family variant, encode shift, packed weights)`` of a packed dense / conv kernel.
+
+    The family's ``pairwise`` variant (x86 AVX2: ``vpmaddubsw``) is taken when the proof holds:
+    the activations, shifted to start at 0 (``x - lo``, ``lo`` the bottom of the range the
+    graph guarantees for ``x``, see ``emit.value_range``), times each pair of packed weights
+    fit int16. Otherwise the family's own layout. The choice and its reason are recorded in
+    ``em.variants`` (``compile`` reports them).
+    """
+    fam = em.family
+    pw = fam.pairwise
+    if pw is not None:
+        lo, hi = value_range(bind_args(em.node)["x"]) or _dtype_bounds(in_dt)
+        x_zp = int(a["x_zp"])
+        lo, hi = min(lo, x_zp), max(hi, x_zp)  # the zero point pads convs
+        wp = pack(pw.lanes, pw.depth)
+        if hi - lo <= 255 and pw.fits(wp, hi - lo):
+            em.variants[em.node.name] = (pw.variant, f"activations in [{lo}, {hi}]: every "
+                                         "pair of products fits int16")
+            return pw, -lo, wp
+        em.variants[em.node.name] = (fam.variant or "main", f"activations in [{lo}, {hi}]: "
+                                     "a pair of products can overflow int16 "
+                                     "(QSpec(reduce_range=True) activations always fit)")
+    return fam, packing.encode_shift(in_dt, fam.act_dtype), pack(fam.lanes, fam.depth)
+
+
+def _dtype_bounds(dt: str) -> tuple[int, int]:
+    info = np.iinfo(dt)
+    return int(info.min), int(info.max)
+
+
 def linear(em, a):
-    x, fam = a["x"], em.family
+    x = a["x"]
     w = em.numpy(a["weight"]).astype(np.int8)
     n_out, k_in = w.shape
     in_dt = dtype_name(x.ty.dtype)
     if in_dt not in _EIGHT_BIT:
         return _linear_wide(em, a, w)
-    zp_enc = packing.encoded_zero_point(a["x_zp"], in_dt, fam.act_dtype)
+    fam, shift, wp = _packed_variant(em, a, in_dt,
+                                     lambda lanes, depth: packing.pack_dense(w, lanes, depth))
     bias = None if a["bias"] is None else em.numpy(a["bias"])
-    corr = packing.correction(w, bias, zp_enc)
+    corr = packing.correction(w, bias, int(a["x_zp"]) + shift)
     mult = _per_channel(em.numpy(a["multiplier"]), n_out)
-    wp = packing.pack_dense(w, fam.lanes, fam.depth)
     return _kernel(em, dense_k.dense, x, relax.const(wp), relax.const(corr), relax.const(mult),
-                   kind="dense", n_out=n_out, k_in=k_in,
-                   shift=packing.encode_shift(in_dt, fam.act_dtype), act_dtype=fam.act_dtype,
-                   **_requant_args(a))
+                   kind="dense", variant=fam.variant, n_out=n_out, k_in=k_in, shift=shift,
+                   act_dtype=fam.act_dtype, **_requant_args(a))
 
 
 def conv2d(em, a):
-    x, fam = a["x"], em.family
+    x = a["x"]
     w = em.numpy(a["weight"]).astype(np.int8)
     c_out, cg, kh, kw = w.shape
     groups = int(a["groups"])
@@ -141,12 +175,13 @@ def conv2d(em, a):
         return _kernel(em, conv_k.conv2d_depthwise, x, relax.const(w), relax.const(corr),
                        relax.const(mult), kind="conv2d_depthwise", groups=groups, c_out=c_out,
                        x_zp=int(a["x_zp"]), **geo, **_requant_args(a))
-    zp_enc = packing.encoded_zero_point(a["x_zp"], in_dt, fam.act_dtype)
+    fam, shift, wp = _packed_variant(
+        em, a, in_dt, lambda lanes, depth: packing.pack_conv(w, groups, lanes, depth))
+    zp_enc = int(a["x_zp"]) + shift
     corr = packing.correction(w, bias, zp_enc)
-    wp = packing.pack_conv(w, groups, fam.lanes, fam.depth)
     return _kernel(em, conv_k.conv2d_packed, x, relax.const(wp), relax.const(corr),
-                   relax.const(mult), kind="conv2d", groups=groups, c_in=cg * groups,
-                   c_out=c_out, shift=packing.encode_shift(in_dt, fam.act_dtype), zp_enc=zp_enc,
+                   relax.const(mult), kind="conv2d", variant=fam.variant, groups=groups,
+                   c_in=cg * groups, c_out=c_out, shift=shift, zp_enc=zp_enc,
                    act_dtype=fam.act_dtype, width_block=fam.width_block, **geo,
                    **_requant_args(a))
 

@@ -125,13 +125,15 @@ def _has_record(db: ms.database.Database, wl: tvm.IRModule, target) -> bool:
     return db.has_workload(wl) and db.query_tuning_record(wl, target, "main") is not None
 
 
-def space(family_name: str, target: tvm.target.Target) -> ms.space_generator.SpaceGenerator:
-    """The search space: multi-level tiling around the family's dot-product intrinsic.
+def space(family_name: str, target: tvm.target.Target,
+          variant: str = "") -> ms.space_generator.SpaceGenerator:
+    """The search space: multi-level tiling around the dot-product intrinsic of the family
+    (and the kernel's ``ptq.variant``, e.g. the AVX2 pairwise one).
 
     No AutoInline: inlining the ``x_enc`` re-encoding into ``acc`` would hide the intrinsic's
     ``uint8`` operand and fall back to untensorized code.
     """
-    intrin = _family_intrin(family_name, target)
+    intrin = _family_intrin(family_name, target, variant)
     if intrin is None:
         return ms.space_generator.PostOrderApply()  # TVM's rules for the target
     R, P, M = ms.schedule_rule, ms.postproc, ms.mutator
@@ -152,11 +154,18 @@ def space(family_name: str, target: tvm.target.Target) -> ms.space_generator.Spa
                        M.MutateUnroll(): 0.03, M.MutateParallel(max_jobs_per_core=16): 0.02})
 
 
-def _family_intrin(family_name: str, target: tvm.target.Target) -> Optional[str]:
+def _variant(wl: tvm.IRModule) -> str:
+    """The ``ptq.variant`` a kernel was emitted with ("" for the family's main one)."""
+    attrs = wl["main"].attrs
+    return str(attrs["ptq.variant"]) if attrs and "ptq.variant" in attrs else ""
+
+
+def _family_intrin(family_name: str, target: tvm.target.Target,
+                   variant: str = "") -> Optional[str]:
     if family_name == "x86":
         from backends.tvm.x86 import template_args
 
-        args = template_args(target)
+        args = template_args(target, variant)
         return None if args is None else args["intrin"]
     if family_name == "aarch64" and _targets.has_feature(target, "dotprod"):
         from backends.tvm.aarch64 import intrinsics
@@ -200,7 +209,7 @@ def _seed_template(db, wl, kind, family_name, tgt, builder, runner) -> Optional[
 
     from backends.tvm.x86 import template, template_args
 
-    targs = template_args(tgt)
+    targs = template_args(tgt, _variant(wl))
     if targs is None:
         return None
     sch = s_tir.Schedule(wl)
@@ -324,7 +333,7 @@ def tune(qgraph: fx.GraphModule, target: Any = "host", *, trials: int = 64,
                        unit="trial", leave=True)
             counter = _Progress(bar)
             ctx = ms.TuneContext(
-                mod=wl, target=tgt, space_generator=space(named.family, tgt),
+                mod=wl, target=tgt, space_generator=space(named.family, tgt, _variant(wl)),
                 search_strategy=_strategy(strategy, trials), task_name=name, num_threads=1)
             t0 = time.perf_counter()
             seed = _seed_template(db, wl, kind, named.family, tgt, builder, runner)

@@ -25,6 +25,18 @@ def _dense():
     return b.build(y), [int_tensor(4, (8, 64), torch.int8)]
 
 
+def _dense_both_variants():
+    """The dense of ``_dense`` plus one on a ``[0, 127]`` input (the AVX2 pairwise variant)."""
+    b = GraphBuilder()
+    x = b.input("x")
+    w = b.const(weight(2, (32, 64)))
+    m = b.const(multipliers(3, 32, 0.01))
+    y = b.call(P.linear.default, x, 3, w, None, m, -1, -128, 127, torch.int8)
+    x7 = b.call(P.clamp.default, x, 0, 127)
+    y7 = b.call(P.linear.default, x7, 3, w, None, m, -1, -128, 127, torch.int8)
+    return b.build((y, y7)), [int_tensor(4, (8, 64), torch.int8)]
+
+
 def _scheduled_kernels(gm, inputs, database):
     from backends.tvm import family, targets
     from backends.tvm.compile import build_ir
@@ -42,18 +54,23 @@ def _scheduled_kernels(gm, inputs, database):
 
 @pytest.mark.skipif(not host_has("avx2"), reason="tuning space uses the AVX2 / VNNI intrinsic")
 def test_tune_applies_and_reuses_database(tvm_backend, tmp_path):
-    gm, inputs = _dense()
+    gm, inputs = _dense_both_variants()
     db = tmp_path / "db"
     first = tvm_backend.tune(gm, "host", trials=2, database=db, example_inputs=inputs,
                              progress=False)
-    assert [t.kind for t in first.tasks] == ["dense"]
-    assert first.trials > 0
+    # two workloads on AVX2 hosts without VNNI (int16 and pairwise layouts), else one
+    pairwise = host_has("avx2") and not host_has("avx512vnni")
+    assert [t.kind for t in first.tasks] == ["dense"] * (2 if pairwise else 1)
+    assert all(t.trials > 0 for t in first.tasks)
     key = json.loads((first.database / "key.json").read_text())
     assert {"target", "tvm", "tvm_ffi", "llvm"} <= set(key)
     assert (first.database / "database_tuning_record.json").read_text().strip()
 
-    (kernel,) = _scheduled_kernels(gm, inputs, db)
-    assert "ptq.tuned" in kernel.attrs  # the record, not the fixed template, was applied
+    kernels = _scheduled_kernels(gm, inputs, db)
+    assert kernels
+    for kernel in kernels:  # the records, not the fixed template, were applied
+        assert "ptq.tuned" in kernel.attrs
+    assert pairwise == any(k.attrs.get("ptq.variant") == "avx2-pairwise" for k in kernels)
 
     cm = tvm_backend.compile(gm, "host", example_inputs=inputs, database=db)
     assert_exact(cm(*inputs), gm(*inputs), "tuned dense")

@@ -131,6 +131,29 @@ def test_int8_activations():
     assert (q(x) - qdq(x)).abs().max() < 0.1
 
 
+@pytest.mark.parametrize("dtype,lo,hi", [("uint8", 0, 127), ("int8", -64, 63)])
+def test_reduce_range_activations_clamp_every_integer_output(dtype, lo, hi):
+    """``QSpec(reduce_range=True)``: every op writing an activation clamps to the 7-bit range
+    (backends rely on it to prove ``vpmaddubsw`` exact), and the lowered graph still agrees
+    with its QDQ simulation; the setting survives the config's dict round trip."""
+    act = QSpec(dtype=dtype, reduce_range=True)
+    cfg = QuantConfig(activation=act)
+    assert QuantConfig.from_dict(cfg.to_dict()) == cfg
+    qdq, q = _quantize(Block(), (2, 3, 16, 16), cfg)
+    clamped = [n for n in q.graph.nodes if isinstance(n.target, torch._ops.OpOverload)
+               and n.target.namespace == "ptq"
+               and any(a.name == "qmax" for a in n.target._schema.arguments)]
+    assert len(clamped) >= 8
+    for n in clamped:
+        names = [a.name for a in n.target._schema.arguments]
+        qmin, qmax = n.args[names.index("qmin")], n.args[names.index("qmax")]
+        assert lo <= qmin and qmax == hi, (n.name, qmin, qmax)
+    x = torch.randn(2, 3, 16, 16)
+    out_scale = meta.get_qparams(next(n for n in q.graph.nodes
+                                      if n.target is ptq.linear.default)).scale
+    assert (q(x) - qdq(x)).abs().max() <= out_scale * 1.0001 * 2
+
+
 def test_convert_before_calibrate_fails_clearly():
     gm = ptqpasses.prepare(Block().eval(), (torch.randn(2, 3, 16, 16),))
     with pytest.raises(ptqpasses.PassError, match="run ptqpasses.calibrate") as info:

@@ -1,4 +1,5 @@
-"""A bit-exact 8x2 int16 x s8 -> int32 dot-product intrinsic for AVX2 (no VNNI).
+"""Bit-exact dot-product intrinsics for AVX2 without VNNI: 8x2 int16 x s8 (any input), and
+8x4 u8 x s8 (``vpmaddubsw``) where the weights and activation range prove it exact.
 
 ``vpmaddubsw`` (TVM's ``dot_16x4_avx512`` / the usual AVX2 trick) adds two u8 x s8 products in
 int16 and saturates on full-range inputs, so it is not bit-exact. ``vpmaddwd`` multiplies int16
@@ -14,6 +15,13 @@ shares each widened block across several output rows and keeps their accumulator
 registers across the whole reduction. (Weights pre-widened to int16 at pack time were measured
 too: no faster on ResNet-18 and ~10% slower on single kernels run between other work, with
 twice the constant memory.)
+
+Where the activations' range is known to be small enough (``QSpec(reduce_range=True)``:
+u8 in ``[0, 127]``; or weights whose adjacent pairs are small), the pairwise intrinsic does
+twice the work per instruction: ``vpmaddubsw`` on the u8 activation quad and an 8x4 weight
+block (the VNNI packing, ``[O/16, K/4, 16, 4]``), then ``vpmaddwd`` with ones adds each lane's
+two pair sums into int32. ``pairs_fit_int16`` is the proof the emitter checks per kernel
+(127 * (127 + 127) < 2**15, so a 7-bit activation range always qualifies).
 """
 
 from __future__ import annotations
@@ -60,8 +68,78 @@ def avx2_impl(
             a16, T.Cast("int16x16", B.vload([0, 0], dtype="int8x16")), dtype="int32x8")
 
 
+PAIRWISE_INTRIN = "ptq_dot_8x4_u8i8i32_avx2_pairwise"
+
+#: Output channels and reduction depth of one pairwise intrinsic call.
+PAIRWISE_LANES, PAIRWISE_DEPTH = 8, 4
+
+#: ``vpmaddubsw`` saturates each sum of two products to this int16 range.
+INT16_MIN, INT16_MAX = -2**15, 2**15 - 1
+
+
+@T.prim_func(s_tir=True)
+def pairwise_desc(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((8, 4), "int8", offset_factor=1),
+    C: T.Buffer((8,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+        T.writes(C[0:8])
+        for i in T.serial(0, 8):
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def pairwise_impl(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((8, 4), "int8", offset_factor=1),
+    C: T.Buffer((8,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+        T.writes(C[0:8])
+        # the 4 activation bytes as one int32, broadcast to the 8 lanes (vpbroadcastd)
+        quad = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+        a_u8 = T.reinterpret(T.broadcast(quad, 8), dtype="uint8x32")
+        # vpmaddubsw: u8 x s8, adjacent products summed in (saturating) int16
+        pairs = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+            a_u8, B.vload([0, 0], dtype="int8x32"), dtype="int16x16")
+        # vpmaddwd with ones: the two pair sums of each lane into one exact int32
+        C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+            pairs, T.broadcast(T.int16(1), 16), dtype="int32x8")
+
+
 def register() -> str:
     """Register the AVX2 intrinsic (idempotent); returns its name."""
     if TensorIntrin.get(AVX2_INTRIN, allow_missing=True) is None:
         TensorIntrin.register(AVX2_INTRIN, avx2_desc, avx2_impl)
     return AVX2_INTRIN
+
+
+def register_pairwise() -> str:
+    """Register the pairwise ``vpmaddubsw`` intrinsic (idempotent); returns its name."""
+    if TensorIntrin.get(PAIRWISE_INTRIN, allow_missing=True) is None:
+        TensorIntrin.register(PAIRWISE_INTRIN, pairwise_desc, pairwise_impl)
+    return PAIRWISE_INTRIN
+
+
+def pairs_fit_int16(w_packed, u_max: int) -> bool:
+    """Whether ``vpmaddubsw`` is exact on these packed weights for activations in
+    ``[0, u_max]``: every sum of two adjacent products ``u0 * w0 + u1 * w1`` (the pairs along
+    the packed depth axis, which is last and a multiple of 2) stays inside int16.
+
+    The sum is largest with ``u = u_max`` on the positive weights of the pair and 0 on the
+    negative ones, and smallest the other way round.
+    """
+    import numpy as np
+
+    w = np.asarray(w_packed, dtype=np.int64).reshape(-1, 2)
+    pos = np.clip(w, 0, None).sum(axis=1).max(initial=0)
+    neg = np.clip(-w, 0, None).sum(axis=1).max(initial=0)
+    return int(u_max) * int(pos) <= INT16_MAX and int(u_max) * int(neg) <= -INT16_MIN
