@@ -574,15 +574,20 @@ def measure_peak() -> dict:
     return out
 
 
+def _peak_kernels(pk: dict, key: str) -> str:
+    """The measured peak kernels of one precision, ``name rate`` each."""
+    raw = pk.get("raw") or {}
+    return ", ".join(f"{k} {v:.1f}" for k, v in raw.items() if k.startswith(key)) or "none"
+
+
 def to_markdown(result: dict) -> str:
     m, pk = result["machine"], result["peak"]
     lines = [f"Machine: {m['cpu']} ({m.get('llvm_cpu', '?')}), {m['cores']} cores, flags "
              f"{' '.join(m['flags']) or 'none'}; load average at start {m.get('loadavg')}.",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) + ".",
              f"One-core peak (tools.peak): fp32 {pk.get('fp32') or 0:.1f} GMAC/s, int8 "
-             f"{pk.get('int8') or 0:.1f} GMAC/s; % of peak is against threads x that. Without "
-             "VNNI the int8 peak is the exact u8 x s8 path (vpmaddwd); fbgemm / oneDNN / ORT "
-             "use vpmaddubsw (saturating, twice the rate), so their int8 rows can pass 100%.",
+             f"{pk.get('int8') or 0:.1f} GMAC/s (the best int8 kernel: "
+             f"{_peak_kernels(pk, 'int8')}); % of peak is against threads x that.",
              f"Median of {result['args']['runs']} interleaved rounds after "
              f"{result['args']['warmup']} warm-up calls (peers slower than "
              f"{result['args']['slow_s']} s a call: {result['args']['slow_runs']} rounds, "

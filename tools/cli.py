@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import sys
 
@@ -92,6 +93,13 @@ def cmd_compile(args) -> int:
         compiled = tvm_backend.compile(q, target=args.target)
     out = compiled.save(args.out)
     print(f"compiled for {args.target}: {out}")
+    variants = compiled.meta.get("variants") or {}
+    if variants:  # e.g. AVX2: the vpmaddubsw kernels, and why the others are not
+        counts = collections.Counter(v for v, _ in variants.values())
+        print("packed kernels: " + ", ".join(f"{n} {v}" for v, n in sorted(counts.items())))
+        for node, (variant, why) in variants.items():
+            if variant == "main":
+                print(f"  {node}: {why}")
     return 0
 
 

@@ -3,8 +3,10 @@
     python -m tools.peak            # prints JSON: fp32 FMA and int8 dot-product peaks
 
 Builds tools/peak.c with the system C compiler (-O2 -march=native) and runs it pinned to one
-core. The int8 figure is VNNI ``vpdpbusd`` where the CPU has it, else the exact AVX2 path
-(int16-widened ``vpmaddwd``), which is what bit-exact u8 x s8 kernels can use on that CPU.
+core. int8 figures: VNNI ``vpdpbusd`` where the CPU has it; on AVX2, the int16-widened
+``vpmaddwd`` path (exact for any u8 x s8) and the ``vpmaddubsw`` + ``vpmaddwd`` path (exact
+where pairs of products fit int16, e.g. 7-bit activations: what fbgemm, oneDNN and ONNX
+Runtime run on AVX2). Benchmarks take the best int8 figure as the int8 peak.
 """
 
 from __future__ import annotations
