@@ -236,7 +236,10 @@ def ptqpasses_recipe(task: Task, report_dir: Optional[str] = None):
     if r.get("int16_nodes"):
         wide[("|".join(r["int16_nodes"]))] = Scheme(QSpec(dtype="int16", symmetric=True), weight)
         notes.append(f"int16 activations for {', '.join(r['int16_nodes'])}")
-    cfg = QuantConfig(activation=QSpec(observer=r.get("observer", "histogram")), weight=weight,
+    act = QSpec(observer=r.get("observer", "histogram"), reduce_range=r.get("reduce_range", False))
+    if act.reduce_range:
+        notes.append("7-bit activations (reduce_range)")
+    cfg = QuantConfig(activation=act, weight=weight,
                       keep_float=keep, by_node_regex=wide)
     notes.append(f"activations {cfg.activation.observer}, weights {cfg.weight.observer}")
     if r.get("float_adds"):

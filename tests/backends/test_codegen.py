@@ -118,13 +118,29 @@ def _kernel_asm(asm: str, name: str) -> str:
     """:func:`_function_asm` plus the parallel-loop bodies (``.L__tvm_parallel_lambda*``,
     separate local functions) that the kernel launches."""
     body = _function_asm(asm, name)
-    parts = [body]
+    return "\n".join([body, *_parallel_bodies(asm, body, name)])
+
+
+def _parallel_bodies(asm: str, body: str, name: str) -> list[str]:
+    """The assembly of the parallel-loop bodies that a function's ``body`` launches."""
+    parts = []
     for label in sorted(set(re.findall(r"(\.L__tvm_parallel_lambda[\w.]*)\(%rip\)", body))):
         found = re.search(rf"^{re.escape(label)}:\n(.*?)^\s*\.size\s+{re.escape(label)},",
                           asm, re.S | re.M)
         assert found, f"parallel body {label} of {name} not in assembly"
         parts.append(found.group(1))
-    return "\n".join(parts)
+    return parts
+
+
+def test_avx2_tiles_allocate_nothing(tvm_backend, graph):
+    """The intrinsic's temporaries stay in registers: a named temporary in its TVMScript
+    became a local buffer, which the parallel loop allocated with TVMBackendAllocWorkspace
+    (and freed) once per register tile."""
+    asm = _build(tvm_backend, graph, "x86-avx2").source("asm")
+    for kernel in DOT_KERNELS:
+        bodies = _parallel_bodies(asm, _function_asm(asm, kernel), kernel)
+        assert bodies, kernel
+        assert not any("TVMBackendAllocWorkspace" in b for b in bodies), kernel
 
 
 def test_avx2_builds_without_vnni_and_runs_exact(tvm_backend, graph):

@@ -39,12 +39,13 @@ def sdot_impl(
     with T.sblock("root"):
         T.reads(C[0:4], A[0:4], B[0:4, 0:4])
         T.writes(C[0:4])
-        a_i32 = T.reinterpret(A.vload([0], "int8x4"), dtype="int32")
-        a_i8x16 = T.reinterpret(T.broadcast(a_i32, 4), dtype="int8x16")
+        # no named temporaries: TVMScript makes each a local buffer, which a kernel's parallel
+        # loop turns into a TVMBackendAllocWorkspace call per tile
         C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
             T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"),
             C.vload([0], dtype="int32x4"),
-            a_i8x16,
+            T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 4),
+                          dtype="int8x16"),
             B.vload([0, 0], dtype="int8x16"),
             dtype="int32x4",
         )

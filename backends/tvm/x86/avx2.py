@@ -60,12 +60,14 @@ def avx2_impl(
     with T.sblock("root"):
         T.reads(C[0:8], A[0:2], B[0:8, 0:2])
         T.writes(C[0:8])
-        # the activation pair as one int32, broadcast to the 8 lanes (vpbroadcastd)
-        pair = T.reinterpret(A.vload([0], "int16x2"), dtype="int32")
-        a16 = T.reinterpret(T.broadcast(pair, 8), dtype="int16x16")
+        # the activation pair as one int32, broadcast to the 8 lanes (vpbroadcastd). No named
+        # temporaries: TVMScript makes each a local buffer, which a kernel's parallel loop
+        # turns into a TVMBackendAllocWorkspace call per tile.
         C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
             T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
-            a16, T.Cast("int16x16", B.vload([0, 0], dtype="int8x16")), dtype="int32x8")
+            T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), 8),
+                          dtype="int16x16"),
+            T.Cast("int16x16", B.vload([0, 0], dtype="int8x16")), dtype="int32x8")
 
 
 PAIRWISE_INTRIN = "ptq_dot_8x4_u8i8i32_avx2_pairwise"
@@ -102,17 +104,18 @@ def pairwise_impl(
     with T.sblock("root"):
         T.reads(C[0:8], A[0:4], B[0:8, 0:4])
         T.writes(C[0:8])
-        # the 4 activation bytes as one int32, broadcast to the 8 lanes (vpbroadcastd)
-        quad = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-        a_u8 = T.reinterpret(T.broadcast(quad, 8), dtype="uint8x32")
-        # vpmaddubsw: u8 x s8, adjacent products summed in (saturating) int16
-        pairs = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
-            a_u8, B.vload([0, 0], dtype="int8x32"), dtype="int16x16")
-        # vpmaddwd with ones: the two pair sums of each lane into one exact int32
+        # vpmaddubsw of the 4 activation bytes (one int32, broadcast to the 8 lanes) and the
+        # 8x4 block: u8 x s8, adjacent products summed in (saturating) int16; then vpmaddwd
+        # with ones: each lane's two pair sums into one exact int32. (No named temporaries,
+        # see avx2_impl.)
         C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
             T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
-            pairs, T.broadcast(T.int16(1), 16), dtype="int32x8")
+            T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"),
+                                          8), dtype="uint8x32"),
+                B.vload([0, 0], dtype="int8x32"), dtype="int16x16"),
+            T.broadcast(T.int16(1), 16), dtype="int32x8")
 
 
 def register() -> str:
