@@ -65,6 +65,7 @@ class CompiledModule:
         self.inputs = [TensorSpec.from_json(d) for d in meta["inputs"]]
         self.outputs = [TensorSpec.from_json(d) for d in meta["outputs"]]
         self._vm: Optional[relax.VirtualMachine] = None
+        self._treespec = _UNSET
 
     @property
     def target(self) -> str:
@@ -79,14 +80,20 @@ class CompiledModule:
         self._check_inputs(args)
         if self._vm is None:
             self._vm = relax.VirtualMachine(self._lib, self._device())
-        dev = self._device()
-        tvm_args = [tvm.runtime.tensor(a.detach().cpu().contiguous().numpy(), dev) for a in args]
-        result = self._vm["main"](*tvm_args)
-        outs = [torch.from_numpy(np.asarray(r.numpy())) for r in result]
-        spec = self.meta.get("output_treespec")
-        if spec is None:
+        if self.meta["family"] == "cuda":
+            dev = self._device()
+            tvm_args = [tvm.runtime.tensor(a.detach().cpu().contiguous().numpy(), dev)
+                        for a in args]
+            outs = [torch.from_numpy(np.asarray(r.numpy())) for r in self._vm["main"](*tvm_args)]
+        else:
+            # CPU: no copies either way (DLPack); the VM allocates fresh outputs per call
+            outs = [torch.from_dlpack(r) for r in self._vm["main"](*map(_cpu_arg, args))]
+        if self._treespec is _UNSET:  # parsed once: it is the same for every call
+            spec = self.meta.get("output_treespec")
+            self._treespec = None if spec is None else pytree.treespec_loads(spec)
+        if self._treespec is None:
             return tuple(outs)
-        return pytree.tree_unflatten(outs, pytree.treespec_loads(spec))
+        return pytree.tree_unflatten(outs, self._treespec)
 
     def _check_inputs(self, args: Sequence[torch.Tensor]) -> None:
         if len(args) != len(self.inputs):
@@ -142,6 +149,26 @@ class CompiledModule:
                     versions=versions())
         stem.with_suffix(".json").write_text(json.dumps(meta, indent=1, sort_keys=True))
         return lib_path
+
+
+_UNSET = object()
+
+#: Byte alignment TVM assumes for tensor data (``kAllocAlignment``): a torch tensor whose data
+#: is aligned goes in without a copy.
+_ALIGNMENT = 64
+
+
+def _cpu_arg(a: torch.Tensor):
+    """A CPU torch tensor as a TVM tensor, shared through DLPack when it is contiguous and
+    aligned (a fresh torch tensor is), else a contiguous aligned copy."""
+    a = a.detach()
+    if a.device.type != "cpu":
+        a = a.cpu()
+    if not a.is_contiguous() or a.data_ptr() % _ALIGNMENT:
+        a = a.contiguous().clone(memory_format=torch.contiguous_format)
+        if a.data_ptr() % _ALIGNMENT:
+            return tvm.runtime.tensor(a.numpy(), tvm.cpu())
+    return tvm.runtime.from_dlpack(a)
 
 
 def load(path) -> CompiledModule:

@@ -119,3 +119,23 @@ def _host_has_avx512() -> bool:
     from tests.backends.conftest import host_has
 
     return host_has("avx512f")
+
+
+def test_calls_share_inputs_and_keep_outputs(saved):
+    """CPU calls pass torch tensors through DLPack without copies: an output stays valid after
+    later calls, and non-contiguous or unaligned inputs are copied first, not misread."""
+    _, _, cm = saved
+    g = torch.Generator().manual_seed(0)
+    x1, x2 = (torch.rand(3, 3, 12, 12, generator=g) * 4 - 2 for _ in range(2))
+    (y1,) = cm(x1)
+    first = y1.clone()
+    (y2,) = cm(x2)
+    assert torch.equal(y1, first) and not torch.equal(y1, y2)
+    wide = torch.rand(3, 3, 12, 13, generator=g)
+    view = wide[..., 1:]
+    assert not view.is_contiguous()
+    assert torch.equal(cm(view)[0], cm(view.contiguous())[0])
+    flat = torch.rand(3 * 3 * 12 * 12 + 1, generator=g)
+    unaligned = flat[1:].view(3, 3, 12, 12)
+    assert unaligned.data_ptr() % 64
+    assert torch.equal(cm(unaligned)[0], cm(unaligned.clone())[0])
