@@ -11,23 +11,12 @@ from __future__ import annotations
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
+from backends.tvm.dot_intrin import dot_desc
+
 SDOT_INTRIN = "ptq_dot_4x4_i8i8s32_sdot"
 
 
-@T.prim_func(s_tir=True)
-def sdot_desc(
-    A: T.Buffer((4,), "int8", offset_factor=1),
-    B: T.Buffer((4, 4), "int8", offset_factor=1),
-    C: T.Buffer((4,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:4], A[0:4], B[0:4, 0:4])
-        T.writes(C[0:4])
-        for i in T.serial(0, 4):
-            for k in T.serial(0, 4):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+sdot_desc = dot_desc(4, 4, "int8")
 
 
 @T.prim_func(s_tir=True)

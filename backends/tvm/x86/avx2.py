@@ -29,26 +29,15 @@ from __future__ import annotations
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
+from backends.tvm.dot_intrin import dot_desc
+
 AVX2_INTRIN = "ptq_dot_8x2_i16i8i32_avx2"
 
 #: Output channels and reduction depth of one intrinsic call.
 LANES, DEPTH = 8, 2
 
 
-@T.prim_func(s_tir=True)
-def avx2_desc(
-    A: T.Buffer((2,), "int16", offset_factor=1),
-    B: T.Buffer((8, 2), "int8", offset_factor=1),
-    C: T.Buffer((8,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
-        T.writes(C[0:8])
-        for i in T.serial(0, 8):
-            for k in T.serial(0, 2):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+avx2_desc = dot_desc(LANES, DEPTH, "int16")
 
 
 @T.prim_func(s_tir=True)
@@ -79,20 +68,7 @@ PAIRWISE_LANES, PAIRWISE_DEPTH = 8, 4
 INT16_MIN, INT16_MAX = -2**15, 2**15 - 1
 
 
-@T.prim_func(s_tir=True)
-def pairwise_desc(
-    A: T.Buffer((4,), "uint8", offset_factor=1),
-    B: T.Buffer((8, 4), "int8", offset_factor=1),
-    C: T.Buffer((8,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
-        T.writes(C[0:8])
-        for i in T.serial(0, 8):
-            for k in T.serial(0, 4):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+pairwise_desc = dot_desc(PAIRWISE_LANES, PAIRWISE_DEPTH, "uint8")
 
 
 @T.prim_func(s_tir=True)

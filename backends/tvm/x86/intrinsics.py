@@ -17,24 +17,13 @@ from __future__ import annotations
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
+from backends.tvm.dot_intrin import dot_desc
+
 VNNI_INTRIN = "ptq_dot_16x4_u8i8i32_vnni"
 TVM_VNNI_INTRIN = "dot_16x4_vnni"
 
 
-@T.prim_func(s_tir=True)
-def vnni_desc(
-    A: T.Buffer((4,), "uint8", offset_factor=1),
-    B: T.Buffer((16, 4), "int8", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-        T.writes(C[0:16])
-        for i in T.serial(0, 16):
-            for k in T.serial(0, 4):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+vnni_desc = dot_desc(16, 4, "uint8")
 
 
 @T.prim_func(s_tir=True)
