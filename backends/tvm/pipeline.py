@@ -9,9 +9,10 @@ from typing import Optional
 import tvm
 from tvm import relax
 
-from backends.tvm.family import Family
 from backends.tvm import glue_schedule
+from backends.tvm.family import Family
 from backends.tvm.kernels import wide as wide_k
+from backends.tvm.pool_schedule import schedule_max_pool2d
 from backends.tvm.wide_schedule import schedule_wide
 
 
@@ -19,7 +20,7 @@ def ApplyPtqSchedules(family: Family, target: tvm.target.Target,
                       database=None) -> tvm.transform.Pass:
     """Schedule every PrimFunc tagged ``ptq.kernel``: its tuned record from ``database`` (a
     MetaSchedule Database, see ``tune.py``) if there is one, else the family's fixed schedule
-    (int16-activation kernels on CPU: ``wide_schedule.py``).
+    (on CPU, int16-activation kernels: ``wide_schedule.py``; max_pool2d: ``pool_schedule.py``).
 
     Runs before legalization: the ptq kernels are already TE PrimFuncs (``call_tir``), tagged
     opaque so that the later FuseOps/FuseTIR leave them as they are.
@@ -45,6 +46,8 @@ def ApplyPtqSchedules(family: Family, target: tvm.target.Target,
             schedule = family.of_kernel(func).schedule
             if kind in wide_k.KINDS:  # int16 kernels: no intrinsic; parallel loops on CPU
                 schedule = _schedule_wide if target.kind.name == "llvm" else None
+            elif kind == "max_pool2d":
+                schedule = _schedule_max_pool2d if target.kind.name == "llvm" else None
             if schedule is None:
                 continue
             try:
@@ -171,6 +174,10 @@ def _guarded(stage: str, user_pass: tvm.transform.Pass, failures: list) -> tvm.t
 
 def _schedule_wide(func, kind, _target):
     return schedule_wide(func, kind)
+
+
+def _schedule_max_pool2d(func, _kind, _target):
+    return schedule_max_pool2d(func)
 
 
 def get_pipeline(family: Family, target: tvm.target.Target,
