@@ -31,6 +31,12 @@ from tvm.s_tir import dlight
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.target import Target
 
+#: Reduction blocks whose name contains this keep one partial result per lane in their last
+#: spatial axis (``kernels/softmax.py``); after the ``Reduction`` rule, that axis is moved
+#: inside the reduction loops and vectorized: independent vector accumulators instead of one
+#: serial chain (the reduction order is the block's own, lane by lane).
+LANE_PARTIALS = "_lanes"
+
 #: Lanes of the vectorized innermost axis, the first that divides its extent (16: two AVX2
 #: float32 registers, one of int8).
 VECTOR_LANES = (16, 8, 4)
@@ -54,7 +60,9 @@ def schedule_glue(func: tirx.PrimFunc, target: Target) -> Optional[tirx.PrimFunc
     pipeline (``ApplyGlueSchedules``) keeps the function as it was then.
     """
     sch = dlight.cpu.Reduction().apply(func, target, False)
-    if sch is None:
+    if sch is not None:
+        _vectorize_lane_partials(sch)
+    else:
         sch = _inline_and_vectorize(func)
     if sch is None:
         return None
@@ -96,3 +104,33 @@ def _vectorize_innermost(sch: s_tir.Schedule, block) -> None:
     if lanes is None:
         return
     sch.vectorize(loops[-1] if n == lanes else sch.split(loops[-1], [None, lanes])[1])
+
+
+def _vectorize_lane_partials(sch: s_tir.Schedule) -> None:
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        stmt = sch.get(block)
+        if LANE_PARTIALS not in stmt.name_hint:
+            continue
+        spatial = [iv for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.DataPar]
+        reduce = [iv for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.CommReduce]
+        extents = [iv.dom.extent for iv in spatial[-1:] + reduce]
+        if not spatial or not reduce or not all(isinstance(e, tirx.IntImm) for e in extents):
+            continue
+        lanes, total = int(extents[0]), 1
+        for e in extents[1:]:
+            total *= int(e)
+        # The reduction loops are the innermost ones whose extents multiply to ``total``
+        # (the rule may have split them); the lane loop is just outside them.
+        loops = sch.get_loops(block)
+        i, seen = len(loops), 1
+        while i > 0 and seen < total:
+            i -= 1
+            ext = sch.get(loops[i]).extent
+            if not isinstance(ext, tirx.IntImm):
+                break
+            seen *= int(ext)
+        lane_ext = sch.get(loops[i - 1]).extent if i > 0 else None
+        if seen != total or not isinstance(lane_ext, tirx.IntImm) or int(lane_ext) != lanes:
+            continue
+        sch.reorder(*loops[i:], loops[i - 1])
+        sch.vectorize(loops[i - 1])

@@ -140,3 +140,25 @@ def test_schedule_rules_on_hand_written_functions():
     r = te.compute((4,), lambda i: te.max(x[i, k2], axis=k2), name="r")
     assert glue_schedule.schedule_glue(te.create_prim_func([x, r]),
                                        targets.resolve("host").target()) is None
+
+
+def test_softmax_lane_partials_are_vectorized():
+    """The softmax kernel's ``*_lanes`` partial max / sum become vector accumulators (4
+    vectorized loops: two partials, exp, divide), same result as unscheduled, bit for bit."""
+    from backends.tvm.kernels.softmax import softmax_last_axis
+
+    x = te.placeholder((6, 64), "float32", name="x")
+    func = te.create_prim_func([x, softmax_last_axis(x)])
+    assert func.script().count(glue_schedule.LANE_PARTIALS) >= 2
+    rng = np.random.default_rng(1)
+    tgt = targets.resolve("host").target()
+    sched = glue_schedule.schedule_glue(func, tgt)
+    assert sched.script().count("T.vectorized") == 4
+    xs = (rng.standard_normal((6, 64)) * 5).astype("float32")
+    outs = []
+    for f in (func, sched):
+        ex = tvm.compile(tvm.IRModule({"main": f}), target=tgt)
+        y = tvm.runtime.tensor(np.zeros((6, 64), "float32"))
+        ex["main"](tvm.runtime.tensor(xs), y)
+        outs.append(y.numpy())
+    np.testing.assert_array_equal(outs[1], outs[0])
