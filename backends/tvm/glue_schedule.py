@@ -9,7 +9,8 @@ Two rules, the first that applies wins:
 * TVM's dlight CPU ``Reduction`` rule for functions of row reductions followed by injective
   blocks (softmax, layer-norm statistics, ``mean``): one parallel loop over the rows, every
   block computed per row, injective blocks vectorized, reductions split and unrolled (their
-  serial order is kept, so float sums are unchanged).
+  serial order is kept, so float sums are unchanged); reductions a kernel wrote as per-lane
+  partials (``LANE_PARTIALS``) then get vector accumulators.
 * All blocks injective but perhaps the last: every block inlined into the last one (one pass,
   no intermediates); its innermost axis vectorized when it is injective. Not a fused flat
   axis: broadcast operands would be addressed by div/mod of the flat index, which LLVM turns

@@ -107,8 +107,8 @@ STAGES = {
                       "(LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR); "
                       "the glue PrimFuncs are not scheduled yet: ``ApplyGlueSchedules`` runs "
                       "next and skips those marked ``tir.is_scheduled``",
-    "after_lowering": "glue PrimFuncs scheduled (CPU), dataflow lowered (ToNonDataflow, CallTIRRewrite), before memory "
-                      "planning and VM finalization",
+    "after_lowering": "glue PrimFuncs scheduled (CPU), dataflow lowered (ToNonDataflow, "
+                      "CallTIRRewrite), before memory planning and VM finalization",
 }
 
 

@@ -27,7 +27,7 @@ def _glue_graph():
     dq = b.call(P.quantize.default, b.call(P.dequantize.default, r, 0.05, 5), 0.07, -2, -128,
                 127, I8)
     m = b.call(P.mean.default, x, 3, [2], True, 0.5 / 48, 1, 0, 255, U8)
-    table = b.const(torch.arange(256, dtype=torch.int16).sub(128).mul(3).div(4, rounding_mode="floor")
+    table = b.const((torch.arange(256) - 128).mul(3).div(4, rounding_mode="floor")
                     .to(torch.int8))
     t = b.call(P.lut.default, y, table, -128)
     s = b.call(P.add.default, z, 1, 1024, z, 2, 512, 1.0 / 4096, 0, 0, 255, U8)
