@@ -170,7 +170,8 @@ def compile(qgraph: fx.GraphModule | tvm.IRModule, target: Any = None, *,
             ``meta['val']`` (graphs only).
         dynamic_batch: Make dim 0 of every input one symbolic ``batch`` dimension (graphs only).
         schedule: Apply the family's fixed dot-product schedule (VNNI / sdot tensorization,
-            the AVX2 template); tuned records apply regardless.
+            the AVX2 template) and, on CPU, the schedule of the glue and float islands
+            (``glue_schedule.py``); tuned records apply regardless.
         database: Root folder of tuning records (``backends.tvm.tune``); the target's keyed
             subfolder is used. Kernels with a record get the tuned schedule, the others the
             fixed one. ``dynamic_batch`` defaults to False then (records are per static shape).
@@ -210,7 +211,8 @@ def compile(qgraph: fx.GraphModule | tvm.IRModule, target: Any = None, *,
     failures: list = []
     try:
         exe = tvm.compile(mod, target=tgt,
-                          relax_pipeline=get_pipeline(family, tgt, db, relax_passes, failures))
+                          relax_pipeline=get_pipeline(family, tgt, db, relax_passes, failures,
+                                                      schedule_glue=schedule))
     except Exception:
         if failures:  # a user pass failed: raise its own error, not the FFI's wrapper
             raise failures[0] from failures[0].__cause__

@@ -2,8 +2,9 @@
 
 ``torch.ops.ptq.*`` nodes become int8 TE kernels or integer Relax ops (``ptq_ops``); every
 other node (integer pass-throughs such as view/permute on int8, and float islands such as
-softmax or layer_norm between dequantize and quantize) is handed to the converters of TVM's
-own ``relax.frontend.torch`` importer, which read and write the same node -> value table.
+gelu between dequantize and quantize) is handed to the converters of TVM's own
+``relax.frontend.torch`` importer, which read and write the same node -> value table, except
+``layer_norm`` and float32 ``softmax``, emitted here (``_layer_norm``, ``_softmax``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import ptqpasses.ops  # noqa: F401  (registers torch.ops.ptq)
 from backends.tvm import ptq_ops
 from backends.tvm.family import Family
 from backends.tvm.fxgraph import bind_args, ptq_name as _ptq_name
+from backends.tvm.kernels import softmax as softmax_k
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +181,10 @@ class Emitter:
         key = "getitem" if node.target is _getitem else getattr(node.target, "__name__", None)
         if key == "layer_norm.default":
             return self._layer_norm(node)
+        if key in ("softmax.int", "_softmax.default"):
+            y = self._softmax(node)
+            if y is not None:
+                return y
         convert = self._float.convert_map.get(key)
         if convert is None:
             raise EmitError(f"no TVM converter for op {_op_name(node)}")
@@ -220,6 +226,30 @@ class Emitter:
             y = bb.emit(op.multiply(y, self._lookup(weight)))
         if bias is not None:
             y = bb.emit(op.add(y, self._lookup(bias)))
+        return y
+
+    def _softmax(self, node: fx.Node):
+        """``aten.softmax`` / ``aten._softmax`` on float32 with ``kernels/softmax.py`` (a
+        vectorizable ``exp``, see its docstring for the accuracy against ATen); a dim other than
+        the last is moved last and back. None (TVM's own converter) for other dtypes."""
+        x = self.env[node.args[0]]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)
+        if node.target is torch.ops.aten.softmax.int:
+            dtype = node.args[2] if len(node.args) > 2 else node.kwargs.get("dtype")
+        else:  # _softmax(x, dim, half_to_float)
+            dtype = None
+        if x.ty.dtype != "float32" or dtype not in (None, torch.float32):
+            return None
+        ndim = x.ty.ndim
+        dim = int(dim) % ndim
+        bb, op = self.bb, relax.op
+        if dim != ndim - 1:
+            order = [a for a in range(ndim) if a != dim] + [dim]
+            back = [order.index(a) for a in range(ndim)]
+            x = bb.emit(op.permute_dims(x, order))
+        y = bb.emit_te(softmax_k.softmax_last_axis, x, primfunc_name_hint="softmax")
+        if dim != ndim - 1:
+            y = bb.emit(op.permute_dims(y, back))
         return y
 
 

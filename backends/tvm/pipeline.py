@@ -1,4 +1,5 @@
-"""Per-family Relax pipelines: TVM's default stages plus ``ApplyPtqSchedules``."""
+"""Per-family Relax pipelines: TVM's default stages plus ``ApplyPtqSchedules`` (the ptq
+kernels) and ``ApplyGlueSchedules`` (everything else, on CPU)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ from typing import Optional
 import tvm
 from tvm import relax
 
+from backends.tvm import glue_schedule
 from backends.tvm.family import Family
 from backends.tvm.kernels import wide as wide_k
+from backends.tvm.pool_schedule import schedule_max_pool2d
 from backends.tvm.wide_schedule import schedule_wide
 
 
@@ -17,7 +20,7 @@ def ApplyPtqSchedules(family: Family, target: tvm.target.Target,
                       database=None) -> tvm.transform.Pass:
     """Schedule every PrimFunc tagged ``ptq.kernel``: its tuned record from ``database`` (a
     MetaSchedule Database, see ``tune.py``) if there is one, else the family's fixed schedule
-    (int16-activation kernels on CPU: ``wide_schedule.py``).
+    (on CPU, int16-activation kernels: ``wide_schedule.py``; max_pool2d: ``pool_schedule.py``).
 
     Runs before legalization: the ptq kernels are already TE PrimFuncs (``call_tir``), tagged
     opaque so that the later FuseOps/FuseTIR leave them as they are.
@@ -43,6 +46,8 @@ def ApplyPtqSchedules(family: Family, target: tvm.target.Target,
             schedule = family.of_kernel(func).schedule
             if kind in wide_k.KINDS:  # int16 kernels: no intrinsic; parallel loops on CPU
                 schedule = _schedule_wide if target.kind.name == "llvm" else None
+            elif kind == "max_pool2d":
+                schedule = _schedule_max_pool2d if target.kind.name == "llvm" else None
             if schedule is None:
                 continue
             try:
@@ -50,6 +55,38 @@ def ApplyPtqSchedules(family: Family, target: tvm.target.Target,
             except Exception as e:  # noqa: BLE001  (keep the correct, unscheduled kernel)
                 warnings.warn(f"{family.name} schedule of {gv.name_hint} failed, left to the "
                               f"default lowering: {type(e).__name__}: {str(e)[:300]}")
+        for gv, func in updates.items():
+            mod[gv] = func
+        return mod
+
+    return _apply
+
+
+def ApplyGlueSchedules(target: tvm.target.Target) -> tvm.transform.Pass:
+    """Schedule every PrimFunc that is not a ptq kernel and not yet scheduled (the fused
+    integer glue and float islands) with ``glue_schedule.schedule_glue``; CPU (``llvm``)
+    targets only. Runs after legalization and fusion, where those PrimFuncs exist.
+
+    A function no rule applies to, or whose schedule fails (a warning), is left to the default
+    lowering as it was.
+    """
+
+    @tvm.transform.module_pass(opt_level=0, name="ApplyGlueSchedules")
+    def _apply(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        if target.kind.name != "llvm":
+            return mod
+        updates = {}
+        for gv, func in mod.functions_items():
+            if not glue_schedule.is_glue(func):
+                continue
+            try:
+                scheduled = glue_schedule.schedule_glue(func, target)
+            except Exception as e:  # noqa: BLE001  (keep the correct, unscheduled function)
+                warnings.warn(f"glue schedule of {gv.name_hint} failed, left to the default "
+                              f"lowering: {type(e).__name__}: {str(e)[:300]}")
+                continue
+            if scheduled is not None:
+                updates[gv] = scheduled
         for gv, func in updates.items():
             mod[gv] = func
         return mod
@@ -67,9 +104,11 @@ STAGES = {
     "after_schedule": "ptq kernels scheduled (fixed template, tensorized intrinsic, or tuned "
                       "record); Relax ops not yet legalized",
     "after_legalize": "every op legalized to TIR, constants folded, ops fused "
-                      "(LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR)",
-    "after_lowering": "dataflow lowered (ToNonDataflow, CallTIRRewrite), before memory "
-                      "planning and VM finalization",
+                      "(LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR); "
+                      "the glue PrimFuncs are not scheduled yet: ``ApplyGlueSchedules`` runs "
+                      "next and skips those marked ``tir.is_scheduled``",
+    "after_lowering": "glue PrimFuncs scheduled (CPU), dataflow lowered (ToNonDataflow, "
+                      "CallTIRRewrite), before memory planning and VM finalization",
 }
 
 
@@ -137,11 +176,17 @@ def _schedule_wide(func, kind, _target):
     return schedule_wide(func, kind)
 
 
+def _schedule_max_pool2d(func, _kind, _target):
+    return schedule_max_pool2d(func)
+
+
 def get_pipeline(family: Family, target: tvm.target.Target,
                  database=None, relax_passes=None,
-                 failures: Optional[list] = None) -> tvm.transform.Pass:
+                 failures: Optional[list] = None,
+                 schedule_glue: bool = True) -> tvm.transform.Pass:
     """The Relax pipeline that ``tvm.compile`` runs for ``family`` on ``target`` (tuned records
-    from the MetaSchedule ``database`` win over the fixed schedules).
+    from the MetaSchedule ``database`` win over the fixed schedules). ``schedule_glue=False``
+    leaves the non-ptq PrimFuncs to TVM's default lowering (no ``ApplyGlueSchedules``).
 
     ``relax_passes`` (see ``normalize_relax_passes``) inserts user passes at the ``STAGES``
     points, in the order given; their errors are appended to ``failures`` (see ``_guarded``).
@@ -165,6 +210,7 @@ def get_pipeline(family: Family, target: tvm.target.Target,
                 + user.get("after_schedule", [])
                 + stages.legalize_passes(target)
                 + user.get("after_legalize", [])
+                + ([ApplyGlueSchedules(target)] if schedule_glue else [])
                 + stages.dataflow_lower_passes(target)
                 + user.get("after_lowering", [])
                 + stages.finalize_passes(target))

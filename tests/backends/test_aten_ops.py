@@ -104,3 +104,39 @@ def test_layer_norm_statistics_are_accurate(tvm_backend):
             assert err_exact <= 2 * ulp, f"{what} batch {n}: {err_exact:.3g} from exact"
             assert err_aten <= 4 * ulp, f"{what} batch {n}: {err_aten:.3g} from ATen"
         assert (got[2].int() - want[2].int()).abs().max() <= 1
+
+
+def test_softmax_kernel_matches_torch(tvm_backend):
+    """Float32 softmax is emitted with ``kernels/softmax.py`` (not TVM's ``nn.softmax``), within
+    ``SOFTMAX_TOLERANCE`` of ``torch.softmax``: rows masked at -1e4 (MiniLM's padding) and -inf,
+    a fully -inf row (NaN, as torch), long rows with a wide range, dims other than the last."""
+    from tvm import relax
+
+    from backends.tvm.kernels.softmax import SOFTMAX_TOLERANCE
+
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.zeros(4, 40)
+    mask[0, 5:] = -1e4
+    mask[1, ::3] = float("-inf")
+    mask[2, :] = float("-inf")
+    mask[3, :20] = -50.0
+    b = GraphBuilder()
+    q = b.input("q")  # int8 [B, 4, 40]
+    f = b.call(P.dequantize.default, q, 0.25, 3)
+    masked = b.call(aten.add.Tensor, f, b.const(mask))
+    outs = (b.call(aten.softmax.int, masked, -1), b.call(aten._softmax.default, f, 1, False),
+            b.call(aten.softmax.int, f, 0), b.call(aten.softmax.int, f, 2, torch.float32))
+    gm = b.build(outs)
+    mod = tvm_backend.emit(gm, "host", example_inputs=[int_tensor(0, (2, 4, 40), torch.int8)])
+    ops = set()
+    relax.analysis.post_order_visit(mod["main"], lambda e: ops.add(e.op.name) if isinstance(
+        e, relax.Call) and hasattr(e.op, "name") else None)
+    assert "relax.nn.softmax" not in ops and any(
+        gv.name_hint.startswith("softmax") for gv in mod.get_global_vars())
+    cm = tvm_backend.compile(mod)
+    for n in (2, 3):
+        xin = torch.randint(-128, 128, (n, 4, 40), generator=gen, dtype=torch.int8)
+        for i, (g, w) in enumerate(zip(cm(xin), gm(xin))):
+            torch.testing.assert_close(g, w, equal_nan=True, **SOFTMAX_TOLERANCE,
+                                       msg=lambda m: f"softmax output {i} batch {n}: {m}")
+        assert torch.isnan(cm(xin)[0][:, 2]).all()  # the fully -inf row

@@ -11,6 +11,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import tvm
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
@@ -316,3 +317,47 @@ def test_unsupported_node_names_node_and_op(tvm_backend):
     with pytest.raises(tvm_backend.EmitError,
                        match="node 'bucketize_tensor' \\(aten.bucketize.Tensor\\) could not be"):
         tvm_backend.compile(b.build(y), "host", example_inputs=[torch.randn(2, 3)])
+
+
+def test_max_pool2d_separable_kernel(tvm_backend):
+    """The padded / row-max / column-max kernel, scheduled per channel on CPU, on the corners
+    of its index arithmetic: ceil mode whose last window reads past the right padding, dilation,
+    unequal kernel / stride / padding per axis, the dtypes' extremes at the borders (padding
+    must never win), a symbolic batch."""
+    cases = [  # kernel, stride, padding, dilation, ceil_mode, dtype, (h, w)
+        ([3, 3], [2, 2], [1, 1], [1, 1], False, torch.uint8, (11, 10)),
+        ([3, 3], [2, 2], [1, 1], [1, 1], True, torch.int8, (10, 9)),
+        ([2, 2], [1, 1], [0, 0], [2, 2], True, torch.int8, (7, 8)),
+        ([3, 3], [3, 3], [1, 1], [2, 2], True, torch.uint8, (8, 7)),
+        ([3, 2], [2, 1], [1, 1], [1, 2], False, torch.int8, (9, 6)),
+        ([2, 3], [2, 3], [0, 1], [1, 1], True, torch.uint8, (5, 11)),
+    ]
+    b, outs = GraphBuilder(), []
+    for i, (k, s, p, d, ceil, _, _) in enumerate(cases):
+        outs.append(b.call(P.max_pool2d.default, b.input(f"x{i}"), k, s, p, d, ceil))
+    gm = b.build(tuple(outs))
+
+    def inputs(n, seed):
+        xs = [int_tensor(seed + i, (n, 3, *hw), dt) for i, (*_, dt, hw) in enumerate(cases)]
+        for x, (*_, dt, _) in zip(xs, cases):  # borders at the dtype's minimum and maximum
+            lo, hi = (-128, 127) if dt == torch.int8 else (0, 255)
+            x[:, 0, 0, :], x[:, 0, :, -1], x[:, 1, -1, :], x[:, 2] = lo, lo, hi, lo
+        return xs
+
+    funcs = {}
+
+    @tvm.transform.module_pass(opt_level=0, name="capture")
+    def capture(mod, _ctx):
+        funcs.update({gv.name_hint: f for gv, f in mod.functions_items()
+                      if isinstance(f, tvm.tirx.PrimFunc) and f.attrs
+                      and str(f.attrs.get("ptq.kernel", "")) == "max_pool2d"})
+        return mod
+
+    cm = tvm_backend.compile(gm, "host", example_inputs=inputs(1, 0),
+                             relax_passes={"after_lowering": capture})
+    assert len(funcs) == len(cases)
+    assert all("tir.is_scheduled" in f.attrs and "T.parallel" in f.script()
+               for f in funcs.values())
+    for n, seed in ((1, 10), (3, 20)):
+        xs = inputs(n, seed)
+        assert_exact(cm(*xs), gm(*xs), f"max_pool2d batch {n}")

@@ -22,22 +22,41 @@ def pool_out_size(size, k: int, stride: int, pad: int, dil: int, ceil_mode: bool
 
 def max_pool2d(x, *, kernel: tuple, stride: tuple, padding: tuple, dilation: tuple,
                ceil_mode: bool):
-    """Window max; out-of-bounds taps read the dtype's minimum (they never win)."""
+    """Window max, separable: a padded copy ``xp`` (the dtype's minimum outside the input, so
+    padding never wins), the max over the window's rows ``vm`` (contiguous rows, at the row
+    stride), then over its columns at the column stride. Max is exact in any order, so this is
+    the reference's result; blocks ``xp``, ``vm``, ``out`` (``pool_schedule.py`` computes them
+    per channel)."""
     n, c, h, w = static_shape(x)
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
     oh = pool_out_size(h, kh, sh, ph, dh, ceil_mode)
     ow = pool_out_size(w, kw, sw, pw, dw, ceil_mode)
+    # Rows / columns of the padded input the windows read (ceil mode may read past the
+    # right padding; those taps are padding too).
+    hp, wp = (oh - 1) * sh + (kh - 1) * dh + 1, (ow - 1) * sw + (kw - 1) * dw + 1
     low = tirx.min_value(x.dtype)
-    rr = te.reduce_axis((0, kh), name="r")
-    ss = te.reduce_axis((0, kw), name="s")
 
-    def tap(b, ch, i, j):
-        y, z = i * sh + rr * dh - ph, j * sw + ss * dw - pw
-        inside = tirx.all(y >= 0, y < h, z >= 0, z < w)
-        return tirx.if_then_else(inside, x[b, ch, y, z], low)
+    def padded(b, ch, y, z):
+        inside = tirx.all(y >= ph, y < h + ph, z >= pw, z < w + pw)
+        return tirx.if_then_else(inside, x[b, ch, y - ph, z - pw], low)
 
-    return te.compute((n, c, oh, ow), lambda b, ch, i, j: te.max(tap(b, ch, i, j),
-                                                                  axis=[rr, ss]), name="out")
+    xp = te.compute((n, c, hp, wp), padded, name="xp")
+
+    def rows(b, ch, i, z):
+        v = xp[b, ch, i * sh, z]
+        for r in range(1, kh):
+            v = tirx.max(v, xp[b, ch, i * sh + r * dh, z])
+        return v
+
+    vm = te.compute((n, c, oh, wp), rows, name="vm")
+
+    def cols(b, ch, i, j):
+        v = vm[b, ch, i, j * sw]
+        for s in range(1, kw):
+            v = tirx.max(v, vm[b, ch, i, j * sw + s * dw])
+        return v
+
+    return te.compute((n, c, oh, ow), cols, name="out")
 
 
 def avg_pool2d(x, *, kernel: tuple, stride: tuple, padding: tuple, x_zp: int,

@@ -1,0 +1,137 @@
+"""A CPU schedule of the PrimFuncs that are not ptq kernels: the integer glue (residual add and
+requantize, dequantize, LUT gathers, ``mean``) and the float islands (softmax, layer norm) that
+TVM legalizes and fuses into PrimFuncs of its own.
+
+Left to TVM's default CPU lowering, these run unscheduled: every fused intermediate is a
+full-size buffer and nothing is vectorized (MiniLM s128: ~6 ms of ~54 on one Zen 3 core).
+Two rules, the first that applies wins:
+
+* TVM's dlight CPU ``Reduction`` rule for functions of row reductions followed by injective
+  blocks (softmax, layer-norm statistics, ``mean``): one parallel loop over the rows, every
+  block computed per row, injective blocks vectorized, reductions split and unrolled (their
+  serial order is kept, so float sums are unchanged); reductions a kernel wrote as per-lane
+  partials (``LANE_PARTIALS``) then get vector accumulators.
+* All blocks injective but perhaps the last: every block inlined into the last one (one pass,
+  no intermediates); its innermost axis vectorized when it is injective. Not a fused flat
+  axis: broadcast operands would be addressed by div/mod of the flat index, which LLVM turns
+  into gathers. (A last reduction, e.g. ResNet's global ``mean`` after its requantize chain,
+  only loses its intermediates.)
+
+Both change loops, not arithmetic, with one exception: once a float multiply and the add after
+it are inlined into one expression, LLVM (TVM builds with fp-contract fast) may fuse them into
+an FMA, so a float island can move by an ulp from the unscheduled lowering. Integer glue stays
+bit-exact: its only float multiply (requantize) is followed by ``round``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from tvm import s_tir, tirx
+from tvm.s_tir import dlight
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.target import Target
+
+#: Reduction blocks whose name contains this keep one partial result per lane in their last
+#: spatial axis (``kernels/softmax.py``); after the ``Reduction`` rule, that axis is moved
+#: inside the reduction loops and vectorized: independent vector accumulators instead of one
+#: serial chain (the reduction order is the block's own, lane by lane).
+LANE_PARTIALS = "_lanes"
+
+#: Lanes of the vectorized innermost axis, the first that divides its extent (16: two AVX2
+#: float32 registers, one of int8).
+VECTOR_LANES = (16, 8, 4)
+
+
+def is_glue(func) -> bool:
+    """A PrimFunc this schedule is for: not a ptq kernel, not already scheduled (our
+    ``tir.is_scheduled`` or dlight's ``tirx.is_scheduled``)."""
+    if not isinstance(func, tirx.PrimFunc):
+        return False
+    attrs = func.attrs
+    return not (attrs and ("ptq.kernel" in attrs or "tir.is_scheduled" in attrs
+                           or "tirx.is_scheduled" in attrs))
+
+
+def schedule_glue(func: tirx.PrimFunc, target: Target) -> Optional[tirx.PrimFunc]:
+    """``func`` scheduled by the first rule that applies (see the module docstring), marked
+    scheduled; None when none applies (e.g. a reduction whose last block is not injective).
+
+    Raises whatever TVM's schedule primitives raise on a function they cannot transform; the
+    pipeline (``ApplyGlueSchedules``) keeps the function as it was then.
+    """
+    sch = dlight.cpu.Reduction().apply(func, target, False)
+    if sch is not None:
+        _vectorize_lane_partials(sch)
+    else:
+        sch = _inline_and_vectorize(func)
+    if sch is None:
+        return None
+    # Both attribute spellings: ours (ApplyPtqSchedules, this pass) and dlight's
+    # ApplyDefaultSchedule, so that a later dlight pass leaves the function alone too.
+    return (sch.mod["main"].with_attr("tir.is_scheduled", True)
+            .with_attr("tirx.is_scheduled", True))
+
+
+def _inline_and_vectorize(func: tirx.PrimFunc) -> Optional[s_tir.Schedule]:
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    if not infos or not all(info.is_injective() for info in infos[:-1]):
+        return None
+    if len(infos) == 1 and not infos[0].is_injective():
+        return None
+    kept = []
+    for info in infos[:-1]:
+        try:
+            sch.compute_inline(info.block_rv)
+        except s_tir.ScheduleError:  # it writes an output of a multi-output function
+            kept.append(info.block_rv)
+    if infos[-1].is_injective():
+        kept.append(infos[-1].block_rv)
+    for block in kept:
+        _vectorize_innermost(sch, block)
+    return sch
+
+
+def _vectorize_innermost(sch: s_tir.Schedule, block) -> None:
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    extent = sch.get(loops[-1]).extent
+    if not isinstance(extent, tirx.IntImm):
+        return  # a symbolic innermost axis: left scalar
+    n = int(extent)
+    lanes = next((v for v in VECTOR_LANES if n % v == 0), None)
+    if lanes is None:
+        return
+    sch.vectorize(loops[-1] if n == lanes else sch.split(loops[-1], [None, lanes])[1])
+
+
+def _vectorize_lane_partials(sch: s_tir.Schedule) -> None:
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        stmt = sch.get(block)
+        if LANE_PARTIALS not in stmt.name_hint:
+            continue
+        spatial = [iv for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.DataPar]
+        reduce = [iv for iv in stmt.iter_vars if iv.iter_type == tirx.IterVar.CommReduce]
+        extents = [iv.dom.extent for iv in spatial[-1:] + reduce]
+        if not spatial or not reduce or not all(isinstance(e, tirx.IntImm) for e in extents):
+            continue
+        lanes, total = int(extents[0]), 1
+        for e in extents[1:]:
+            total *= int(e)
+        # The reduction loops are the innermost ones whose extents multiply to ``total``
+        # (the rule may have split them); the lane loop is just outside them.
+        loops = sch.get_loops(block)
+        i, seen = len(loops), 1
+        while i > 0 and seen < total:
+            i -= 1
+            ext = sch.get(loops[i]).extent
+            if not isinstance(ext, tirx.IntImm):
+                break
+            seen *= int(ext)
+        lane_ext = sch.get(loops[i - 1]).extent if i > 0 else None
+        if seen != total or not isinstance(lane_ext, tirx.IntImm) or int(lane_ext) != lanes:
+            continue
+        sch.reorder(*loops[i:], loops[i - 1])
+        sch.vectorize(loops[i - 1])
