@@ -12,6 +12,7 @@ from tvm import relax
 from backends.tvm import glue_schedule
 from backends.tvm.family import Family
 from backends.tvm.kernels import wide as wide_k
+from backends.tvm.matmul_schedule import schedule_matmul
 from backends.tvm.pool_schedule import schedule_max_pool2d
 from backends.tvm.wide_schedule import schedule_wide
 
@@ -20,7 +21,8 @@ def ApplyPtqSchedules(family: Family, target: tvm.target.Target,
                       database=None) -> tvm.transform.Pass:
     """Schedule every PrimFunc tagged ``ptq.kernel``: its tuned record from ``database`` (a
     MetaSchedule Database, see ``tune.py``) if there is one, else the family's fixed schedule
-    (on CPU, int16-activation kernels: ``wide_schedule.py``; max_pool2d: ``pool_schedule.py``).
+    (on CPU, int16-activation kernels: ``wide_schedule.py``; max_pool2d: ``pool_schedule.py``;
+    activation x activation ``matmul``: ``matmul_schedule.py``).
 
     Runs before legalization: the ptq kernels are already TE PrimFuncs (``call_tir``), tagged
     opaque so that the later FuseOps/FuseTIR leave them as they are.
@@ -48,6 +50,8 @@ def ApplyPtqSchedules(family: Family, target: tvm.target.Target,
                 schedule = _schedule_wide if target.kind.name == "llvm" else None
             elif kind == "max_pool2d":
                 schedule = _schedule_max_pool2d if target.kind.name == "llvm" else None
+            elif kind == "matmul":  # no weights packed ahead of time: matmul_schedule.py
+                schedule = _schedule_matmul if target.kind.name == "llvm" else None
             if schedule is None:
                 continue
             try:
@@ -178,6 +182,10 @@ def _schedule_wide(func, kind, _target):
 
 def _schedule_max_pool2d(func, _kind, _target):
     return schedule_max_pool2d(func)
+
+
+def _schedule_matmul(func, _kind, _target):
+    return schedule_matmul(func)
 
 
 def get_pipeline(family: Family, target: tvm.target.Target,

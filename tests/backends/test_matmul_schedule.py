@@ -1,0 +1,124 @@
+"""The register-tiled CPU schedule of ``ptq.matmul`` (``backends/tvm/matmul_schedule.py``):
+bit-exact on tile-sized and odd shapes, broadcast and dynamic batches, every operand dtype;
+applied (parallel + vectorized loops, vector multiplies in the assembly); tuned records win."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import tvm
+from tvm import s_tir
+from tvm.s_tir import meta_schedule as ms
+
+from backends.tvm import family
+from backends.tvm.matmul_schedule import schedule_matmul
+from backends.tvm.pipeline import ApplyPtqSchedules
+from tests.backends.conftest import P, GraphBuilder, assert_exact
+from tests.backends.strategies import int_tensor
+from tests.backends.test_codegen import _kernel_asm
+
+
+def _matmuls(cases):
+    """One graph of independent ``ptq.matmul`` s: ``(a, b, a_zp, b_zp, out dtype)`` tensors."""
+    b, outs, inputs = GraphBuilder(), [], []
+    for i, (ta, tb, azp, bzp, odt) in enumerate(cases):
+        xa, xb = b.input(f"a{i}"), b.input(f"b{i}")
+        lo, hi = (0, 255) if odt == torch.uint8 else (-128, 127)
+        outs.append(b.call(P.matmul.default, xa, azp, xb, bzp, 0.003 / (i + 1), 5, lo, hi, odt))
+        inputs += [ta, tb]
+    return b.build(tuple(outs)), inputs
+
+
+def _int16(seed, shape):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-32768, 32768, shape, generator=g, dtype=torch.int16)
+
+
+def _probe(seen: dict):
+    @tvm.transform.module_pass(opt_level=0, name="probe_matmul")
+    def _p(mod, _ctx):
+        seen.update({gv.name_hint: f for gv, f in mod.functions_items()
+                     if isinstance(f, tvm.tirx.PrimFunc) and f.attrs
+                     and str(f.attrs.get("ptq.kernel", "")) == "matmul"})
+        return mod
+    return _p
+
+
+def test_dynamic_batch_matmuls_are_scheduled_and_exact(tvm_backend):
+    """A symbolic leading dim (shared by every input): MiniLM's attention shapes, odd M / N /
+    K, and a 2-D operand whose rows are the symbolic dim (rows per tile fall back to 1)."""
+    i8, u8 = torch.int8, torch.uint8
+    gm, inputs = _matmuls([
+        (int_tensor(0, (2, 12, 128, 32), i8), int_tensor(1, (2, 12, 32, 128), i8), 3, -2, i8),
+        (int_tensor(2, (2, 3, 128, 128), u8), int_tensor(3, (2, 3, 128, 32), i8), 0, 1, u8),
+        (int_tensor(4, (2, 7, 5), u8), int_tensor(5, (2, 5, 9), u8), 131, 77, i8),
+        (int_tensor(6, (2, 37), i8), int_tensor(7, (2, 37, 24), u8), -7, 200, i8),
+    ])
+    seen = {}
+    cm = tvm_backend.compile(gm, "host", example_inputs=inputs, dynamic_batch=True,
+                             relax_passes={"after_schedule": _probe(seen)})
+    assert_exact(cm(*inputs), gm(*inputs), "dynamic batch")
+    small = [t[:1] for t in inputs]  # another batch size through the same module
+    assert_exact(cm(*small), gm(*small), "dynamic batch, batch 1")
+    assert len(seen) == 4
+    for name, f in seen.items():
+        assert "tir.is_scheduled" in f.attrs, name
+        text = f.script()
+        assert "T.parallel(" in text, name
+    # the tile of the MiniLM-shaped kernels: 4 unrolled rows x 16 vector lanes
+    assert sum("T.vectorized(T.int64(16))" in f.script() for f in seen.values()) >= 2
+
+
+def test_broadcast_batches_odd_tiles_and_int16_are_exact(tvm_backend):
+    """Static shapes: broadcast batch dims, M / N not multiples of the 4 x 16 tile, and int16
+    operands (summed in int64: same tiling, 64-bit lanes)."""
+    i8, u8 = torch.int8, torch.uint8
+    gm, inputs = _matmuls([
+        (int_tensor(0, (3, 1, 6, 33), i8), int_tensor(1, (2, 33, 24), i8), -128, 127, i8),
+        (int_tensor(2, (5, 7), u8), int_tensor(3, (2, 7, 40), u8), 255, 0, u8),
+        (int_tensor(4, (2, 1, 9, 3), i8), int_tensor(5, (1, 4, 3, 17), u8), 1, 128, i8),
+        (_int16(6, (2, 6, 11)), _int16(7, (2, 11, 16)), -32768, 5, i8),
+    ])
+    seen = {}
+    cm = tvm_backend.compile(gm, "host", example_inputs=inputs, dynamic_batch=False,
+                             relax_passes={"after_schedule": _probe(seen)})
+    assert_exact(cm(*inputs), gm(*inputs), "static shapes")
+    assert len(seen) == 4 and all("tir.is_scheduled" in f.attrs for f in seen.values())
+    assert any('"int64"' in f.script() for f in seen.values())  # the int16 kernel
+
+
+def test_assembly_has_vector_integer_multiplies(tvm_backend):
+    """x86 AVX2 and aarch64 NEON (built, not run here) share the schedule: 32-bit lane
+    multiplies on whole vector registers."""
+    gm, inputs = _matmuls([(int_tensor(0, (1, 4, 16, 8), torch.int8),
+                            int_tensor(1, (1, 4, 8, 32), torch.int8), 3, -2, torch.int8)])
+    asm = tvm_backend.compile(gm, "x86-avx2", example_inputs=inputs).source("asm")
+    assert re.search(r"vpmulld\s+%ymm", _kernel_asm(asm, "ptq_matmul"))
+    asm = tvm_backend.compile(gm, "aarch64-neon", example_inputs=inputs).source("asm")
+    assert re.search(r"\bmul\s+v\d+\.4s", asm)
+
+
+def test_tuned_record_wins_over_the_matmul_schedule(tvm_backend):
+    from backends.tvm.tune import workload
+
+    gm, inputs = _matmuls([(int_tensor(0, (1, 2, 8, 4), torch.int8),
+                            int_tensor(1, (1, 2, 4, 8), torch.int8), 0, 0, torch.int8)])
+    mod, named, _ = tvm_backend.build_ir(gm, "host", example_inputs=inputs)
+    target = named.target()
+    fam = family.get_family(named.family, target)
+    (gv, func), = [(gv, f) for gv, f in mod.functions_items()
+                   if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and "ptq.kernel" in f.attrs]
+    # a "tuned" record: the workload with only its output loops parallelized
+    wl = workload(func)
+    sch = s_tir.Schedule(wl, debug_mask="all", enable_check=False)
+    sch.parallel(sch.get_loops(sch.get_sblock("out"))[0])
+    db = ms.database.MemoryDatabase()
+    db.commit_tuning_record(ms.database.TuningRecord(sch.trace, db.commit_workload(wl),
+                                                     [0.001], target))
+    with target:  # (each on a module of its own: the pass updates the module it is given)
+        tuned = ApplyPtqSchedules(fam, target, db)(tvm.IRModule({gv: func}))[gv]
+        fixed = ApplyPtqSchedules(fam, target)(tvm.IRModule({gv: func}))[gv]
+    assert "ptq.tuned" in tuned.attrs and "ptq.tuned" not in fixed.attrs
+    tvm.ir.assert_structural_equal(fixed.without_attr("global_symbol"),
+                                   schedule_matmul(func).without_attr("global_symbol"))
