@@ -28,6 +28,9 @@ class Family:
             per kernel (``fits``) and uses this family's own layout otherwise.
         fits: ``(packed weights, largest encoded activation) -> bool``, the proof for
             ``pairwise`` (on the pairwise variant).
+        packs_matmul: Emit 8-bit ``matmul`` s (activation x activation) with both operands
+            centered to int16 and the right one packed per call in ``[N/lanes, K/depth, lanes,
+            depth]`` blocks (``kernels/matmul.py::matmul_packed``; x86 AVX2's ``vpmaddwd``).
     """
 
     name: str
@@ -40,6 +43,7 @@ class Family:
     variant: str = ""
     pairwise: Optional["Family"] = None
     fits: Optional[Callable[[object, int], bool]] = None
+    packs_matmul: bool = False
 
     def of_kernel(self, func: tvm.tirx.PrimFunc) -> "Family":
         """The variant a ptq kernel was emitted with (its ``ptq.variant`` attribute)."""

@@ -12,7 +12,7 @@ from tvm import relax
 from backends.tvm import glue_schedule
 from backends.tvm.family import Family
 from backends.tvm.kernels import wide as wide_k
-from backends.tvm.matmul_schedule import schedule_matmul
+from backends.tvm.matmul_schedule import is_packed, schedule_matmul, schedule_matmul_packed
 from backends.tvm.pool_schedule import schedule_max_pool2d
 from backends.tvm.wide_schedule import schedule_wide
 
@@ -184,8 +184,15 @@ def _schedule_max_pool2d(func, _kind, _target):
     return schedule_max_pool2d(func)
 
 
-def _schedule_matmul(func, _kind, _target):
-    return schedule_matmul(func)
+def _schedule_matmul(func, _kind, target):
+    if not is_packed(func):
+        return schedule_matmul(func)
+    from backends.tvm.x86 import avx2, template_args
+
+    args = template_args(target)
+    if args is None or args["intrin"] != avx2.AVX2_INTRIN:
+        return func  # (emitted for the AVX2 family; correct, unscheduled elsewhere)
+    return schedule_matmul_packed(func, {**args, "intrin": avx2.register_wide()})
 
 
 def get_pipeline(family: Family, target: tvm.target.Target,

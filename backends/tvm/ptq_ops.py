@@ -243,9 +243,16 @@ def matmul(em, a):
     k_dim = _static(x.ty.shape[-1]) if x.ty.shape is not None else None
     bound = None if k_dim is None else (k_dim * wide_k.max_centered(_dt(x), a_zp)
                                         * wide_k.max_centered(_dt(y), b_zp))
-    out = _kernel(em, matmul_k.matmul, x, y, kind="matmul", a_zp=a_zp, b_zp=b_zp,
-                  multiplier=float(a["multiplier"]),
-                  acc_dtype=_sum_dtype(bound, _dt(x), _dt(y)), **_requant_args(a))
+    acc_dtype = _sum_dtype(bound, _dt(x), _dt(y))
+    if (em.family.packs_matmul and _dt(x) in _EIGHT_BIT and _dt(y) in _EIGHT_BIT
+            and k_dim is not None and _static(y.ty.shape[-1]) is not None):
+        out = _kernel(em, matmul_k.matmul_packed, x, y, kind="matmul", a_zp=a_zp, b_zp=b_zp,
+                      multiplier=float(a["multiplier"]), lanes=em.family.lanes,
+                      depth=em.family.depth, **_requant_args(a))
+    else:
+        out = _kernel(em, matmul_k.matmul, x, y, kind="matmul", a_zp=a_zp, b_zp=b_zp,
+                      multiplier=float(a["multiplier"]), acc_dtype=acc_dtype,
+                      **_requant_args(a))
     if squeeze:
         out = em.bb.emit(relax.op.squeeze(out, squeeze))
     return out

@@ -53,7 +53,7 @@ PAIRWISE_FAMILY = Family("x86", act_dtype="uint8", lanes=16, depth=4, width_bloc
                          schedule=_schedule_pairwise, variant="avx2-pairwise",
                          fits=avx2.pairs_fit_int16)
 AVX2_FAMILY = Family("x86", act_dtype="int16", lanes=16, depth=2, width_block=AVX2_ROWS,
-                     schedule=_schedule_avx2, pairwise=PAIRWISE_FAMILY)
+                     schedule=_schedule_avx2, pairwise=PAIRWISE_FAMILY, packs_matmul=True)
 
 
 def uses_avx2_layout(target: Optional[tvm.target.Target]) -> bool:
