@@ -13,14 +13,15 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 
-def dot_desc(lanes: int, depth: int, a_dtype: str) -> tirx.PrimFunc:
+def dot_desc(lanes: int, depth: int, a_dtype: str, b_dtype: str = "int8") -> tirx.PrimFunc:
     """The description PrimFunc of a ``lanes x depth`` dot product on ``a_dtype``
-    activations."""
+    activations and ``b_dtype`` blocks (int8 weights; int16 for the AVX2 ``matmul`` of two
+    activations, ``x86/avx2.py::wide_impl``)."""
 
     @T.prim_func(s_tir=True)
     def desc(
         A: T.Buffer((depth,), a_dtype, offset_factor=1),
-        B: T.Buffer((lanes, depth), "int8", offset_factor=1),
+        B: T.Buffer((lanes, depth), b_dtype, offset_factor=1),
         C: T.Buffer((lanes,), "int32", offset_factor=1),
     ) -> None:
         with T.sblock("root"):

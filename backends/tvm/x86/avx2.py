@@ -62,20 +62,7 @@ def avx2_impl(
 WIDE_INTRIN = "ptq_dot_8x2_i16i16i32_avx2"
 
 
-@T.prim_func(s_tir=True)
-def wide_desc(
-    A: T.Buffer((2,), "int16", offset_factor=1),
-    B: T.Buffer((8, 2), "int16", offset_factor=1),
-    C: T.Buffer((8,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
-        T.writes(C[0:8])
-        for i in T.serial(0, 8):
-            for k in T.serial(0, 2):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+wide_desc = dot_desc(LANES, DEPTH, "int16", "int16")
 
 
 @T.prim_func(s_tir=True)
@@ -87,9 +74,7 @@ def wide_impl(
     with T.sblock("root"):
         T.reads(C[0:8], A[0:2], B[0:8, 0:2])
         T.writes(C[0:8])
-        # as avx2_impl, with the block already int16 (one 32-byte load, no widening); one
-        # expression, no let-bound temporaries: with int64 indices (symbolic batch) tensorize
-        # turns those into local buffers, stored to on every call
+        # as avx2_impl, with the block already int16 (one 32-byte load, no widening)
         C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
             T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
             T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), 8),
