@@ -5,8 +5,9 @@ Both operands are activations, so there is no weight block packed ahead of time.
 schedule (``schedule_matmul``) only tiles, vectorizes and parallelizes the TE compute, with no
 intrinsic, so x86 and aarch64 share it. On x86 AVX2 (``Family.packs_matmul``) 8-bit matmuls
 are emitted in block form instead (``b`` packed per call, both operands centered to int16), and
-``schedule_matmul_packed`` runs the family's dense template on ``vpmaddwd`` over them: about
-1.2-2x faster on MiniLM's attention matmuls (fewer, wider multiplies).
+``schedule_matmul_packed`` runs the family's dense template on ``vpmaddwd`` over them (16
+multiply-adds per instruction instead of 8 multiplies plus 8 adds). Measured on a Zen 3, one
+thread, MiniLM's 12 attention matmuls: 17 ms unscheduled, 3.6 ms plain, 1.7 ms packed.
 
 Plain schedule:
 
