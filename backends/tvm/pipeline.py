@@ -59,6 +59,8 @@ def ApplyPtqSchedules(family: Family, target: tvm.target.Target,
             except Exception as e:  # noqa: BLE001  (keep the correct, unscheduled kernel)
                 warnings.warn(f"{family.name} schedule of {gv.name_hint} failed, left to the "
                               f"default lowering: {type(e).__name__}: {str(e)[:300]}")
+        if updates:
+            mod = mod.clone()  # the caller's module (e.g. one from ``emit``) stays as it was
         for gv, func in updates.items():
             mod[gv] = func
         return mod
@@ -91,6 +93,8 @@ def ApplyGlueSchedules(target: tvm.target.Target) -> tvm.transform.Pass:
                 continue
             if scheduled is not None:
                 updates[gv] = scheduled
+        if updates:
+            mod = mod.clone()  # the caller's module (e.g. one from ``emit``) stays as it was
         for gv, func in updates.items():
             mod[gv] = func
         return mod

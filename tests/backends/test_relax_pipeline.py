@@ -43,10 +43,14 @@ def test_emit_then_user_passes_then_compile(qgraph):
     # The user's own passes on the emitted module; the signature attribute survives them.
     mod = tvm.transform.Sequential([relax.transform.FoldConstant(),
                                     relax.transform.DeadCodeElimination()])(mod)
+    before = {name: f.script() for name, f in _ptq_kernels(mod).items()}
     cm = ptq_tvm.compile(mod)
     for batch in (1, 3):
         x = torch.randn(batch, 1, 8, 8)
         assert torch.equal(cm(x), qgraph(x))
+    # compiling schedules copies of the kernels: the user's module is left as it was
+    assert {name: f.script() for name, f in _ptq_kernels(mod).items()} == before
+    assert not any("tir.is_scheduled" in f.attrs for f in _ptq_kernels(mod).values())
 
 
 def test_user_passes_run_at_each_named_stage_in_order(qgraph):
