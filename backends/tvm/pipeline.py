@@ -17,6 +17,28 @@ from backends.tvm.pool_schedule import schedule_max_pool2d
 from backends.tvm.wide_schedule import schedule_wide
 
 
+def _try_schedule(what: str, gv, schedule, *args):
+    """``schedule(*args)``, or None with a warning when it fails (the correct, unscheduled
+    function is kept)."""
+    try:
+        return schedule(*args)
+    except Exception as e:  # noqa: BLE001  (warned; compilation goes on)
+        warnings.warn(f"{what} of {gv.name_hint} failed, left to the default lowering: "
+                      f"{type(e).__name__}: {str(e)[:300]}")
+        return None
+
+
+def _with_updates(mod: tvm.IRModule, updates: dict) -> tvm.IRModule:
+    """A copy of ``mod`` with the functions in ``updates`` replaced (the caller's module, e.g.
+    one from ``emit``, stays as it was)."""
+    if not updates:
+        return mod
+    mod = mod.clone()
+    for gv, func in updates.items():
+        mod[gv] = func
+    return mod
+
+
 def ApplyPtqSchedules(family: Family, target: tvm.target.Target,
                       database=None) -> tvm.transform.Pass:
     """Schedule every PrimFunc tagged ``ptq.kernel``: its tuned record from ``database`` (a
@@ -54,16 +76,11 @@ def ApplyPtqSchedules(family: Family, target: tvm.target.Target,
                 schedule = _schedule_matmul if target.kind.name == "llvm" else None
             if schedule is None:
                 continue
-            try:
-                updates[gv] = schedule(func, kind, target)
-            except Exception as e:  # noqa: BLE001  (keep the correct, unscheduled kernel)
-                warnings.warn(f"{family.name} schedule of {gv.name_hint} failed, left to the "
-                              f"default lowering: {type(e).__name__}: {str(e)[:300]}")
-        if updates:
-            mod = mod.clone()  # the caller's module (e.g. one from ``emit``) stays as it was
-        for gv, func in updates.items():
-            mod[gv] = func
-        return mod
+            scheduled = _try_schedule(f"{family.name} schedule", gv, schedule, func, kind,
+                                      target)
+            if scheduled is not None:
+                updates[gv] = scheduled
+        return _with_updates(mod, updates)
 
     return _apply
 
@@ -85,19 +102,11 @@ def ApplyGlueSchedules(target: tvm.target.Target) -> tvm.transform.Pass:
         for gv, func in mod.functions_items():
             if not glue_schedule.is_glue(func):
                 continue
-            try:
-                scheduled = glue_schedule.schedule_glue(func, target)
-            except Exception as e:  # noqa: BLE001  (keep the correct, unscheduled function)
-                warnings.warn(f"glue schedule of {gv.name_hint} failed, left to the default "
-                              f"lowering: {type(e).__name__}: {str(e)[:300]}")
-                continue
+            scheduled = _try_schedule("glue schedule", gv, glue_schedule.schedule_glue, func,
+                                      target)
             if scheduled is not None:
                 updates[gv] = scheduled
-        if updates:
-            mod = mod.clone()  # the caller's module (e.g. one from ``emit``) stays as it was
-        for gv, func in updates.items():
-            mod[gv] = func
-        return mod
+        return _with_updates(mod, updates)
 
     return _apply
 

@@ -16,25 +16,18 @@ from tests.backends.conftest import P, GraphBuilder, assert_exact, host_has
 from tests.backends.strategies import int_tensor, multipliers, weight
 
 
-def _dense():
+def _dense(both_variants: bool = False):
+    """One dense on int8 ``x``; with ``both_variants`` also one on ``clamp(x, 0, 127)`` (the
+    AVX2 pairwise variant)."""
     b = GraphBuilder()
     x = b.input("x")
     w = b.const(weight(2, (32, 64)))
     m = b.const(multipliers(3, 32, 0.01))
     y = b.call(P.linear.default, x, 3, w, None, m, -1, -128, 127, torch.int8)
+    if both_variants:
+        x7 = b.call(P.clamp.default, x, 0, 127)
+        y = (y, b.call(P.linear.default, x7, 3, w, None, m, -1, -128, 127, torch.int8))
     return b.build(y), [int_tensor(4, (8, 64), torch.int8)]
-
-
-def _dense_both_variants():
-    """The dense of ``_dense`` plus one on a ``[0, 127]`` input (the AVX2 pairwise variant)."""
-    b = GraphBuilder()
-    x = b.input("x")
-    w = b.const(weight(2, (32, 64)))
-    m = b.const(multipliers(3, 32, 0.01))
-    y = b.call(P.linear.default, x, 3, w, None, m, -1, -128, 127, torch.int8)
-    x7 = b.call(P.clamp.default, x, 0, 127)
-    y7 = b.call(P.linear.default, x7, 3, w, None, m, -1, -128, 127, torch.int8)
-    return b.build((y, y7)), [int_tensor(4, (8, 64), torch.int8)]
 
 
 def _scheduled_kernels(gm, inputs, database):
@@ -54,7 +47,7 @@ def _scheduled_kernels(gm, inputs, database):
 
 @pytest.mark.skipif(not host_has("avx2"), reason="tuning space uses the AVX2 / VNNI intrinsic")
 def test_tune_applies_and_reuses_database(tvm_backend, tmp_path):
-    gm, inputs = _dense_both_variants()
+    gm, inputs = _dense(both_variants=True)
     db = tmp_path / "db"
     first = tvm_backend.tune(gm, "host", trials=2, database=db, example_inputs=inputs,
                              progress=False)
