@@ -63,3 +63,19 @@ def assert_exact(got, want, what: str = ""):
             diff = (g.to(torch.float64) - w.to(torch.float64)).abs()
             raise AssertionError(f"{what} output {i}: {int((diff > 0).sum())} of {diff.numel()} "
                                  f"elements differ, max {diff.max().item()}")
+
+
+def kernel_probe(kind: str, seen: dict):
+    """A Relax pass (for ``compile(relax_passes={stage: ...})``) that records the module's
+    PrimFuncs tagged ``ptq.kernel == kind`` into ``seen`` (name -> PrimFunc) at that stage."""
+    import tvm
+
+    @tvm.transform.module_pass(opt_level=0, name=f"probe_{kind}")
+    def probe(mod, _ctx):
+        seen.update({gv.name_hint: f for gv, f in mod.functions_items()
+                     if isinstance(f, tvm.tirx.PrimFunc) and f.attrs
+                     and str(f.attrs.get("ptq.kernel", "")) == kind})
+        return mod
+
+    return probe
+

@@ -19,7 +19,7 @@ from backends.tvm import family, targets
 from backends.tvm.kernels import matmul as matmul_k
 from backends.tvm.matmul_schedule import is_packed, schedule_matmul
 from backends.tvm.pipeline import ApplyPtqSchedules
-from tests.backends.conftest import P, GraphBuilder, assert_exact
+from tests.backends.conftest import P, GraphBuilder, assert_exact, kernel_probe
 from tests.backends.strategies import int_tensor
 from tests.backends.test_codegen import _kernel_asm
 
@@ -46,16 +46,6 @@ def _host_packs() -> bool:
     return family.get_family(targets.resolve("host").family, target).packs_matmul
 
 
-def _probe(seen: dict):
-    @tvm.transform.module_pass(opt_level=0, name="probe_matmul")
-    def _p(mod, _ctx):
-        seen.update({gv.name_hint: f for gv, f in mod.functions_items()
-                     if isinstance(f, tvm.tirx.PrimFunc) and f.attrs
-                     and str(f.attrs.get("ptq.kernel", "")) == "matmul"})
-        return mod
-    return _p
-
-
 def test_dynamic_batch_matmuls_are_scheduled_and_exact(tvm_backend):
     """A symbolic leading dim (shared by every input): MiniLM's attention shapes, odd M / N /
     K, and a 2-D operand whose rows are the symbolic dim (rows per tile fall back to 1)."""
@@ -68,7 +58,7 @@ def test_dynamic_batch_matmuls_are_scheduled_and_exact(tvm_backend):
     ])
     seen = {}
     cm = tvm_backend.compile(gm, "host", example_inputs=inputs, dynamic_batch=True,
-                             relax_passes={"after_schedule": _probe(seen)})
+                             relax_passes={"after_schedule": kernel_probe("matmul", seen)})
     assert_exact(cm(*inputs), gm(*inputs), "dynamic batch")
     small = [t[:1] for t in inputs]  # another batch size through the same module
     assert_exact(cm(*small), gm(*small), "dynamic batch, batch 1")
@@ -94,7 +84,7 @@ def test_broadcast_batches_odd_tiles_and_int16_are_exact(tvm_backend):
     ])
     seen = {}
     cm = tvm_backend.compile(gm, "host", example_inputs=inputs, dynamic_batch=False,
-                             relax_passes={"after_schedule": _probe(seen)})
+                             relax_passes={"after_schedule": kernel_probe("matmul", seen)})
     assert_exact(cm(*inputs), gm(*inputs), "static shapes")
     assert len(seen) == 4 and all("tir.is_scheduled" in f.attrs for f in seen.values())
     assert any('"int64"' in f.script() for f in seen.values())  # the int16 kernel

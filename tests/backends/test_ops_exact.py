@@ -15,7 +15,7 @@ import tvm
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from tests.backends.conftest import P, GraphBuilder, assert_exact
+from tests.backends.conftest import P, GraphBuilder, assert_exact, kernel_probe
 from tests.backends.strategies import (int_tensor, multiplier, multipliers, qdtype,
                                        weight)
 
@@ -345,13 +345,7 @@ def test_max_pool2d_separable_kernel(tvm_backend):
         return xs
 
     funcs = {}
-
-    @tvm.transform.module_pass(opt_level=0, name="capture")
-    def capture(mod, _ctx):
-        funcs.update({gv.name_hint: f for gv, f in mod.functions_items()
-                      if isinstance(f, tvm.tirx.PrimFunc) and f.attrs
-                      and str(f.attrs.get("ptq.kernel", "")) == "max_pool2d"})
-        return mod
+    capture = kernel_probe("max_pool2d", funcs)
 
     cm = tvm_backend.compile(gm, "host", example_inputs=inputs(1, 0),
                              relax_passes={"after_lowering": capture})

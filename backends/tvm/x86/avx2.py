@@ -40,23 +40,32 @@ LANES, DEPTH = 8, 2
 avx2_desc = dot_desc(LANES, DEPTH, "int16")
 
 
-@T.prim_func(s_tir=True)
-def avx2_impl(
-    A: T.Buffer((2,), "int16", offset_factor=1),
-    B: T.Buffer((8, 2), "int8", offset_factor=1),
-    C: T.Buffer((8,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
-        T.writes(C[0:8])
-        # the activation pair as one int32, broadcast to the 8 lanes (vpbroadcastd). No named
-        # temporaries: TVMScript makes each a local buffer, which a kernel's parallel loop
-        # turns into a TVMBackendAllocWorkspace call per tile.
-        C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
-            T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), 8),
-                          dtype="int16x16"),
-            T.Cast("int16x16", B.vload([0, 0], dtype="int8x16")), dtype="int32x8")
+def _vpmaddwd_impl(b_dtype: str):
+    """The 8x2 ``vpmaddwd`` implementation on a ``b_dtype`` (int8 or int16) weight block."""
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((2,), "int16", offset_factor=1),
+        B: T.Buffer((8, 2), b_dtype, offset_factor=1),
+        C: T.Buffer((8,), "int32", offset_factor=1),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:2], B[0:8, 0:2])
+            T.writes(C[0:8])
+            # the activation pair as one int32, broadcast to the 8 lanes (vpbroadcastd); the
+            # block widened to int16 (vpmovsxbw; no-op for int16). No named temporaries:
+            # TVMScript makes each a local buffer, which a kernel's parallel loop turns into a
+            # TVMBackendAllocWorkspace call per tile.
+            C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"),
+                                          8), dtype="int16x16"),
+                T.Cast("int16x16", B.vload([0, 0], dtype=b_dtype + "x16")), dtype="int32x8")
+
+    return impl
+
+
+avx2_impl = _vpmaddwd_impl("int8")
 
 
 WIDE_INTRIN = "ptq_dot_8x2_i16i16i32_avx2"
@@ -65,21 +74,7 @@ WIDE_INTRIN = "ptq_dot_8x2_i16i16i32_avx2"
 wide_desc = dot_desc(LANES, DEPTH, "int16", "int16")
 
 
-@T.prim_func(s_tir=True)
-def wide_impl(
-    A: T.Buffer((2,), "int16", offset_factor=1),
-    B: T.Buffer((8, 2), "int16", offset_factor=1),
-    C: T.Buffer((8,), "int32", offset_factor=1),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
-        T.writes(C[0:8])
-        # as avx2_impl, with the block already int16 (one 32-byte load, no widening)
-        C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
-            T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), 8),
-                          dtype="int16x16"),
-            B.vload([0, 0], dtype="int16x16"), dtype="int32x8")
+wide_impl = _vpmaddwd_impl("int16")  # block already int16: one 32-byte load
 
 
 PAIRWISE_INTRIN = "ptq_dot_8x4_u8i8i32_avx2_pairwise"
