@@ -25,6 +25,7 @@ import ptqpasses.ops  # noqa: F401  (registers torch.ops.ptq)
 from backends.tvm import ptq_ops
 from backends.tvm.family import Family
 from backends.tvm.fxgraph import bind_args, ptq_name as _ptq_name
+from backends.tvm.kernels import layer_norm as layer_norm_k
 from backends.tvm.kernels import softmax as softmax_k
 
 
@@ -200,7 +201,8 @@ class Emitter:
         Here the mean and biased variance are accumulated in float64 and rounded to float32;
         the rest is ATen's float32 arithmetic: ``rstd = 1 / sqrt(var + eps)``,
         ``(x - mean) * rstd * weight + bias``. Not bit-exact against ATen (its moments are
-        float32 Welford sums), but within the rounding of the exact result.
+        float32 Welford sums), but within the rounding of the exact result. One kernel
+        (``kernels/layer_norm.py``); several normalized axes are flattened into one row.
         """
         x = self.env[node.args[0]]
         normalized_shape = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]
@@ -211,21 +213,22 @@ class Emitter:
         dtype = x.ty.dtype
         if dtype != "float32":
             raise EmitError(f"layer_norm on {dtype} input (float32 only)")
-        axes = list(range(-len(normalized_shape), 0))
+        n = 1
+        for d in normalized_shape:
+            n *= int(d)
         op, bb = relax.op, self.bb
-        x64 = bb.emit(op.astype(x, "float64"))
-        mean64 = bb.emit(op.mean(x64, axes, keepdims=True))
-        centered64 = bb.emit(op.subtract(x64, mean64))
-        var64 = bb.emit(op.mean(op.multiply(centered64, centered64), axes, keepdims=True))
-        mean = bb.emit(op.astype(mean64, dtype))
-        var = bb.emit(op.astype(var64, dtype))
-        rstd = bb.emit(op.divide(relax.const(1.0, dtype),
-                                 op.sqrt(op.add(var, relax.const(float(eps), dtype)))))
-        y = bb.emit(op.multiply(op.subtract(x, mean), rstd))
-        if weight is not None:
-            y = bb.emit(op.multiply(y, self._lookup(weight)))
-        if bias is not None:
-            y = bb.emit(op.add(y, self._lookup(bias)))
+        shape = x.ty.shape
+        flat = len(normalized_shape) != 1
+        if flat:  # normalized over several trailing axes: one row of their product
+            lead = list(shape.values[:len(shape.values) - len(normalized_shape)])
+            x = bb.emit(op.reshape(x, lead + [n]))
+        w, b = (None if t is None else self._lookup(t) for t in (weight, bias))
+        if flat:
+            w, b = (None if t is None else bb.emit(op.reshape(t, [n])) for t in (w, b))
+        y = bb.emit_te(layer_norm_k.layer_norm_last_axis, x, w, b, float(eps),
+                       primfunc_name_hint="layer_norm")
+        if flat:
+            y = bb.emit(op.reshape(y, shape))
         return y
 
     def _softmax(self, node: fx.Node):

@@ -106,6 +106,46 @@ def test_layer_norm_statistics_are_accurate(tvm_backend):
         assert (got[2].int() - want[2].int()).abs().max() <= 1
 
 
+def test_layer_norm_is_one_scheduled_kernel(tvm_backend):
+    """``aten.layer_norm`` becomes one PrimFunc (``kernels/layer_norm.py``) that the glue
+    schedule takes (no float64 intermediates left to other kernels), also when it normalizes
+    over several axes (flattened into one row) or over a row too short or odd for the lane
+    partials (n = 15, serial sums); within 4 ulps of ATen either way."""
+    import tvm
+
+    gen = torch.Generator().manual_seed(1)
+    b = GraphBuilder()
+    x = b.input("x")  # int8 [B, 3, 5] and [B, 4, 3, 8]
+    y = b.input("y")
+    fx_, fy = b.call(P.dequantize.default, x, 0.1, 2), b.call(P.dequantize.default, y, 0.05, -3)
+    w = torch.rand(3, 5, generator=gen) + 0.5
+    out = (b.call(aten.layer_norm.default, fx_, [3, 5], b.const(w), None, 1e-5),
+           b.call(aten.layer_norm.default, fy, [3, 8], None, b.const(torch.randn(3, 8, generator=gen)), 1e-6),
+           b.call(aten.layer_norm.default, fy, [8]))
+    gm = b.build(out)
+    funcs = {}
+
+    @tvm.transform.module_pass(opt_level=0, name="probe_lowered")
+    def probe(mod, _ctx):
+        funcs.update({gv.name_hint: f for gv, f in mod.functions_items()
+                      if isinstance(f, tvm.tirx.PrimFunc)})
+        return mod
+
+    inputs = [int_tensor(2, (2, 3, 5), torch.int8), int_tensor(3, (2, 4, 3, 8), torch.int8)]
+    cm = tvm_backend.compile(gm, "host", example_inputs=inputs,
+                             relax_passes={"after_lowering": probe})
+    norms = {n: f for n, f in funcs.items() if "layer_norm" in n}
+    assert len(norms) == 3, sorted(funcs)
+    assert all(f.attrs and "tir.is_scheduled" in f.attrs for f in norms.values()), sorted(norms)
+    f64 = [n for n, f in funcs.items() if n not in norms and "float64" in f.script()]
+    assert not f64, f"float64 buffers outside the layer_norm kernels: {f64}"
+    eps32 = torch.finfo(torch.float32).eps
+    got, want = cm(*inputs), gm(*inputs)
+    for i, (g, ref) in enumerate(zip(got, want)):
+        torch.testing.assert_close(g, ref, atol=4 * eps32 * float(ref.abs().max()), rtol=0,
+                                   msg=lambda m: f"output {i}: {m}")
+
+
 def test_softmax_kernel_matches_torch(tvm_backend):
     """Float32 softmax is emitted with ``kernels/softmax.py`` (not TVM's ``nn.softmax``), within
     ``SOFTMAX_TOLERANCE`` of ``torch.softmax``: rows masked at -1e4 (MiniLM's padding) and -inf,
