@@ -199,3 +199,23 @@ def test_cuda_builds_and_source_has_kernels(tvm_backend, graph):
     "llvm.aarch64.neon.smmla.v4i32.v16i8"])
 def test_int8_intrinsics_exist_in_bundled_llvm(name):
     assert int(tvm.target.codegen.llvm_lookup_intrinsic_id(name)) != 0
+
+
+def test_avx2_quantize_glue_stores_whole_vectors(tvm_backend):
+    """A float32 -> int8 quantize island (SmoothQuant's ``x / s`` then quantize, rows of 384)
+    is vectorized by 32 lanes in the glue schedule: by 16, LLVM re-vectorized it across the
+    outer loop into per-element ``vinsertps`` loads and ``vpextrb`` stores (3.2x slower)."""
+    b = GraphBuilder()
+    x = b.input("x")  # float32 [B, 128, 384]
+    f = b.call(torch.ops.aten.div.Tensor, x, b.const(torch.linspace(0.5, 1.5, 384)))
+    gm = b.build(b.call(P.quantize.default, f, 0.03, -5, -128, 127, torch.int8))
+    inputs = [torch.randn(1, 128, 384, generator=torch.Generator().manual_seed(0))]
+    cm = tvm_backend.compile(gm, "x86-avx2", example_inputs=inputs, dynamic_batch=False)
+    asm = cm.source("asm")
+    names = sorted(set(re.findall(r"^(fused_\w*clip\w*?)(?:_compute_)?:$", asm, re.M)))
+    assert names, "no fused quantize function in the assembly"
+    for name in names:
+        body = _kernel_asm(asm, name)
+        assert "vcvttps2dq" in body, f"{name} not vectorized"
+        assert "vpextrb" not in body and "vinsertps" not in body, f"{name}: scattered bytes"
+    assert_exact(cm(*inputs), gm(*inputs), "x86-avx2")
