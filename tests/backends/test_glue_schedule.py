@@ -4,6 +4,7 @@ schedule that fails leaves its function as it was, with a warning."""
 
 from __future__ import annotations
 
+import re
 import numpy as np
 import pytest
 import torch
@@ -162,3 +163,27 @@ def test_softmax_lane_partials_are_vectorized():
         ex["main"](tvm.runtime.tensor(xs), y)
         outs.append(y.numpy())
     np.testing.assert_array_equal(outs[1], outs[0])
+
+
+def test_column_reduction_rule_tiles_outputs_inside_the_reduction():
+    """A float ``linear`` with its weight stored ``[K, N]`` (MobileNetV2's float classifier):
+    the reduction loop runs outside a tile of vectorized outputs, each output still summed
+    serially in ``k`` (integer-valued floats here, so equality is exact either way)."""
+    a = te.placeholder((3, 40), "float32", name="a")
+    w = te.placeholder((40, 24), "float32", name="w")
+    bias = te.placeholder((24,), "float32", name="bias")
+    k = te.reduce_axis((0, 40), name="k")
+    mm = te.compute((3, 24), lambda i, n: te.sum(a[i, k] * w[k, n], axis=k), name="mm")
+    out = te.compute((3, 24), lambda i, n: mm[i, n] + bias[n], name="out")
+    func = te.create_prim_func([a, w, bias, out])
+    assert glue_schedule._column_reduction(func) is not None
+    sched, (want, got) = _run_both(func, [((3, 40), "float32"), ((40, 24), "float32"),
+                                          ((24,), "float32"), ((3, 24), "float32")], 1)
+    text = sched.script()
+    assert "T.parallel" in text and text.count("T.vectorized") >= 2, text
+    loops = re.findall(r"for (\w+) in (?:T\.)?(\w+)\(", text)
+    order = [kind for _, kind in loops]
+    # the update: k, then the tile's vectors (unrolled), then the lanes
+    assert ("range", "unroll", "vectorized") in zip(order, order[1:], order[2:]), order
+    np.testing.assert_array_equal(got[0], want[0])
+
