@@ -146,11 +146,15 @@ def linear(em, a):
     w = em.numpy(a["weight"]).astype(np.int8)
     n_out, k_in = w.shape
     in_dt = dtype_name(x.ty.dtype)
-    if in_dt not in _EIGHT_BIT:
-        return _linear_wide(em, a, w)
-    fam, shift, wp = _packed_variant(em, a, in_dt,
-                                     lambda lanes, depth: packing.pack_dense(w, lanes, depth))
     bias = None if a["bias"] is None else em.numpy(a["bias"])
+    if in_dt not in _EIGHT_BIT:
+        if not _wide_fits_packed(em, a, w, bias, in_dt):
+            return _linear_wide(em, a, w)
+        fam, shift = em.family, 0
+        wp = packing.pack_dense(w, fam.lanes, fam.depth)
+    else:
+        fam, shift, wp = _packed_variant(
+            em, a, in_dt, lambda lanes, depth: packing.pack_dense(w, lanes, depth))
     corr = packing.correction(w, bias, int(a["x_zp"]) + shift)
     mult = _per_channel(em.numpy(a["multiplier"]), n_out)
     return _kernel(em, dense_k.dense, x, relax.const(wp), relax.const(corr), relax.const(mult),
@@ -164,19 +168,25 @@ def conv2d(em, a):
     c_out, cg, kh, kw = w.shape
     groups = int(a["groups"])
     in_dt = dtype_name(x.ty.dtype)
-    if in_dt not in _EIGHT_BIT:
-        return _conv2d_wide(em, a, w)
     bias = None if a["bias"] is None else em.numpy(a["bias"])
+    depthwise = cg == 1 and groups > 1
+    wide = in_dt not in _EIGHT_BIT
+    if wide and not _wide_fits_packed(em, a, w, bias, in_dt, depthwise):
+        return _conv2d_wide(em, a, w)
     mult = _per_channel(em.numpy(a["multiplier"]), c_out)
     geo = dict(kernel=(kh, kw), stride=_pair(a["stride"]), padding=_pair(a["padding"]),
                dilation=_pair(a["dilation"]))
-    if cg == 1 and groups > 1:
+    if depthwise:
         corr = packing.correction(w, bias, int(a["x_zp"]))
         return _kernel(em, conv_k.conv2d_depthwise, x, relax.const(w), relax.const(corr),
                        relax.const(mult), kind="conv2d_depthwise", groups=groups, c_out=c_out,
                        x_zp=int(a["x_zp"]), **geo, **_requant_args(a))
-    fam, shift, wp = _packed_variant(
-        em, a, in_dt, lambda lanes, depth: packing.pack_conv(w, groups, lanes, depth))
+    if wide:
+        fam, shift = em.family, 0
+        wp = packing.pack_conv(w, groups, fam.lanes, fam.depth)
+    else:
+        fam, shift, wp = _packed_variant(
+            em, a, in_dt, lambda lanes, depth: packing.pack_conv(w, groups, lanes, depth))
     zp_enc = int(a["x_zp"]) + shift
     corr = packing.correction(w, bias, zp_enc)
     return _kernel(em, conv_k.conv2d_packed, x, relax.const(wp), relax.const(corr),
@@ -184,6 +194,39 @@ def conv2d(em, a):
                    c_in=cg * groups, c_out=c_out, shift=shift, zp_enc=zp_enc,
                    act_dtype=fam.act_dtype, width_block=fam.width_block, **geo,
                    **_requant_args(a))
+
+
+def _wide_fits_packed(em, a, w, bias, in_dt: str, depthwise: bool = False) -> bool:
+    """Whether an int16-activation linear / conv can run on the 8-bit kernels' int32 code:
+    the packed ``dense`` / ``conv2d`` of a family whose activations are int16 already (x86
+    AVX2: ``vpmaddwd`` of int16 pairs, exact in int32), or the depthwise compute (int32 on any
+    family). Those kernels sum raw activations ``x`` times the weights in int32 and add the
+    correction ``bias - x_zp * sum(w)`` after, so the proof is: ``max|x| * sum|w| +
+    max|correction| < 2**31`` per output channel, with ``x``'s range from the graph
+    (``fxgraph.value_range``) or its dtype. Otherwise the direct ``*_wide`` computes (int64
+    where needed). The choice and its reason are recorded in ``em.variants``."""
+    if in_dt != "int16":
+        return False
+    if not depthwise and em.family.act_dtype != "int16":
+        em.variants[em.node.name] = ("wide", f"int16 activations: the {em.family.name} packed "
+                                     f"kernels take {em.family.act_dtype} activations")
+        return False
+    lo, hi = value_range(bind_args(em.node)["x"]) or _dtype_bounds(in_dt)
+    x_zp = int(a["x_zp"])
+    lo, hi = min(lo, x_zp), max(hi, x_zp)  # the zero point pads convs
+    raw = wide_k.weighted_bound(max(abs(lo), abs(hi)), w, None)
+    try:
+        corr = packing.correction(w, bias, x_zp)
+    except OverflowError:
+        corr = None
+    where = "depthwise int32" if depthwise else f"{em.family.name} packed int16"
+    if corr is None or raw + int(np.abs(corr.astype(np.int64)).max(initial=0)) >= 2**31:
+        em.variants[em.node.name] = ("wide", f"int16 activations in [{lo}, {hi}]: the raw "
+                                     f"sums can overflow int32 ({where} needs them to fit)")
+        return False
+    em.variants[em.node.name] = (where.replace(" ", "-"), f"int16 activations in [{lo}, {hi}]:"
+                                 f" raw sums within {raw} fit int32")
+    return True
 
 
 def _wide_operands(em, a, w):

@@ -182,6 +182,43 @@ def test_int16_sums_past_int32_are_exact(tvm_backend):
     assert_exact(cm(*one), gm(*one), "batch 1")
 
 
+def test_int16_on_the_int32_kernels_at_the_proof_edge(tvm_backend):
+    """An int16-activation linear / conv runs on the 8-bit kernels' int32 code (on AVX2 the
+    packed ``vpmaddwd`` template; depthwise convs on any target) when ``max|x| * sum|w| +
+    max|correction|`` fits int32, else on the ``*_wide`` computes: 516 weights of 127 on
+    inputs at -32768 sum to -2147352576 (fits), 517 do not. Bit-exact either way; the choice
+    and its reason are in ``meta["variants"]``."""
+    from backends.tvm.x86 import uses_avx2_layout
+
+    b = GraphBuilder()
+    v, u, x = b.input("v"), b.input("u"), b.input("x")
+    out16 = (0, -32768, 32767, torch.int16)
+
+    def linear(t, k):
+        return b.call(P.linear.default, t, 0, b.const(torch.full((9, k), 127, dtype=torch.int8)),
+                      None, b.const(torch.full((9,), 2.0**-17)), *out16)
+
+    def conv(w, groups, stride):
+        return b.call(P.conv2d.default, x, 5, b.const(w), None, [stride] * 2, [1, 1], [1, 1],
+                      groups, b.const(torch.full((w.shape[0],), 2.0**-14)), *out16)
+
+    gm = b.build((linear(v, 516), linear(u, 517),
+                  conv(qtensor(8, (4, 1, 3, 3), torch.int8), 4, 2),
+                  conv(qtensor(9, (20, 4, 3, 3), torch.int8), 1, 1)))
+    inputs = [torch.full((3, 516), -32768, dtype=torch.int16),
+              torch.full((3, 517), -32768, dtype=torch.int16),
+              qtensor(7, (2, 4, 7, 9), torch.int16, extreme=True)]
+    want = gm(*inputs)
+    assert want[0].abs().max() > 0 and want[0].abs().max() < 32767  # no saturation hiding
+    cm = tvm_backend.compile(gm, "host", example_inputs=inputs, dynamic_batch=False)
+    assert_exact(cm(*inputs), want, "int16 on int32 kernels")
+    got = {name: v[0] for name, v in cm.meta["variants"].items()}
+    packed = "x86-packed-int16" if uses_avx2_layout(tvm_backend.targets.resolve(
+        "host").target()) else "wide"
+    assert got == {"linear_default": packed, "linear_default_1": "wide",
+                   "conv2d_default": "depthwise-int32", "conv2d_default_1": packed}, got
+
+
 def test_accumulator_dtype_choice():
     """int32 exactly when the bound provably fits, int64 otherwise (and for unknown lengths)."""
     assert wide.max_centered("int16", 0) == 32768
