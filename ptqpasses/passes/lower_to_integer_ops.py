@@ -253,7 +253,10 @@ class LowerToIntegerOps(Pass):
 
     Ops that could not be lowered stay in float between dequantize and quantize, with the
     reason in ``node.meta["ptq.float"]``. Finally ``quantize(dequantize(x))`` pairs become
-    ``x`` (same parameters) or ``ptq.requantize``.
+    ``x`` (same parameters) or ``ptq.requantize``, and a requantize that is the identity on
+    every value its input can hold (same zero point and dtype, a multiplier within float32
+    rounding of 1: attention scores scaled by ``1 / sqrt(d)`` into a scale that absorbed it)
+    is dropped.
     """
 
     name = "lower-to-integer-ops"
@@ -289,6 +292,7 @@ class LowerToIntegerOps(Pass):
                 gm.graph.erase_node(q)
             modified = True
         modified |= _fold_quantize_dequantize(gm)
+        modified |= _drop_identity_requantize(gm)
         if modified:
             gm.graph.eliminate_dead_code()
             remove_unused_attributes(gm)
@@ -334,3 +338,27 @@ def _record_float_reasons(gm: fx.GraphModule) -> None:
             reason = spec.reason if spec is not None and spec.reason else (
                 f"{op_name(node)} is not in the integer operator set")
             meta.set_float_reason(node, reason)
+
+
+def _drop_identity_requantize(gm: fx.GraphModule) -> bool:
+    """Remove ``requantize(x, zp, m, zp, qmin, qmax, dtype)`` nodes that return ``x`` for every
+    ``x`` in its own range ``[lo, hi]``: ``[lo, hi]`` inside ``[qmin, qmax]``, and
+    ``D * |m - 1| < 1/4`` with ``D = max |x - zp|``, so ``round((x - zp) * m)`` is ``x - zp``
+    (the product is off an integer by less than 1/4 plus a rounding of it)."""
+    modified = False
+    for r in list(gm.graph.nodes):
+        if r.target is not ptq.requantize.default or len(r.args) < 7:
+            continue
+        x, zp, m, out_zp, qmin, qmax, dtype = r.args[:7]
+        src = meta.get_qparams(x) if isinstance(x, fx.Node) else None
+        if src is None or src.torch_dtype != dtype or zp != out_zp or src.zero_point != zp:
+            continue
+        if not (qmin <= src.qmin and src.qmax <= qmax):
+            continue
+        reach = max(abs(src.qmin - zp), abs(src.qmax - zp))
+        if reach * abs(float(m) - 1.0) >= 0.25:
+            continue
+        r.replace_all_uses_with(x)
+        gm.graph.erase_node(r)
+        modified = True
+    return modified

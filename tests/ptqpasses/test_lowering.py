@@ -154,6 +154,36 @@ def test_reduce_range_activations_clamp_every_integer_output(dtype, lo, hi):
     assert (q(x) - qdq(x)).abs().max() <= out_scale * 1.0001 * 2
 
 
+class _Scores(nn.Module):
+    """Attention scores scaled by ``1 / sqrt(d)``: the scale's observer absorbs the constant,
+    leaving a requantize whose multiplier is 1 up to float32 rounding."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = nn.Linear(16, 16), nn.Linear(16, 16)
+
+    def forward(self, x):
+        return torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2) / 4.0, -1)
+
+
+def test_identity_requantize_is_dropped(monkeypatch):
+    """A requantize that maps every value of its input to itself is removed; the integer graph
+    computes the same outputs as with it (checked by lowering once with the cleanup off)."""
+    from ptqpasses.passes import lower_to_integer_ops as lowering
+
+    torch.manual_seed(0)
+    calib = [(torch.randn(2, 8, 16),) for _ in range(4)]
+    model = _Scores().eval()
+    q = ptqpasses.quantize(model, calib[0], calib, progress=False)
+    monkeypatch.setattr(lowering, "_drop_identity_requantize", lambda gm: False)
+    kept = ptqpasses.quantize(model, calib[0], calib, progress=False)
+    requant = [n for n in kept.graph.nodes if n.target is torch.ops.ptq.requantize.default]
+    assert requant and all(abs(n.args[2] - 1.0) < 1e-6 for n in requant), requant
+    assert not [n for n in q.graph.nodes if n.target is torch.ops.ptq.requantize.default]
+    x = torch.randn(3, 8, 16) * 3
+    assert torch.equal(q(x), kept(x))
+
+
 def test_convert_before_calibrate_fails_clearly():
     gm = ptqpasses.prepare(Block().eval(), (torch.randn(2, 3, 16, 16),))
     with pytest.raises(ptqpasses.PassError, match="run ptqpasses.calibrate") as info:
