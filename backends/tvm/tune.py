@@ -95,8 +95,23 @@ def database_dir(root: str | os.PathLike | None, target: Any = "host") -> Path:
 
 
 def open_database(root: str | os.PathLike | None, target: Any = "host") -> ms.database.Database:
-    """The JSONDatabase of ``target`` under ``root``."""
-    return ms.database.JSONDatabase(work_dir=str(database_dir(root, target)),
+    """The JSONDatabase of ``target`` under ``root``.
+
+    Loading replays each record's trace, so the project's tensor intrinsics the records may
+    name are registered first (they are otherwise registered lazily, when a schedule uses
+    them: a fresh process compiling with a database failed with "TensorIntrin ... is not
+    registered").
+    """
+    named = _targets.resolve(target)
+    tgt = named.target()
+    variants = [""]
+    if named.family == "x86":
+        from backends.tvm.x86 import PAIRWISE_FAMILY
+
+        variants.append(PAIRWISE_FAMILY.variant)
+    for variant in variants:
+        _family_intrin(named.family, tgt, variant)
+    return ms.database.JSONDatabase(work_dir=str(database_dir(root, named)),
                                     module_equality=KEYING)
 
 

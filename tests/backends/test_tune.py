@@ -1,13 +1,18 @@
 """Tuning smoke tests: small kernels, a few trials, into a temporary database.
 
 Checks that compile applies the record (the kernel is marked ``ptq.tuned`` and stays bit-exact),
-that a second ``tune`` of the same graph reuses the database (zero new trials), and that
-kernels of one shape with other zero points / clamp bounds share one record.
+that a second ``tune`` of the same graph reuses the database (zero new trials) and a fresh
+process loads it, and that kernels of one shape with other zero points / clamp bounds share
+one record.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,6 +98,18 @@ def test_tune_applies_and_reuses_database(tvm_backend, tmp_path):
                               progress=False)
     assert second.trials == 0
     assert second.database == first.database
+
+    # a fresh process (no intrinsic registered yet) loads the records
+    code = ("import sys; from backends.tvm.tune import open_database; "
+            "print(len(open_database(sys.argv[1], 'host')))")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get(
+        "PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code, str(db)], capture_output=True, text=True,
+                         env=env, cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    records = (first.database / "database_tuning_record.json").read_text().split("\n")
+    assert int(out.stdout.split()[-1]) == len([r for r in records if r.strip()])
 
 
 @pytest.mark.skipif(not host_has("avx2") or host_has("avx512vnni"),
