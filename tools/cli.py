@@ -172,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--recipe", required=True, help="recipe from `ptq quantize`")
     p.add_argument("--target", default="host", help="named target that runs on this machine")
-    p.add_argument("--trials", type=int, default=64, help="measured candidates per kernel")
+    p.add_argument("--trials", type=int, default=32,
+                   help="measured candidates per kernel (~1 s each on one core)")
     p.add_argument("--database", help="database root (default $PTQ_TVM_TUNING_DB or "
                    "~/.cache/ptqpasses/tvm-tuning)")
     p.add_argument("--kinds", nargs="+", default=["dense", "conv2d"],

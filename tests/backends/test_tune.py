@@ -1,12 +1,18 @@
-"""Tuning smoke test: one small kernel, a few trials, into a temporary database.
+"""Tuning smoke tests: small kernels, a few trials, into a temporary database.
 
-Checks that compile applies the record (the kernel is marked ``ptq.tuned`` and stays bit-exact)
-and that a second ``tune`` of the same graph reuses the database (zero new trials).
+Checks that compile applies the record (the kernel is marked ``ptq.tuned`` and stays bit-exact),
+that a second ``tune`` of the same graph reuses the database (zero new trials) and a fresh
+process loads it, and that kernels of one shape with other zero points / clamp bounds share
+one record.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +34,26 @@ def _dense(both_variants: bool = False):
         x7 = b.call(P.clamp.default, x, 0, 127)
         y = (y, b.call(P.linear.default, x7, 3, w, None, m, -1, -128, 127, torch.int8))
     return b.build(y), [int_tensor(4, (8, 64), torch.int8)]
+
+
+# (x_zp, out_zp, qmin, qmax) of two convs of one shape: other padding values and epilogues
+CONV_EPILOGUES = [(3, -1, -128, 127), (0, 5, -100, 100)]
+
+
+def _convs(which):
+    """One int8 conv2d (16 -> 32 channels, 3x3, 8x8 map) per entry of ``CONV_EPILOGUES`` picked
+    by ``which``, all on the same input."""
+    b = GraphBuilder()
+    x = b.input("x")
+    ys = []
+    for i in which:
+        x_zp, out_zp, qmin, qmax = CONV_EPILOGUES[i]
+        w = b.const(weight(10 + i, (32, 16, 3, 3)))
+        m = b.const(multipliers(20 + i, 32, 0.02))
+        ys.append(b.call(P.conv2d.default, x, x_zp, w, None, [1, 1], [1, 1], [1, 1], 1, m,
+                         out_zp, qmin, qmax, torch.int8))
+    return b.build(tuple(ys) if len(ys) > 1 else ys[0]), [int_tensor(4, (1, 16, 8, 8),
+                                                                     torch.int8)]
 
 
 def _scheduled_kernels(gm, inputs, database):
@@ -73,6 +99,18 @@ def test_tune_applies_and_reuses_database(tvm_backend, tmp_path):
     assert second.trials == 0
     assert second.database == first.database
 
+    # a fresh process (no intrinsic registered yet) loads the records
+    code = ("import sys; from backends.tvm.tune import open_database; "
+            "print(len(open_database(sys.argv[1], 'host')))")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get(
+        "PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code, str(db)], capture_output=True, text=True,
+                         env=env, cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    records = (first.database / "database_tuning_record.json").read_text().split("\n")
+    assert int(out.stdout.split()[-1]) == len([r for r in records if r.strip()])
+
 
 @pytest.mark.skipif(not host_has("avx2") or host_has("avx512vnni"),
                     reason="the AVX2 template is the fixed schedule of AVX2 hosts without VNNI")
@@ -83,3 +121,34 @@ def test_avx2_template_is_exact_and_uses_vpmaddwd(tvm_backend):
     asm = cm.source("asm")
     assert "vpmaddwd" in asm
     assert "vpmaddubsw" not in asm  # saturates int16: not exact on full-range u8 x s8
+
+
+@pytest.mark.skipif(not host_has("avx2"), reason="tuning space uses the AVX2 / VNNI intrinsic")
+def test_equal_shapes_share_one_record(tvm_backend, tmp_path):
+    import tvm_ffi
+
+    from backends.tvm.compile import build_ir
+
+    both, inputs = _convs([0, 1])
+    mod, _, _ = build_ir(both, "host", example_inputs=inputs, dynamic_batch=False)
+    convs = [f for _, f in mod.functions_items()
+             if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and "ptq.kernel" in f.attrs]
+    assert len(convs) == 2  # two kernels whose constants differ (two structural workloads)
+    assert tvm_ffi.structural_hash(convs[0]) != tvm_ffi.structural_hash(convs[1])
+
+    db = tmp_path / "db"
+    first = tvm_backend.tune(_convs([0])[0], "host", trials=2, database=db,
+                             example_inputs=inputs, progress=False)
+    assert [t.trials > 0 for t in first.tasks] == [True]
+    second = tvm_backend.tune(_convs([1])[0], "host", trials=2, database=db,
+                              example_inputs=inputs, progress=False)
+    assert [t.trials for t in second.tasks] == [0]  # the first conv's record
+    assert len(tvm_backend.tune(both, "host", trials=2, database=db, example_inputs=inputs,
+                                progress=False).tasks) == 1
+
+    kernels = _scheduled_kernels(both, inputs, db)
+    assert len(kernels) == 2 and all("ptq.tuned" in k.attrs for k in kernels)
+    cm = tvm_backend.compile(both, "host", example_inputs=inputs, database=db)
+    want = both(*inputs)
+    assert all(len(torch.unique(y)) > 16 for y in want)  # epilogues not saturated
+    assert_exact(cm(*inputs), want, "two convs tuned by one record")
