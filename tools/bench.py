@@ -202,6 +202,37 @@ class Built:
     note: str
 
 
+#: ptqpasses configurations ``int8_graph`` builds (the ``tvm-int8*`` peers, ``tools.profile``).
+CONFIGS = ("defaults", "reduce_range", "recipe")
+
+
+def int8_graph(case: Case, config: str = "defaults"):
+    """``(integer graph, note)`` of ``case`` under a ptqpasses configuration: ``defaults``
+    (``ptqpasses.quantize``), ``reduce_range`` (7-bit activations, ``QSpec(reduce_range=True)``
+    as the FX 'x86' qconfig) or ``recipe`` (the model's accuracy recipe, ``tools.accuracy``;
+    Skip for a model without one). Static shapes (the case's batch size)."""
+    import ptqpasses
+    from ptqpasses.config import DEFAULT_ACTIVATION, QuantConfig
+
+    if config not in CONFIGS:
+        raise ValueError(f"unknown configuration {config!r}; choose from {', '.join(CONFIGS)}")
+    if config == "recipe":
+        from tools import accuracy
+
+        key = next((k for k, prefix in (("MiniLM-L6", "all-MiniLM"),
+                                        ("MobileNetV2", "MobileNetV2"))
+                    if case.name.startswith(prefix)), None)
+        if key is None:
+            raise Skip("no recipe for this model (tools/accuracy.py RECIPES)")
+        return accuracy.ptqpasses_recipe(accuracy.Task(key, case.model, case.calib, [], {}))
+    cfg = None
+    if config == "reduce_range":
+        cfg = QuantConfig(activation=dataclasses.replace(DEFAULT_ACTIVATION, reduce_range=True))
+    q = ptqpasses.quantize(case.model, case.inputs, case.calib, config=cfg, progress=False,
+                           dynamic_batch=False)
+    return q, "ptqpasses " + ("defaults" if cfg is None else "7-bit activations (reduce_range)")
+
+
 class Context:
     """What peers of one case share: the captured fp32 graph, the ptqpasses int8 graph, the
     ONNX file, a temporary folder, the command-line options."""
@@ -215,9 +246,7 @@ class Context:
 
     def ptq_int8(self):
         if self._int8 is None:
-            import ptqpasses
-            self._int8 = ptqpasses.quantize(self.case.model, self.case.inputs, self.case.calib,
-                                            progress=False, dynamic_batch=False)
+            self._int8 = int8_graph(self.case)[0]
         return self._int8
 
     def onnx(self) -> Path:
@@ -313,12 +342,8 @@ def peer_tvm_int8_rr(ctx: Context) -> Built:
     """Activations quantized to 7 bits (``QSpec(reduce_range=True)``, as the FX 'x86' qconfig
     does): on x86 without VNNI every packed kernel is proven exact for ``vpmaddubsw``."""
     import backends.tvm as bt
-    import ptqpasses
-    from ptqpasses.config import DEFAULT_ACTIVATION, QuantConfig
 
-    cfg = QuantConfig(activation=dataclasses.replace(DEFAULT_ACTIVATION, reduce_range=True))
-    q = ptqpasses.quantize(ctx.case.model, ctx.case.inputs, ctx.case.calib, config=cfg,
-                           progress=False, dynamic_batch=False)
+    q, _ = int8_graph(ctx.case, "reduce_range")
     cm = bt.compile(q, "host", example_inputs=list(ctx.case.inputs), dynamic_batch=False)
     kinds = collections.Counter(v for v, _ in cm.meta["variants"].values())
     return Built(_fixed(_tvm_call(cm)), "ptqpasses, 7-bit activations (reduce_range), fixed "
@@ -344,14 +369,8 @@ def peer_tvm_int8_recipe(ctx: Context) -> Built:
     """The model's accuracy recipe (``tools.accuracy.RECIPES``: int16 or float where the
     sensitivity analysis put them), compiled with the fixed schedule templates."""
     import backends.tvm as bt
-    from tools import accuracy
 
-    key = next((k for k, prefix in (("MiniLM-L6", "all-MiniLM"), ("MobileNetV2", "MobileNetV2"))
-                if ctx.case.name.startswith(prefix)), None)
-    if key is None:
-        raise Skip("no recipe for this model (tools/accuracy.py RECIPES)")
-    task = accuracy.Task(key, ctx.case.model, ctx.case.calib, [], {})
-    q, note = accuracy.ptqpasses_recipe(task)
+    q, note = int8_graph(ctx.case, "recipe")
     cm = bt.compile(q, "host", example_inputs=list(ctx.case.inputs), dynamic_batch=False)
     return Built(_fixed(_tvm_call(cm)), f"ptqpasses recipe ({note}), fixed schedule template")
 

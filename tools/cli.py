@@ -127,6 +127,11 @@ def cmd_bench(args) -> int:
     return run_bench(args)
 
 
+def cmd_profile(args) -> int:
+    from tools.profile import run
+    return run(args)
+
+
 EXAMPLES = {
     "quantize": "ptq quantize tools.digits:DigitsCNN --input 1x1x8x8:float32 --calib x.npy --out recipe",
     "report": "ptq report tools.digits:DigitsCNN --input 1x1x8x8:float32 --calib x.npy",
@@ -137,6 +142,7 @@ EXAMPLES = {
     "demo": "ptq demo",
     "bench": ("ptq bench --models resnet18 minilm --peers eager compile ort-int8 tvm-int8 "
               "--runs 30 --threads 1 2 --out bench-out"),
+    "profile": "ptq profile --model minilm --config recipe --json minilm-profile.json",
 }
 
 
@@ -186,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
             "PyTorch and ONNX Runtime peers (markdown, JSON and PNG)", cmd_bench)
     from tools.bench import add_arguments as add_bench_arguments
     add_bench_arguments(p)
+    p = add("profile", "where a compiled bench model's time goes: every kernel call timed "
+            "alone, grouped by kind", cmd_profile)
+    from tools.profile import add_arguments as add_profile_arguments
+    add_profile_arguments(p)
     return parser
 
 

@@ -71,6 +71,12 @@ class CompiledModule:
     def target(self) -> str:
         return self.meta["target"]
 
+    @property
+    def executable(self):
+        """The Relax VM executable (or loaded runtime module), for tools that drive a
+        ``relax.VirtualMachine`` themselves (``tools/profile.py``)."""
+        return self._lib
+
     def _device(self):
         return tvm.cuda() if self.meta["family"] == "cuda" else tvm.cpu()
 
