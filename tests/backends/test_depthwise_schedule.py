@@ -23,6 +23,9 @@ CASES = [
     (I8, 0, 3, 2, (9, 10), (3, 3), (2, 2), (0, 0), (1, 1), True, I8, 1, -128, 127),
     (U8, 0, 4, 1, (7, 7), (5, 5), (1, 2), (2, 1), (1, 2), True, U8, 0, 0, 255),
     (I8, 12, 3, 1, (8, 16), (3, 3), (1, 1), (0, 0), (1, 1), False, I8, -1, -128, 127),
+    # stride 2 on even widths: the tensorized column split, 8 and 4 lanes
+    (U8, 250, 3, 1, (6, 32), (3, 3), (2, 2), (1, 1), (1, 1), True, U8, 3, 0, 255),
+    (I8, -128, 2, 2, (7, 24), (3, 3), (2, 2), (1, 1), (1, 1), True, I8, 0, -128, 127),
 ]
 
 
@@ -69,9 +72,14 @@ def test_depthwise_convs_are_scheduled_and_exact(tvm_backend):
     # the stride divides the width (the stride-2 convs on odd widths may keep the guard)
     split = [name for name, f in seen.items() if "x_enc_pad_const" in f.script()]
     assert len(split) >= len(CASES) - 2, split
+    # the stride-2 column split (even widths): one vector load and two shuffles per vector
+    assert sum("T.Shuffle(" in f.script() for f in seen.values()) == 2
 
 
 def test_assembly_has_vector_integer_multiplies(tvm_backend):
+    """x86 AVX2: 8-lane int32 multiplies (or LLVM's ``vpmaddwd`` form of them); aarch64 NEON
+    (built, not run here): the same schedule, column split included, builds and multiplies
+    whole vector registers."""
     b = GraphBuilder()
     x = b.input("x")
     w = b.const(weight(1, (16, 1, 3, 3)))
@@ -81,3 +89,5 @@ def test_assembly_has_vector_integer_multiplies(tvm_backend):
     xs = [int_tensor(0, (1, 16, 20, 20), U8)]
     asm = tvm_backend.compile(gm, "x86-avx2", example_inputs=xs).source("asm")
     assert re.search(r"\b(vpmulld|vpmaddwd)\s+[^\n]*%ymm", asm)
+    asm = tvm_backend.compile(gm, "aarch64-neon", example_inputs=xs).source("asm")
+    assert re.search(r"\bmla?\s+v\d+\.4s", asm)
