@@ -4,7 +4,7 @@ Left unscheduled, a depthwise kernel is one serial scalar loop nest (MobileNetV2
 Zen 3 core: 17 kernels, 3.4 ms, 6 GMAC/s). This schedule, for every LLVM target:
 
 - one parallel loop over batch x input channel (a symbolic batch fuses like a static one);
-  under it the channel's padded ``x_enc`` plane(s), computed there (cache-resident), then the
+  under it the channel's padded ``x_enc`` plane, computed there (cache-resident), then the
   ``k = c_out / c_in`` output channels of that input channel;
 - ``x_enc`` split by ``decompose_padding`` into a fill of the zero point (a vectorized
   memset of the plane) and a copy of the interior without a bounds test, vectorized along the
@@ -20,12 +20,13 @@ Zen 3 core: 17 kernels, 3.4 ms, 6 GMAC/s). This schedule, for every LLVM target:
 Only loops move: the integer sums and the float32 requantize are the compute's, so results are
 bit-exact for every dtype, stride, padding, dilation and channel multiplier.
 
-Measured on MobileNetV2 224 b1, one thread, Zen 3 (a shared machine, load 2-4 on 2 cores):
-the 17 depthwise kernels from 4.2 to 2.2 ms (kernel replays), the whole model from 12.1 to
-11.0 ms (min of 300 calls, both builds in one process). What remains: small planes (14x14,
-7x7: per-row requantize tails and fixed costs per channel, 4-9 GMAC/s), the zero-point fill of
-the whole plane (~15% on the 112x112 kernels), and stride-2 rows whose half-width is not a
-multiple of 4 (14x14 and 28x28 inputs: scalar column split).
+Measured on MobileNetV2 224 b1, one thread, Zen 3 (a shared machine, load 2.5-3.5 on 2
+cores): the 17 depthwise kernels from 4.2 to 2.4 ms (kernel replays), the whole model from
+12.3 to 11.2 ms (min of 300 calls, both builds in one process); 96x112 s2 786 -> 372 us,
+144x56 s1 490 -> 343 us. What remains: small planes (14x14, 7x7: the requantize of 14- or
+7-lane rows and fixed costs per channel; no faster than the unscheduled code, 4-7 GMAC/s),
+the zero-point fill of the whole plane (~15% on the 112x112 kernels), and stride-2 rows
+whose half-width is not a multiple of 4 (14x14 and 28x28 inputs: scalar column split).
 """
 
 from __future__ import annotations
