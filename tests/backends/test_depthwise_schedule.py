@@ -1,7 +1,8 @@
 """The CPU schedule of depthwise convs (``backends/tvm/depthwise_schedule.py``): bit-exact
 against the reference for strides 1 and 2, padding 0 / 1 / 2, dilation 2, a channel
 multiplier, odd widths, 8-bit dtypes on both sides and a dynamic batch; applied (marked
-scheduled, a parallel loop, vector loops); vector integer multiplies in the assembly."""
+scheduled, a parallel loop, vector loops); vector integer multiplies in the assembly (x86,
+aarch64 built); the CUDA family builds the same compute."""
 
 from __future__ import annotations
 
@@ -91,3 +92,21 @@ def test_assembly_has_vector_integer_multiplies(tvm_backend):
     assert re.search(r"\b(vpmulld|vpmaddwd)\s+[^\n]*%ymm", asm)
     asm = tvm_backend.compile(gm, "aarch64-neon", example_inputs=xs).source("asm")
     assert re.search(r"\bmla?\s+v\d+\.4s", asm)
+
+
+def test_cuda_builds_the_same_compute(tvm_backend):
+    """The compute is shared by every family: CUDA (dlight's rules, built only) takes the
+    stride-phase ``x_enc`` with a channel multiplier and a dilated stride-2 kernel."""
+    b = GraphBuilder()
+    outs = []
+    for i, (k, ks, st, pad, dil) in enumerate([(2, (3, 3), [2, 2], [1, 1], [1, 1]),
+                                               (1, (5, 5), [1, 2], [2, 1], [1, 2])]):
+        w = b.const(weight(i, (4 * k, 1, *ks)))
+        m = b.const(multipliers(i + 1, 4 * k, 0.004))
+        outs.append(b.call(P.conv2d.default, b.input(f"x{i}"), 3, w, None, st, pad, dil, 4, m,
+                           0, -128, 127, I8))
+    xs = [int_tensor(0, (1, 4, 12, 16), U8), int_tensor(1, (1, 4, 9, 14), U8)]
+    src = tvm_backend.compile(b.build(tuple(outs)), "cuda-sm80",
+                              example_inputs=xs).source("cuda")
+    kernels = re.findall(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)", src)
+    assert sum(k.startswith("ptq_conv2d_depthwise") for k in kernels) >= 2, kernels
