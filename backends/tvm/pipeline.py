@@ -10,6 +10,7 @@ import tvm
 from tvm import relax
 
 from backends.tvm import glue_schedule
+from backends.tvm.depthwise_schedule import schedule_depthwise
 from backends.tvm.family import Family
 from backends.tvm.kernels import wide as wide_k
 from backends.tvm.matmul_schedule import is_packed, schedule_matmul, schedule_matmul_packed
@@ -44,7 +45,8 @@ def ApplyPtqSchedules(family: Family, target: tvm.target.Target,
     """Schedule every PrimFunc tagged ``ptq.kernel``: its tuned record from ``database`` (a
     MetaSchedule Database, see ``tune.py``) if there is one, else the family's fixed schedule
     (on CPU, int16-activation kernels: ``wide_schedule.py``; max_pool2d: ``pool_schedule.py``;
-    activation x activation ``matmul``: ``matmul_schedule.py``).
+    activation x activation ``matmul``: ``matmul_schedule.py``; depthwise convs:
+    ``depthwise_schedule.py``).
 
     Runs before legalization: the ptq kernels are already TE PrimFuncs (``call_tir``), tagged
     opaque so that the later FuseOps/FuseTIR leave them as they are.
@@ -74,6 +76,8 @@ def ApplyPtqSchedules(family: Family, target: tvm.target.Target,
                 schedule = _schedule_max_pool2d if target.kind.name == "llvm" else None
             elif kind == "matmul":  # no weights packed ahead of time: matmul_schedule.py
                 schedule = _schedule_matmul if target.kind.name == "llvm" else None
+            elif kind == "conv2d_depthwise":
+                schedule = _schedule_depthwise if target.kind.name == "llvm" else None
             if schedule is None:
                 continue
             scheduled = _try_schedule(f"{family.name} schedule", gv, schedule, func, kind,
@@ -195,6 +199,10 @@ def _schedule_wide(func, kind, _target):
 
 def _schedule_max_pool2d(func, _kind, _target):
     return schedule_max_pool2d(func)
+
+
+def _schedule_depthwise(func, _kind, _target):
+    return schedule_depthwise(func)
 
 
 def _schedule_matmul(func, _kind, target):

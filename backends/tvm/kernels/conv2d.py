@@ -69,34 +69,64 @@ def conv2d_packed(x, w_packed, corr, mult, *, groups: int, c_in: int, c_out: int
         name="out")
 
 
+#: Depthwise convs compute their output width rounded up to a multiple of this (the CPU
+#: schedule's vector of int32 accumulators, ``depthwise_schedule.py``); the extra columns read
+#: padding and are never requantized.
+DEPTHWISE_WIDTH_BLOCK = 8
+
+
 def conv2d_depthwise(x, weight, corr, mult, *, groups: int, c_out: int, kernel: tuple,
                      stride: tuple, padding: tuple, dilation: tuple, x_zp: int, out_zp: int,
-                     qmin: int, qmax: int, out_dtype: str):
+                     qmin: int, qmax: int, out_dtype: str,
+                     width_block: int = DEPTHWISE_WIDTH_BLOCK):
     """Direct NCHW compute for convs with one input channel per group (depthwise).
 
     A 3x3 reduction per channel has nothing for a 4-deep dot product to do, so the weight
     stays OIHW ``[O, 1, R, S]`` and padding holds ``x_zp`` (corrections folded as above).
+
+    ``x_enc`` is the padded input widened to int32, its columns split into ``stride_w`` phases:
+    ``x_enc[b, c, y, p, zz] = x[b, c, y - pad_h, (zz - lead) * stride_w + p]`` (``x_zp``
+    outside), ``lead = ceil(pad_w / stride_w)``. Output column ``z``'s tap ``s`` (x column
+    ``z * stride_w + s * dil_w - pad_w``) then reads phase ``(s * dil_w - pad_w) % stride_w``
+    at ``z + lead + (s * dil_w - pad_w) // stride_w``: consecutive output columns read
+    consecutive elements for every stride (a vector load). With the padding counted in whole
+    phase columns, the border test has one index per clause when ``w % stride_w == 0``, which
+    lets a schedule split it off (``decompose_padding``). ``acc`` covers the output width
+    rounded up to ``width_block`` (whole vectors, no tail); ``x_enc`` is wide enough for those
+    extra columns, which only ``out`` drops. Integer sums in any order are exact, so the
+    result is the reference's for every layout.
     """
     n, c_in, h, w = static_shape(x)
     r_k, s_k = kernel
     (ph, pw), (sh, sw), (dh, dw) = padding, stride, dilation
     oh, ow = out_size(h, r_k, sh, ph, dh), out_size(w, s_k, sw, pw, dw)
+    ow_acc = -(-ow // width_block) * width_block
     mult_per_group = c_out // groups
+    rows = (oh - 1) * sh + (r_k - 1) * dh + 1
+    lead = -(-pw // sw)  # phase columns before x's first column (left padding)
+    cols = ow_acc + lead + ((s_k - 1) * dw - pw) // sw
     pad_val = tirx.const(x_zp, "int32")
 
-    def padded(b, c, y, z):
-        inside = tirx.all(y >= ph, y < h + ph, z >= pw, z < w + pw)
-        return tirx.if_then_else(inside, x[b, c, y - ph, z - pw].astype("int32"), pad_val)
+    def padded(b, c, y, p, zz):
+        z = (zz - lead) * sw + p  # x's column
+        # (z < w is zz < lead + w / stride_w for every phase when stride_w divides w)
+        right = zz < lead + w // sw if w % sw == 0 else z < w
+        inside = tirx.all(y >= ph, y < h + ph, zz >= lead, right)
+        return tirx.if_then_else(inside, x[b, c, y - ph, z].astype("int32"), pad_val)
 
-    x_pad = te.compute((n, c_in, h + 2 * ph, w + 2 * pw), padded, name="x_enc")
+    x_enc = te.compute((n, c_in, rows, sw, cols), padded, name="x_enc")
     rr = te.reduce_axis((0, r_k), name="r")
     ss = te.reduce_axis((0, s_k), name="s")
+
+    def tap(b, o, y, z):
+        col = ss * dw - pw  # of x, relative to output column z * sw
+        p, q = (0, col) if sw == 1 else (tirx.floormod(col, sw), tirx.floordiv(col, sw))
+        return x_enc[b, o // mult_per_group, y * sh + rr * dh, p, z + lead + q]
+
     acc = te.compute(
-        (n, c_out, oh, ow),
-        lambda b, o, y, z: te.sum(
-            x_pad[b, o // mult_per_group, y * sh + rr * dh, z * sw + ss * dw]
-            * weight[o, 0, rr, ss].astype("int32"),
-            axis=[rr, ss]),
+        (n, c_out, oh, ow_acc),
+        lambda b, o, y, z: te.sum(tap(b, o, y, z) * weight[o, 0, rr, ss].astype("int32"),
+                                  axis=[rr, ss]),
         name="acc")
     return te.compute(
         (n, c_out, oh, ow),
