@@ -34,7 +34,7 @@ from typing import Callable, Optional
 
 #: Fused-function name fragments -> kind, first match wins (then the dtypes decide).
 _GLUE_KINDS = (("softmax", "softmax"), ("layer_norm", "layer_norm"), ("matmul", "float matmul"),
-               ("take", "table lookup"))
+               ("take", "table lookup"), ("lut", "table lookup"))
 
 
 def kind_of(name: str, dtypes: list[str]) -> str:
@@ -195,7 +195,8 @@ def run(args) -> int:
         raise UsageError(f"{args.model} / {args.config}: {e}") from None
     compiled = bt.compile(qgraph, "host", example_inputs=list(case.inputs), dynamic_batch=False)
     result = profile(compiled, list(case.inputs), args.runs)
-    title = f"{case.name}, {note}, {args.threads} thread(s)"
+    title = f"{case.name}, {args.config}, {args.threads} thread(s)"
+    print(f"# {note}")
     print(to_text(title, result, args.top))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from tvm import relax
+from tvm import relax, te, tirx
 
 from backends.tvm import packing
 from backends.tvm.fxgraph import bind_args, value_range
@@ -368,11 +368,19 @@ def mean(em, a):
 
 
 def lut(em, a):
-    """``table[x - x_min]`` as a gather from a constant table."""
+    """``table[x - x_min]`` (index clipped to the table) as one gather kernel: the index is
+    computed in the gather, not written out as an int32 tensor first (``take`` after a
+    ``subtract``: two kernels, MiniLM's GELU 0.6 ms)."""
     table = em.numpy(a["table"])
-    idx = em.bb.emit(relax.op.subtract(relax.op.astype(a["x"], "int32"),
-                                       relax.const(np.int32(a["x_min"]))))
-    return em.bb.emit(relax.op.take(relax.const(table), idx, axis=0, mode="clip"))
+    x_min, last = int(a["x_min"]), int(table.shape[0]) - 1
+
+    def gather(x, t):
+        def at(*i):
+            k = x[i].astype("int32") - tirx.const(x_min, "int32")
+            return t[tirx.max(tirx.min(k, tirx.const(last, "int32")), tirx.const(0, "int32"))]
+        return te.compute(x.shape, at, name="lut")
+
+    return em.bb.emit_te(gather, a["x"], relax.const(table), primfunc_name_hint="lut")
 
 
 #: ``torch.ops.ptq`` op name -> emission function.

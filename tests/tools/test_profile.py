@@ -19,7 +19,7 @@ def test_profile_digits_lists_every_kernel_call(tmp_path, capsys):
     convs = [r for r in rows if r["kind"] == "conv2d"]
     assert all(r["macs"] > 0 for r in convs)
     text = capsys.readouterr().out
-    assert "DigitsCNN 8x8 b1, ptqpasses defaults, 1 thread(s)" in text
+    assert "DigitsCNN 8x8 b1, defaults, 1 thread(s)" in text
     assert "conv2d" in text and "GMAC/s" in text
 
 
@@ -34,6 +34,7 @@ def test_kinds_and_macs_from_names_and_shapes():
     assert kind_of("ptq_conv2d13", ["uint8", "int8", "int32", "float32", "uint8"]) == "conv2d"
     assert kind_of("ptq_conv2d_depthwise2", []) == "conv2d_depthwise"
     assert kind_of("fused_softmax_divide_round", ["float32", "uint8"]) == "softmax"
+    assert kind_of("fused_lut_requantize", ["uint8", "uint8", "uint8"]) == "table lookup"
     assert kind_of("fused_divide_tir_round_add_clip_cast", ["float32", "uint8"]) == "quantize"
     assert kind_of("fused_cast_subtract_add", ["uint8", "int8", "uint8"]) == "integer glue"
     # packed conv [O/l, R, S, C/d, l, d]: 64 outputs of 56x56, 64 channels x 3 x 3
