@@ -35,6 +35,8 @@ from tvm import s_tir, tirx
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
+from backends.tvm.kernels.shapes import divisor_at_most
+
 #: int32 accumulators per tile (one AVX2 register; the compute's ``width_block``).
 LANES = 8
 #: ``x_enc`` / ``out`` rows up to this long that are not whole vectors are vectorized whole
@@ -44,10 +46,6 @@ WHOLE_ROW = 32
 
 def _static(extent):
     return int(extent) if isinstance(extent, tirx.IntImm) else None
-
-
-def _largest_divisor(n: int, cap: int) -> int:
-    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
 
 
 def _vectorize_row(sch: s_tir.Schedule, blk) -> None:
@@ -62,7 +60,7 @@ def _vectorize_row(sch: s_tir.Schedule, blk) -> None:
     if ext <= WHOLE_ROW and ext % LANES:
         sch.vectorize(loop)
         return
-    v = _largest_divisor(ext, 2 * LANES)
+    v = divisor_at_most(ext, 2 * LANES)
     if v > 1:
         sch.vectorize(sch.split(loop, [None, v])[1])
 
@@ -172,7 +170,7 @@ def _schedule(func: tirx.PrimFunc, lanes: int, deinterleave: bool) -> tirx.PrimF
     if per_group > 1:  # channel multiplier: the k outputs of one input channel in a row
         o, k = sch.split(o, [None, per_group])
         inner = [k]
-    lanes = _largest_divisor(_static(sch.get(z).extent), lanes)
+    lanes = divisor_at_most(_static(sch.get(z).extent), lanes)
     z_out, z_in = sch.split(z, [None, lanes])
     channel = sch.fuse(b, o)
     sch.reorder(channel, *inner, y, z_out, r, s, z_in)

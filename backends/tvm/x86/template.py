@@ -16,9 +16,7 @@ from typing import Optional
 import tvm
 from tvm import s_tir, tirx
 
-
-def _divisor_at_most(n: int, cap: int) -> int:
-    return max(d for d in range(1, cap + 1) if n % d == 0)
+from backends.tvm.kernels.shapes import divisor_at_most
 
 
 def schedule_packed(func: tirx.PrimFunc, kind: str, intrin: str, lanes: int = 16,
@@ -56,7 +54,7 @@ def apply(sch: s_tir.Schedule, kind: str, intrin: str, lanes: int = 16, depth: i
         outer = [*outer, g]
         reduce_outer = [r, s]
     m_ext = sch.get(m).extent
-    rows = _divisor_at_most(int(m_ext), rows) if isinstance(m_ext, tirx.IntImm) else 1
+    rows = divisor_at_most(int(m_ext), rows) if isinstance(m_ext, tirx.IntImm) else 1
     o_out, o_mid, o_in = sch.split(o, [None, lanes // intrin_lanes, intrin_lanes])
     c_out, c_in = sch.split(c, [None, depth])
     m_out, m_in = sch.split(m, [None, rows])
