@@ -34,7 +34,3 @@ from ptqpasses.sensitivity import AutoMixedPrecision, node_sensitivity  # noqa: 
 __all__ += ["AutoMixedPrecision", "BiasCorrection", "CrossLayerEqualization", "SmoothQuant",
             "bias_correction", "node_sensitivity", "smooth_quant"]
 
-# torch.compile integration (issue 6).
-from ptqpasses.dynamo import DynamoBackend, GraphStatus, dynamo_backend  # noqa: E402
-
-__all__ += ["DynamoBackend", "GraphStatus", "dynamo_backend"]

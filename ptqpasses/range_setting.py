@@ -15,7 +15,7 @@ int8 spec of the same tensor get different clipping).
 
 Weights: :func:`mse_weight_qparams` searches, per channel, the clipping bound minimizing the
 squared error of the channel's weights (selected with ``QSpec(observer="mse")`` on the
-weight spec; ConvertToQDQ calls it through :func:`ptqpasses.observers.weight_qparams`).
+weight spec; ConvertToQDQ calls it through :func:`ptqpasses.observer_base.weight_qparams`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from ptqpasses.meta import QParams, QSpec
-from ptqpasses.observers import CalibrationError, HistogramObserver, qparams_from_range
+from ptqpasses.observer_base import CalibrationError, HistogramObserver, qparams_from_range
 
 #: Fractions of the observed range tried as clipping points (finer near 1).
 _FRACTIONS = torch.cat([torch.linspace(0.02, 0.5, 25), torch.linspace(0.51, 1.0, 50)]).double()

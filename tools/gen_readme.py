@@ -30,15 +30,18 @@ def ops_table() -> str:
 
 
 def targets_table() -> str:
+    from backends.tvm.registry import strategy_for
     from backends.tvm.targets import TARGETS
 
-    rows = ["| target | family | TVM target | required features |", "|---|---|---|---|"]
+    rows = ["| target | strategy | TVM target | required features |", "|---|---|---|---|"]
     for name, t in TARGETS.items():
         if t is None:
-            rows.append(f"| `{name}` | this machine's | detected with LLVM (`llvm_get_system_cpu`) | |")
+            rows.append(f"| `{name}` | the best this CPU's flags allow | CPU name from LLVM "
+                        "(`llvm_get_system_cpu`), `mattr` from the CPU's flags | |")
         else:
             spec = ", ".join(f"{k}={v}" for k, v in t.spec.items())
-            rows.append(f"| `{name}` | {t.family} | `{spec}` | {', '.join(t.features)} |")
+            rows.append(f"| `{name}` | `{strategy_for(t).name}` | `{spec}` | "
+                        f"{', '.join(t.features)} |")
     return "\n".join(rows)
 
 

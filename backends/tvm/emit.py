@@ -23,7 +23,7 @@ from tvm.relax.frontend.torch.exported_program_translator import ExportedProgram
 
 import ptqpasses.ops  # noqa: F401  (registers torch.ops.ptq)
 from backends.tvm import ptq_ops
-from backends.tvm.family import Family
+from backends.tvm.strategy import Strategy
 from backends.tvm.fxgraph import bind_args, ptq_name as _ptq_name
 from backends.tvm.kernels import layer_norm as layer_norm_k
 from backends.tvm.kernels import softmax as softmax_k
@@ -54,15 +54,16 @@ class Emitter:
 
     Args:
         gm: The integer-operator graph.
-        family: The target family (activation encoding, packing block).
+        strategy: The target's strategy (layouts, kernel variants).
     """
 
-    def __init__(self, gm: fx.GraphModule, family: Family):
+    def __init__(self, gm: fx.GraphModule, strategy: Strategy):
         self.gm = gm
-        self.family = family
+        self.strategy = strategy
         #: The node being emitted (handlers read graph facts of its inputs through it).
         self.node: Optional[fx.Node] = None
-        #: Per packed kernel node: the family variant it got, and why (``compile`` reports it).
+        #: Per packed kernel node: the strategy's variant it got, and why (``compile`` reports
+        #: it).
         self.variants: dict[str, tuple[str, str]] = {}
         self.bb = relax.BlockBuilder()
         self.env: dict[fx.Node, Any] = {}
@@ -275,23 +276,23 @@ def _fetch_attr(gm: fx.GraphModule, target: str):
     return obj
 
 
-def emit_relax(gm: fx.GraphModule, family: Family,
+def emit_relax(gm: fx.GraphModule, strategy: Strategy,
                inputs: Sequence[TensorSpec]) -> tvm.IRModule:
-    """Emit the Relax IRModule of ``gm`` for ``family`` (the public entry point, which takes a
-    target name, is ``backends.tvm.emit``).
+    """Emit the Relax IRModule of ``gm`` for ``strategy`` (the public entry point, which takes
+    a target name, is ``backends.tvm.emit``).
 
     Args:
         gm: Integer-operator graph.
-        family: Target family (see ``backends.tvm.family``).
+        strategy: The target's strategy (``registry.strategy_for``).
         inputs: One spec per placeholder; named dims become symbolic (shared by name).
     """
-    em = Emitter(gm, family)
+    em = Emitter(gm, strategy)
     mod = em.run(inputs)
     if em.variants:
         mod = mod.with_attr(VARIANTS_ATTR, json.dumps(em.variants))
     return mod
 
 
-#: IRModule attribute (JSON): packed kernel node -> [family variant, why] (see
-#: ``Family.pairwise``); ``compile`` copies it to ``CompiledModule.meta["variants"]``.
+#: IRModule attribute (JSON): packed kernel node -> [strategy variant, why] (see
+#: ``Strategy.choose``); ``compile`` copies it to ``CompiledModule.meta["variants"]``.
 VARIANTS_ATTR = "ptq.variants"

@@ -40,21 +40,30 @@ def encoded_zero_point(x_zp: int, in_dtype: str, act_dtype: str) -> int:
     return zp
 
 
-def pack_dense(weight: np.ndarray, lanes: int, depth: int) -> np.ndarray:
-    """``[N, K]`` int8 -> ``[N/lanes, K/depth, lanes, depth]`` (zero padded)."""
+def _padded(k: int, depth: int, k_block: int) -> int:
+    """``k`` rounded up to whole blocks of ``depth`` and to a multiple of ``k_block``."""
+    step = np.lcm(depth, max(1, k_block))
+    return ceil_div(k, step) * step // depth
+
+
+def pack_dense(weight: np.ndarray, lanes: int, depth: int, k_block: int = 1) -> np.ndarray:
+    """``[N, K]`` int8 -> ``[N/lanes, K/depth, lanes, depth]`` (zero padded; ``K`` also to a
+    multiple of ``k_block``)."""
     n, k = weight.shape
-    nb, kb = ceil_div(n, lanes), ceil_div(k, depth)
+    nb, kb = ceil_div(n, lanes), _padded(k, depth, k_block)
     w = np.zeros((nb * lanes, kb * depth), np.int8)
     w[:n, :k] = weight
     return np.ascontiguousarray(w.reshape(nb, lanes, kb, depth).transpose(0, 2, 1, 3))
 
 
-def pack_conv(weight: np.ndarray, groups: int, lanes: int, depth: int) -> np.ndarray:
+def pack_conv(weight: np.ndarray, groups: int, lanes: int, depth: int,
+              k_block: int = 1) -> np.ndarray:
     """OIHW ``[O, C/g, R, S]`` -> ``[O/lanes, R, S, C/depth, lanes, depth]`` for one group,
-    or ``[g, Og/lanes, R, S, Cg/depth, lanes, depth]`` for grouped convs (zero padded)."""
+    or ``[g, Og/lanes, R, S, Cg/depth, lanes, depth]`` for grouped convs (zero padded; ``C``
+    also to a multiple of ``k_block``)."""
     o, cg, r, s = weight.shape
     og = o // groups
-    ob, cb = ceil_div(og, lanes), ceil_div(cg, depth)
+    ob, cb = ceil_div(og, lanes), _padded(cg, depth, k_block)
     w = np.zeros((groups, ob * lanes, cb * depth, r, s), np.int8)
     w[:, :og, :cg] = weight.reshape(groups, og, cg, r, s)
     # [g, ob, lanes, cb, depth, r, s] -> [g, ob, r, s, cb, lanes, depth]

@@ -1,5 +1,6 @@
-"""Per-family Relax pipelines: TVM's default stages plus ``ApplyPtqSchedules`` (the ptq
-kernels) and ``ApplyGlueSchedules`` (everything else, on CPU)."""
+"""The Relax pipeline of a strategy: TVM's default stages plus ``ApplyPtqSchedules`` (the ptq
+kernels: tuned record or the strategy's fixed schedule) and ``ApplyGlueSchedules`` (everything
+else, on CPU)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,9 @@ from typing import Optional
 import tvm
 from tvm import relax
 
-from backends.tvm import glue_schedule
-from backends.tvm.depthwise_schedule import schedule_depthwise
-from backends.tvm.family import Family
-from backends.tvm.kernels import wide as wide_k
-from backends.tvm.matmul_schedule import is_packed, schedule_matmul, schedule_matmul_packed
-from backends.tvm.pool_schedule import schedule_max_pool2d
-from backends.tvm.wide_schedule import schedule_wide
+from backends.tvm.cpu import glue
+from backends.tvm.records import tuned_kernel
+from backends.tvm.strategy import Strategy
 
 
 def _try_schedule(what: str, gv, schedule, *args):
@@ -40,47 +37,34 @@ def _with_updates(mod: tvm.IRModule, updates: dict) -> tvm.IRModule:
     return mod
 
 
-def ApplyPtqSchedules(family: Family, target: tvm.target.Target,
+def ApplyPtqSchedules(strategy: Strategy, target: tvm.target.Target,
                       database=None) -> tvm.transform.Pass:
     """Schedule every PrimFunc tagged ``ptq.kernel``: its tuned record from ``database`` (a
-    MetaSchedule Database, see ``tune.py``) if there is one, else the family's fixed schedule
-    (on CPU, int16-activation kernels: ``wide_schedule.py``; max_pool2d: ``pool_schedule.py``;
-    activation x activation ``matmul``: ``matmul_schedule.py``; depthwise convs:
-    ``depthwise_schedule.py``).
+    MetaSchedule Database, see ``records.py``) if there is one, else the strategy's fixed
+    schedule for the kernel's kind and variant (``Strategy.schedule_for``).
 
     Runs before legalization: the ptq kernels are already TE PrimFuncs (``call_tir``), tagged
-    opaque so that the later FuseOps/FuseTIR leave them as they are.
+    opaque so that the later FuseOps/FuseTIR leave them as they are. Kernels built already
+    scheduled (``tir.is_scheduled``, e.g. AMX's hand-written TIR) are left alone.
     """
 
     @tvm.transform.module_pass(opt_level=0, name="ApplyPtqSchedules")
     def _apply(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        if family.schedule is None and database is None:
-            return mod  # (schedule=False drops the variants' schedules with the family's)
         updates = {}
         for gv, func in mod.functions_items():
             attrs = func.attrs if isinstance(func, tvm.tirx.PrimFunc) else None
             if not attrs or "ptq.kernel" not in attrs or "tir.is_scheduled" in attrs:
                 continue
             if database is not None:
-                from backends.tvm.tune import tuned_kernel
-
                 tuned = tuned_kernel(database, func, target)
                 if tuned is not None:
                     updates[gv] = tuned
                     continue
             kind = str(attrs["ptq.kernel"])
-            schedule = family.of_kernel(func).schedule
-            if kind in wide_k.KINDS:  # int16 kernels: no intrinsic; parallel loops on CPU
-                schedule = _schedule_wide if target.kind.name == "llvm" else None
-            elif kind == "max_pool2d":
-                schedule = _schedule_max_pool2d if target.kind.name == "llvm" else None
-            elif kind == "matmul":  # no weights packed ahead of time: matmul_schedule.py
-                schedule = _schedule_matmul if target.kind.name == "llvm" else None
-            elif kind == "conv2d_depthwise":
-                schedule = _schedule_depthwise if target.kind.name == "llvm" else None
+            schedule = strategy.schedule_for(func, kind)
             if schedule is None:
                 continue
-            scheduled = _try_schedule(f"{family.name} schedule", gv, schedule, func, kind,
+            scheduled = _try_schedule(f"{strategy.name} schedule", gv, schedule, func, kind,
                                       target)
             if scheduled is not None:
                 updates[gv] = scheduled
@@ -91,7 +75,7 @@ def ApplyPtqSchedules(family: Family, target: tvm.target.Target,
 
 def ApplyGlueSchedules(target: tvm.target.Target) -> tvm.transform.Pass:
     """Schedule every PrimFunc that is not a ptq kernel and not yet scheduled (the fused
-    integer glue and float islands) with ``glue_schedule.schedule_glue``; CPU (``llvm``)
+    integer glue and float islands) with ``glue.schedule_glue``; CPU (``llvm``)
     targets only. Runs after legalization and fusion, where those PrimFuncs exist.
 
     A function no rule applies to, or whose schedule fails (a warning), is left to the default
@@ -104,9 +88,9 @@ def ApplyGlueSchedules(target: tvm.target.Target) -> tvm.transform.Pass:
             return mod
         updates = {}
         for gv, func in mod.functions_items():
-            if not glue_schedule.is_glue(func):
+            if not glue.is_glue(func):
                 continue
-            scheduled = _try_schedule("glue schedule", gv, glue_schedule.schedule_glue, func,
+            scheduled = _try_schedule("glue schedule", gv, glue.schedule_glue, func,
                                       target)
             if scheduled is not None:
                 updates[gv] = scheduled
@@ -193,36 +177,12 @@ def _guarded(stage: str, user_pass: tvm.transform.Pass, failures: list) -> tvm.t
     return _run
 
 
-def _schedule_wide(func, kind, _target):
-    return schedule_wide(func, kind)
-
-
-def _schedule_max_pool2d(func, _kind, _target):
-    return schedule_max_pool2d(func)
-
-
-def _schedule_depthwise(func, _kind, _target):
-    return schedule_depthwise(func)
-
-
-def _schedule_matmul(func, _kind, target):
-    if not is_packed(func):
-        return schedule_matmul(func)
-    from backends.tvm.x86 import avx2, template_args
-
-    args = template_args(target)
-    if args is None or args["intrin"] != avx2.AVX2_INTRIN:
-        return func  # (emitted for the AVX2 family; correct, unscheduled elsewhere)
-    return schedule_matmul_packed(func, {**args, "intrin": avx2.register_wide()})
-
-
-def get_pipeline(family: Family, target: tvm.target.Target,
+def get_pipeline(strategy: Strategy, target: tvm.target.Target,
                  database=None, relax_passes=None,
-                 failures: Optional[list] = None,
-                 schedule_glue: bool = True) -> tvm.transform.Pass:
-    """The Relax pipeline that ``tvm.compile`` runs for ``family`` on ``target`` (tuned records
-    from the MetaSchedule ``database`` win over the fixed schedules). ``schedule_glue=False``
-    leaves the non-ptq PrimFuncs to TVM's default lowering (no ``ApplyGlueSchedules``).
+                 failures: Optional[list] = None) -> tvm.transform.Pass:
+    """The Relax pipeline that ``tvm.compile`` runs for ``strategy`` on ``target`` (tuned
+    records from the MetaSchedule ``database`` win over the fixed schedules). The non-ptq
+    PrimFuncs get ``ApplyGlueSchedules`` where ``strategy.schedule_glue``.
 
     ``relax_passes`` (see ``normalize_relax_passes``) inserts user passes at the ``STAGES``
     points, in the order given; their errors are appended to ``failures`` (see ``_guarded``).
@@ -242,11 +202,11 @@ def get_pipeline(family: Family, target: tvm.target.Target,
                 user.get("start", [])
                 + stages.library_dispatch_passes(target)
                 + user.get("before_schedule", [])
-                + [ApplyPtqSchedules(family, target, database)]
+                + [ApplyPtqSchedules(strategy, target, database)]
                 + user.get("after_schedule", [])
                 + stages.legalize_passes(target)
                 + user.get("after_legalize", [])
-                + ([ApplyGlueSchedules(target)] if schedule_glue else [])
+                + ([ApplyGlueSchedules(target)] if strategy.schedule_glue else [])
                 + stages.dataflow_lower_passes(target)
                 + user.get("after_lowering", [])
                 + stages.finalize_passes(target))

@@ -19,6 +19,7 @@ from backends.tvm.kernels import pool as pool_k
 from backends.tvm.kernels import wide as wide_k
 from backends.tvm.requant import (centered_relax, dequantize_relax, quantize_relax,
                                   requant_relax)
+from backends.tvm.strategy import KernelFacts
 
 _OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps leaves ptq kernels alone.
 
@@ -110,30 +111,25 @@ def clamp(em, a):
     return em.bb.emit(relax.op.minimum(relax.op.maximum(x, lo), hi))
 
 
-def _packed_variant(em, a, in_dt: str, pack) -> tuple:
-    """``(family variant, encode shift, packed weights)`` of a packed dense / conv kernel.
-
-    The family's ``pairwise`` variant (x86 AVX2: ``vpmaddubsw``) is taken when the proof holds:
-    the activations, shifted to start at 0 (``x - lo``, ``lo`` the bottom of the range the
-    graph guarantees for ``x``, see ``emit.value_range``), times each pair of packed weights
-    fit int16. Otherwise the family's own layout. The choice and its reason are recorded in
-    ``em.variants`` (``compile`` reports them).
-    """
-    fam = em.family
-    pw = fam.pairwise
-    if pw is not None:
-        lo, hi = value_range(bind_args(em.node)["x"]) or _dtype_bounds(in_dt)
-        x_zp = int(a["x_zp"])
-        lo, hi = min(lo, x_zp), max(hi, x_zp)  # the zero point pads convs
-        wp = pack(pw.lanes, pw.depth)
-        if hi - lo <= 255 and pw.fits(wp, hi - lo):
-            em.variants[em.node.name] = (pw.variant, f"activations in [{lo}, {hi}]: every "
-                                         "pair of products fits int16")
-            return pw, -lo, wp
-        em.variants[em.node.name] = (fam.variant or "main", f"activations in [{lo}, {hi}]: "
-                                     "a pair of products can overflow int16 "
-                                     "(QSpec(reduce_range=True) activations always fit)")
-    return fam, packing.encode_shift(in_dt, fam.act_dtype), pack(fam.lanes, fam.depth)
+def _packed_choice(em, a, kind: str, in_dt: str, pack, **shape) -> tuple:
+    """``(variant, encode shift, packed weights)`` of a packed dense / conv kernel, as the
+    target's strategy chooses (``Strategy.choose``, e.g. x86 AVX2's pairwise variant where its
+    proof holds) from the node's facts: the activations' range ``[lo, hi]`` as the graph
+    guarantees it (``fxgraph.value_range``; the zero point, which pads convs, included) and
+    the GEMM's shape. The choice and its reason are recorded in ``em.variants`` (``compile``
+    reports them)."""
+    lo, hi = value_range(bind_args(em.node)["x"]) or _dtype_bounds(in_dt)
+    x_zp = int(a["x_zp"])
+    facts = KernelFacts(kind, em.node.name, in_dt, (min(lo, x_zp), max(hi, x_zp)), pack=pack,
+                        **shape)
+    choice = em.strategy.choose(em.strategy, facts)
+    if choice.why:
+        em.variants[em.node.name] = (choice.variant.name or "main", choice.why)
+    layout = choice.variant.layout
+    shift = choice.shift
+    if shift is None:
+        shift = 0 if in_dt == "int16" else packing.encode_shift(in_dt, layout.act_dtype)
+    return choice.variant, shift, pack(layout.lanes, layout.depth, layout.k_block)
 
 
 def _dtype_bounds(dt: str) -> tuple[int, int]:
@@ -147,19 +143,22 @@ def linear(em, a):
     n_out, k_in = w.shape
     in_dt = dtype_name(x.ty.dtype)
     bias = None if a["bias"] is None else em.numpy(a["bias"])
-    if in_dt not in _EIGHT_BIT:
-        if not _wide_fits_packed(em, a, w, bias, in_dt):
-            return _linear_wide(em, a, w)
-        fam, shift = em.family, 0
-        wp = packing.pack_dense(w, fam.lanes, fam.depth)
-    else:
-        fam, shift, wp = _packed_variant(
-            em, a, in_dt, lambda lanes, depth: packing.pack_dense(w, lanes, depth))
+    if in_dt not in _EIGHT_BIT and not _wide_fits_packed(em, a, w, bias, in_dt):
+        return _linear_wide(em, a, w)
+    rows = 1
+    for d in x.ty.shape.values[:-1]:
+        rows = None if rows is None or _static(d) is None else rows * _static(d)
+    variant, shift, wp = _packed_choice(
+        em, a, "dense", in_dt, lambda lanes, depth, k_block: packing.pack_dense(
+            w, lanes, depth, k_block), rows=rows, cols=n_out, depth=k_in)
     corr = packing.correction(w, bias, int(a["x_zp"]) + shift)
     mult = _per_channel(em.numpy(a["multiplier"]), n_out)
-    return _kernel(em, dense_k.dense, x, relax.const(wp), relax.const(corr), relax.const(mult),
-                   kind="dense", variant=fam.variant, n_out=n_out, k_in=k_in, shift=shift,
-                   act_dtype=fam.act_dtype, **_requant_args(a))
+    operands = (x, relax.const(wp), relax.const(corr), relax.const(mult))
+    params = dict(n_out=n_out, k_in=k_in, shift=shift, act_dtype=variant.layout.act_dtype,
+                  **_requant_args(a))
+    if "dense" in variant.kernels:
+        return variant.kernels["dense"](em, *operands, variant=variant.name, **params)
+    return _kernel(em, dense_k.dense, *operands, kind="dense", variant=variant.name, **params)
 
 
 def conv2d(em, a):
@@ -170,8 +169,7 @@ def conv2d(em, a):
     in_dt = dtype_name(x.ty.dtype)
     bias = None if a["bias"] is None else em.numpy(a["bias"])
     depthwise = cg == 1 and groups > 1
-    wide = in_dt not in _EIGHT_BIT
-    if wide and not _wide_fits_packed(em, a, w, bias, in_dt, depthwise):
+    if in_dt not in _EIGHT_BIT and not _wide_fits_packed(em, a, w, bias, in_dt, depthwise):
         return _conv2d_wide(em, a, w)
     mult = _per_channel(em.numpy(a["multiplier"]), c_out)
     geo = dict(kernel=(kh, kw), stride=_pair(a["stride"]), padding=_pair(a["padding"]),
@@ -181,19 +179,22 @@ def conv2d(em, a):
         return _kernel(em, conv_k.conv2d_depthwise, x, relax.const(w), relax.const(corr),
                        relax.const(mult), kind="conv2d_depthwise", groups=groups, c_out=c_out,
                        x_zp=int(a["x_zp"]), **geo, **_requant_args(a))
-    if wide:
-        fam, shift = em.family, 0
-        wp = packing.pack_conv(w, groups, fam.lanes, fam.depth)
-    else:
-        fam, shift, wp = _packed_variant(
-            em, a, in_dt, lambda lanes, depth: packing.pack_conv(w, groups, lanes, depth))
+    _, _, h, w_in = (_static(d) for d in x.ty.shape.values)
+    oh = conv_k.out_size(h, kh, geo["stride"][0], geo["padding"][0], geo["dilation"][0])
+    ow = conv_k.out_size(w_in, kw, geo["stride"][1], geo["padding"][1], geo["dilation"][1])
+    variant, shift, wp = _packed_choice(
+        em, a, "conv2d", in_dt, lambda lanes, depth, k_block: packing.pack_conv(
+            w, groups, lanes, depth, k_block), rows=oh * ow, cols=c_out,
+        depth=cg * kh * kw, width=ow, channels=cg, groups=groups)
     zp_enc = int(a["x_zp"]) + shift
     corr = packing.correction(w, bias, zp_enc)
-    return _kernel(em, conv_k.conv2d_packed, x, relax.const(wp), relax.const(corr),
-                   relax.const(mult), kind="conv2d", variant=fam.variant, groups=groups,
-                   c_in=cg * groups, c_out=c_out, shift=shift, zp_enc=zp_enc,
-                   act_dtype=fam.act_dtype, width_block=fam.width_block, **geo,
-                   **_requant_args(a))
+    operands = (x, relax.const(wp), relax.const(corr), relax.const(mult))
+    params = dict(groups=groups, c_in=cg * groups, c_out=c_out, shift=shift, zp_enc=zp_enc,
+                  act_dtype=variant.layout.act_dtype, **geo, **_requant_args(a))
+    if "conv2d" in variant.kernels:
+        return variant.kernels["conv2d"](em, *operands, variant=variant.name, **params)
+    return _kernel(em, conv_k.conv2d_packed, *operands, kind="conv2d", variant=variant.name,
+                   width_block=variant.layout.width_block, **params)
 
 
 def _wide_fits_packed(em, a, w, bias, in_dt: str, depthwise: bool = False) -> bool:
@@ -207,9 +208,10 @@ def _wide_fits_packed(em, a, w, bias, in_dt: str, depthwise: bool = False) -> bo
     where needed). The choice and its reason are recorded in ``em.variants``."""
     if in_dt != "int16":
         return False
-    if not depthwise and em.family.act_dtype != "int16":
-        em.variants[em.node.name] = ("wide", f"int16 activations: the {em.family.name} packed "
-                                     f"kernels take {em.family.act_dtype} activations")
+    act_dtype = em.strategy.main.layout.act_dtype
+    if not depthwise and act_dtype != "int16":
+        em.variants[em.node.name] = ("wide", f"int16 activations: the {em.strategy.name} "
+                                     f"packed kernels take {act_dtype} activations")
         return False
     lo, hi = value_range(bind_args(em.node)["x"]) or _dtype_bounds(in_dt)
     x_zp = int(a["x_zp"])
@@ -219,7 +221,7 @@ def _wide_fits_packed(em, a, w, bias, in_dt: str, depthwise: bool = False) -> bo
         corr = packing.correction(w, bias, x_zp)
     except OverflowError:
         corr = None
-    where = "depthwise int32" if depthwise else f"{em.family.name} packed int16"
+    where = "depthwise int32" if depthwise else f"{em.strategy.arch} packed int16"
     if corr is None or raw + int(np.abs(corr.astype(np.int64)).max(initial=0)) >= 2**31:
         em.variants[em.node.name] = ("wide", f"int16 activations in [{lo}, {hi}]: the raw "
                                      f"sums can overflow int32 ({where} needs them to fit)")
@@ -287,11 +289,12 @@ def matmul(em, a):
     bound = None if k_dim is None else (k_dim * wide_k.max_centered(_dt(x), a_zp)
                                         * wide_k.max_centered(_dt(y), b_zp))
     acc_dtype = _sum_dtype(bound, _dt(x), _dt(y))
-    if (em.family.packs_matmul and _dt(x) in _EIGHT_BIT and _dt(y) in _EIGHT_BIT
+    if (em.strategy.packs_matmul and _dt(x) in _EIGHT_BIT and _dt(y) in _EIGHT_BIT
             and k_dim is not None and _static(y.ty.shape[-1]) is not None):
+        layout = em.strategy.main.layout
         out = _kernel(em, matmul_k.matmul_packed, x, y, kind="matmul", a_zp=a_zp, b_zp=b_zp,
-                      multiplier=float(a["multiplier"]), lanes=em.family.lanes,
-                      depth=em.family.depth, **_requant_args(a))
+                      multiplier=float(a["multiplier"]), lanes=layout.lanes,
+                      depth=layout.depth, **_requant_args(a))
     else:
         out = _kernel(em, matmul_k.matmul, x, y, kind="matmul", a_zp=a_zp, b_zp=b_zp,
                       multiplier=float(a["multiplier"]), acc_dtype=acc_dtype,

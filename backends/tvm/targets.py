@@ -8,8 +8,10 @@ CPU name.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import platform
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Mapping, Optional
 
 import tvm
 
@@ -59,13 +61,61 @@ def _llvm(triple: str, cpu: str, **extra) -> dict:
     return {"kind": "llvm", "mtriple": triple, "mcpu": cpu, "num-cores": 1, **extra}
 
 
+#: CPU flags (Linux ``/proc/cpuinfo`` names) -> the LLVM features the kernels depend on.
+FLAG_FEATURES = {
+    "x86": {"avx2": "avx2", "fma": "fma", "avx512f": "avx512f", "avx512bw": "avx512bw",
+            "avx512vl": "avx512vl", "avx512_vnni": "avx512vnni", "avx_vnni": "avxvnni",
+            "amx_tile": "amx-tile", "amx_int8": "amx-int8"},
+    "aarch64": {"asimddp": "dotprod", "i8mm": "i8mm", "sve": "sve"},
+}
+
+
+@functools.cache
+def cpu_flags(path: str = "/proc/cpuinfo") -> Optional[frozenset]:
+    """The CPU's feature flags as the kernel reports them (``flags`` on x86, ``Features`` on
+    aarch64), or None where there is no such file (the CPU name decides then)."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return None
+
+
+def host_mattr(arch: str, cpu: str, flags: Optional[frozenset]) -> list[str]:
+    """LLVM ``mattr`` that makes target ``cpu`` have exactly the features ``flags`` show.
+
+    LLVM names a CPU by its model number, which a hypervisor may not match with the features
+    it passes through: an Intel Xeon with AMX was called ``rocketlake`` (no AMX), and a VM may
+    hide AVX-512 from a CPU whose name implies it. The flags are the truth; the name only
+    supplies the scheduling model.
+    """
+    if flags is None or arch not in FLAG_FEATURES:
+        return []
+    named = tvm.target.Target(_llvm(_X86 if arch == "x86" else _ARM, cpu))
+    mattr = []
+    for flag, feature in FLAG_FEATURES[arch].items():
+        present, implied = flag in flags, has_feature(named, feature)
+        if present and not implied:
+            mattr.append(f"+{feature}")
+        elif implied and not present:
+            mattr.append(f"-{feature}")
+    return mattr
+
+
+@functools.cache
 def _host() -> NamedTarget:
     machine = platform.machine().lower()
-    if machine in ("x86_64", "amd64"):
-        return NamedTarget("host", "x86", _llvm(_X86, system_cpu()))
-    if machine in ("aarch64", "arm64"):
-        return NamedTarget("host", "aarch64", _llvm(_ARM, system_cpu()))
-    raise ValueError(f"no TVM host target for machine {machine!r}")
+    arch = {"x86_64": "x86", "amd64": "x86", "aarch64": "aarch64", "arm64": "aarch64"}.get(machine)
+    if arch is None:
+        raise ValueError(f"no TVM host target for machine {machine!r}")
+    cpu = system_cpu()
+    mattr = host_mattr(arch, cpu, cpu_flags())
+    extra = {"mattr": mattr} if mattr else {}
+    return NamedTarget("host", arch, _llvm(_X86 if arch == "x86" else _ARM, cpu, **extra))
 
 
 #: The fixed named targets. ``host`` is resolved on use (it depends on the machine).
@@ -77,6 +127,11 @@ TARGETS: dict[str, NamedTarget | None] = {
     "x86-avx512-vnni": NamedTarget(
         "x86-avx512-vnni", "x86", _llvm(_X86, "cascadelake"),
         ("avx512f", "avx512bw", "avx512vnni")),
+    "x86-avx-vnni": NamedTarget("x86-avx-vnni", "x86", _llvm(_X86, "alderlake"),
+                                ("avx2", "avxvnni")),
+    "x86-amx": NamedTarget(
+        "x86-amx", "x86", _llvm(_X86, "sapphirerapids"),
+        ("avx512f", "avx512bw", "avx512vnni", "amx-tile", "amx-int8")),
     "aarch64-neon": NamedTarget("aarch64-neon", "aarch64", _llvm(_ARM, "cortex-a72"), ("neon",)),
     "aarch64-dotprod": NamedTarget(
         "aarch64-dotprod", "aarch64", _llvm(_ARM, "cortex-a76"), ("dotprod",)),
@@ -140,5 +195,5 @@ def runs_here(named: NamedTarget) -> bool:
     t = named.target()
     host_t = host.target()
     # Every feature the target's CPU has must be present on the host.
-    probe = ("avx2", "avx512f", "avx512bw", "avx512vnni", "dotprod", "i8mm", "sve")
-    return all(has_feature(host_t, f) or not has_feature(t, f) for f in probe)
+    probe = {f for features in FLAG_FEATURES.values() for f in features.values()}
+    return all(has_feature(host_t, f) or not has_feature(t, f) for f in sorted(probe))

@@ -4,29 +4,19 @@
 distinct ``ptq.kernel`` PrimFuncs (dense / conv2d by default), and tunes each one that has no
 record yet; ``compile(qgraph, target, database=root)`` applies the records.
 
-Database layout: ``root/<target name>-<key>/`` holds MetaSchedule's JSONDatabase
-(``database_workload.json``, ``database_tuning_record.json``) and ``key.json``. The key hashes
-the target dict (for ``host``: the real CPU name), the TVM, tvm-ffi and LLVM versions and the
-record keying, so a record is never applied to another CPU or toolchain.
+Records (where they live, how they are keyed and replayed) are ``records.py``'s; a second
+``tune`` of the same model runs zero trials.
 
-Keying: within a folder a workload is the kernel's anchor block (MetaSchedule's
-``module_equality="anchor-block"``: the ``acc`` reduction, its shapes, strides and operand
-dtypes), not the whole PrimFunc. Convs of one shape differ in constants baked into their
-``x_enc`` / ``out`` blocks (padding value, output zero point, clamp bounds, output dtype): with
-structural keys ResNet-18 b1 had 20 workloads, with anchor keys 12. A record is applied by
-replaying its trace on the kernel at hand (``tuned_kernel``), never by taking the recorded
-kernel; TVM's schedule primitives check each step, so the replayed kernel computes exactly what
-the emitted one does. Records are shared across models and runs, and a second ``tune`` of the
-same model runs zero trials.
-
-Schedules: the search space tiles the packed ``acc`` block around the family's 16x4 dot-product
-intrinsic (VNNI, or the exact AVX2 one), like the fixed schedule but searching tile sizes,
-loop order, parallelism and unrolling. At compile time a tuned record wins; kernels without a
-record get the family's fixed schedule (``pipeline.ApplyPtqSchedules``).
+Schedules: the search space tiles the packed ``acc`` block around the dot-product intrinsic of
+the kernel's strategy variant (``Variant.intrin``: VNNI zmm / ymm, the exact AVX2 one, sdot),
+like the fixed template but searching tile sizes, loop order, parallelism and unrolling; the
+variant's template (``Variant.seed``) is measured first, as a record. At compile time a tuned
+record wins; kernels without a record get the fixed schedule (``pipeline.ApplyPtqSchedules``).
+Variants without an intrinsic (AMX's hand-written kernels) are not tuned.
 
 Cost of a task (one workload): the template seed (one build and run), then ``trials``
 candidates, each built in one persistent builder worker and measured by one runner worker.
-Below 100 trials the candidates are random samples of the space (``_strategy``); the build
+Below 100 trials the candidates are random samples of the space (``_search``); the build
 (~1 s per candidate on a loaded core) is most of the time.
 
 Shapes are static: tuning needs concrete extents, so ``tune`` and ``compile(database=...)``
@@ -38,86 +28,29 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import os
-import re
 import shutil
 import sys
 import tempfile
 import types
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
-import tvm_ffi
 import tvm
 from torch import fx
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
 from backends.tvm import targets as _targets
-
-#: Where ``tune`` keeps records when no ``database`` is given.
-DEFAULT_ROOT = Path(os.environ.get("PTQ_TVM_TUNING_DB", "~/.cache/ptqpasses/tvm-tuning"))
+from backends.tvm.build import build_ir
+from backends.tvm.records import KEYING, database_dir, open_database, workload
+from backends.tvm.registry import strategy_for
+from backends.tvm.strategy import PACKED_KINDS, Variant
 
 #: Kernel kinds tuned by default (the dot-product kernels).
-DEFAULT_KINDS = ("dense", "conv2d")
-
-
-#: How records are keyed within a database folder (MetaSchedule's ``module_equality``): by the
-#: kernel's ``acc`` block, so that kernels differing only in epilogue constants share a record.
-KEYING = "anchor-block"
-
-
-def versions() -> dict:
-    """The toolchain versions a record depends on."""
-    import tvm_ffi
-
-    return {"tvm": tvm.__version__, "tvm_ffi": tvm_ffi.__version__,
-            "llvm": int(tvm.target.codegen.llvm_version_major())}
-
-
-def database_dir(root: str | os.PathLike | None, target: Any = "host") -> Path:
-    """The folder of ``target``'s records under ``root`` (created, with its ``key.json``)."""
-    named = _targets.resolve(target)
-    root = Path(root if root is not None else DEFAULT_ROOT).expanduser()
-    key = {"target": dict(named.spec), **versions(), "keying": KEYING}
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    folder = root / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', named.name)}-{digest}"
-    folder.mkdir(parents=True, exist_ok=True)
-    key_file = folder / "key.json"
-    if not key_file.exists():
-        key_file.write_text(json.dumps(key, indent=1, sort_keys=True, default=str) + "\n")
-    return folder
-
-
-def open_database(root: str | os.PathLike | None, target: Any = "host") -> ms.database.Database:
-    """The JSONDatabase of ``target`` under ``root``.
-
-    Loading replays each record's trace, so the project's tensor intrinsics the records may
-    name are registered first (they are otherwise registered lazily, when a schedule uses
-    them: a fresh process compiling with a database failed with "TensorIntrin ... is not
-    registered").
-    """
-    named = _targets.resolve(target)
-    tgt = named.target()
-    variants = [""]
-    if named.family == "x86":
-        from backends.tvm.x86 import PAIRWISE_FAMILY
-
-        variants.append(PAIRWISE_FAMILY.variant)
-    for variant in variants:
-        _family_intrin(named.family, tgt, variant)
-    return ms.database.JSONDatabase(work_dir=str(database_dir(root, named)),
-                                    module_equality=KEYING)
-
-
-def workload(func: tvm.tirx.PrimFunc) -> tvm.IRModule:
-    """The IRModule a kernel is tuned and looked up as (the same normalization both ways)."""
-    return tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+DEFAULT_KINDS = PACKED_KINDS
 
 
 def kernels(mod: tvm.IRModule, kinds: Iterable[str] = DEFAULT_KINDS
@@ -144,57 +77,22 @@ def kernels(mod: tvm.IRModule, kinds: Iterable[str] = DEFAULT_KINDS
     return out
 
 
-def tuned_kernel(db: ms.database.Database, func: tvm.tirx.PrimFunc,
-                 target: tvm.target.Target) -> Optional[tvm.tirx.PrimFunc]:
-    """``func`` scheduled by its best record in ``db``, or None if it has none.
-
-    The record may have been tuned on another kernel with the same ``acc`` block (other zero
-    points, clamp bounds or output dtype), so its trace is replayed on ``func`` itself
-    (MetaSchedule's ``query_schedule`` would return the recorded kernel, constants included).
-    The schedule primitives check every step (tensorization included), so a replayed kernel
-    computes what ``func`` computes; a trace that does not fit ``func`` warns and returns None
-    (the fixed schedule applies).
-    """
-    wl = workload(func)
-    if not db.has_workload(wl):
-        return None
-    rec = db.query_tuning_record(wl, target=target, workload_name="main")
-    if rec is None:
-        return None
-    from tvm import s_tir
-
-    symbol = func.attrs.get("global_symbol") if func.attrs else None
-    sch = s_tir.Schedule(wl)
-    try:
-        rec.trace.apply_to_schedule(sch, remove_postproc=False)
-    except Exception as exc:  # noqa: BLE001  (the fixed schedule applies instead)
-        first = str(exc).strip().splitlines()[:1] or [type(exc).__name__]
-        warnings.warn(f"the tuned record of kernel {symbol} does not replay on it (fixed "
-                      f"schedule used): {first[0]}")
-        return None
-    out = sch.mod["main"]
-    out = out.with_attr("global_symbol", symbol) if symbol is not None else out.without_attr(
-        "global_symbol")
-    return out.with_attr("tir.is_scheduled", True).with_attr("ptq.tuned", True)
-
-
 def _has_record(db: ms.database.Database, wl: tvm.IRModule, target) -> bool:
     return db.has_workload(wl) and db.query_tuning_record(wl, target, "main") is not None
 
 
-def space(family_name: str, target: tvm.target.Target,
-          variant: str = "") -> ms.space_generator.SpaceGenerator:
-    """The search space: multi-level tiling around the dot-product intrinsic of the family
-    (and the kernel's ``ptq.variant``, e.g. the AVX2 pairwise one).
+def space(variant: Variant) -> ms.space_generator.SpaceGenerator:
+    """The search space: multi-level tiling around the dot-product intrinsic of a strategy
+    variant (``Variant.intrin``).
 
     No AutoInline: inlining the ``x_enc`` re-encoding into ``acc`` would hide the intrinsic's
     ``uint8`` operand and fall back to untensorized code. Explicit unrolling up to 64 steps:
     512-step candidates took 5-8x longer to build (~8 s each on a loaded core, most of a
     16-trial task's build time) and were never the best of ~100 measured 3x3-conv candidates.
     """
-    intrin = _family_intrin(family_name, target, variant)
-    if intrin is None:
+    if variant.intrin is None:
         return ms.space_generator.PostOrderApply()  # TVM's rules for the target
+    intrin = variant.intrin()
     R, P, M = ms.schedule_rule, ms.postproc, ms.mutator
     return ms.space_generator.PostOrderApply(
         sch_rules=[
@@ -248,23 +146,9 @@ class _KeepIntrinLoopsScalar(ms.postproc.PyPostproc):
         return _KeepIntrinLoopsScalar()
 
 
-def _variant(wl: tvm.IRModule) -> str:
-    """The ``ptq.variant`` a kernel was emitted with ("" for the family's main one)."""
-    attrs = wl["main"].attrs
-    return str(attrs["ptq.variant"]) if attrs and "ptq.variant" in attrs else ""
-
-
-def _family_intrin(family_name: str, target: tvm.target.Target,
-                   variant: str = "") -> Optional[str]:
-    if family_name == "x86":
-        from backends.tvm.x86 import template_args
-
-        args = template_args(target, variant)
-        return None if args is None else args["intrin"]
-    if family_name == "aarch64" and _targets.has_feature(target, "dotprod"):
-        from backends.tvm.aarch64 import intrinsics
-        return intrinsics.register()
-    return None
+def _variant(wl: tvm.IRModule, strategy) -> Variant:
+    """The strategy variant a kernel was emitted with (its ``ptq.variant`` attribute)."""
+    return strategy.of_kernel(wl["main"])
 
 
 @contextlib.contextmanager
@@ -360,7 +244,7 @@ class _Builder(ms.builder.PyBuilder):
 
 @dataclasses.dataclass
 class _Seed:
-    """The family's fixed template of one workload, built once and measured into the database
+    """The variant's fixed template of one workload, built once and measured into the database
     as a tuning record, so that the database's best is never worse than the fallback."""
     workload: tvm.IRModule
     trace: Any
@@ -384,20 +268,15 @@ class _Seed:
         return 1e3 * sum(secs) / len(secs)
 
 
-def _template_seed(wl, kind, family_name, tgt, builder) -> Optional[_Seed]:
-    """The fixed template of ``wl`` built for ``tgt`` (x86 dense / conv2d), or None."""
-    if family_name != "x86" or kind not in ("dense", "conv2d"):
+def _template_seed(wl, variant: Variant, kind: str, tgt, builder) -> Optional[_Seed]:
+    """The variant's fixed template of ``wl`` (``Variant.seed``) built for ``tgt``, or None."""
+    if variant.seed is None or kind not in PACKED_KINDS:
         return None
     from tvm import s_tir
 
-    from backends.tvm.x86 import template, template_args
-
-    targs = template_args(tgt, _variant(wl))
-    if targs is None:
-        return None
     sch = s_tir.Schedule(wl)
     try:
-        template.apply(sch, kind, **targs)
+        variant.seed(sch, kind)
     except Exception:  # noqa: BLE001  (no seed; tuning still runs)
         return None
     args = ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)
@@ -419,7 +298,7 @@ def _cost_model(trials: int):
     return "xgb" if trials >= _XGB_WARMUP else ms.cost_model.RandomModel()
 
 
-def _strategy(name: str, trials: int):
+def _search(name: str, trials: int):
     """The search strategy ``name``; ``auto``: replay below ``_XGB_WARMUP`` trials.
 
     Below that the cost model ranks at random, so the evolutionary search's population
@@ -470,7 +349,7 @@ def tune(qgraph: fx.GraphModule, target: Any = "host", *, trials: int = 32,
          example_inputs: Optional[Sequence[torch.Tensor]] = None,
          dynamic_batch: bool = False, kinds: Iterable[str] = DEFAULT_KINDS,
          trials_per_iter: Optional[int] = None, builder_timeout: float = 600.0,
-         strategy: str = "auto", progress: bool = True) -> TuneResult:
+         search: str = "auto", progress: bool = True) -> TuneResult:
     """Tune the distinct int8 kernels of ``qgraph`` for ``target`` into ``database``.
 
     Args:
@@ -486,7 +365,7 @@ def tune(qgraph: fx.GraphModule, target: Any = "host", *, trials: int = 32,
         trials_per_iter: Candidates per search round (default ``min(trials, 16)``).
         builder_timeout: Seconds per build (one builder worker; importing TVM in a worker is
             slow on a loaded core, and the default 30 s kills workers forever).
-        strategy: ``evolutionary`` (cost-model guided), ``replay`` (random samples of the
+        search: ``evolutionary`` (cost-model guided), ``replay`` (random samples of the
             space: cheap per trial) or ``auto`` (replay below 100 trials per kernel, where the
             cost model has too few measurements to rank candidates).
         progress: tqdm bar per kernel.
@@ -494,8 +373,6 @@ def tune(qgraph: fx.GraphModule, target: Any = "host", *, trials: int = 32,
     Returns:
         A TuneResult; kernels already in the database run zero trials.
     """
-    from backends.tvm.compile import build_ir
-
     mod, named, _ = build_ir(qgraph, target, example_inputs=example_inputs,
                              dynamic_batch=dynamic_batch)
     if not _targets.runs_here(named):
@@ -504,10 +381,13 @@ def tune(qgraph: fx.GraphModule, target: Any = "host", *, trials: int = 32,
     tgt = named.target()
     folder = database_dir(database, named)
     db = open_database(database, named)
+    strat = strategy_for(named)
     todo = kernels(mod, kinds)
     results: list[TaskResult] = []
     pending = []
     for name, kind, wl in todo:
+        if _variant(wl, strat).intrin is None:
+            continue  # (hand-written kernels, e.g. AMX: nothing to search)
         if _has_record(db, wl, tgt):
             results.append(TaskResult(name, kind, 0, 0.0, _best_ms(db, wl, tgt)))
         else:
@@ -525,14 +405,15 @@ def tune(qgraph: fx.GraphModule, target: Any = "host", *, trials: int = 32,
         with tempfile.TemporaryDirectory(prefix="ptq_tune_") as work_dir, \
                 _no_tvm_intrin_registry():
             for name, kind, wl in pending:
-                results.append(_tune_one(name, kind, wl, db, named, tgt, trials, per_iter,
-                                         strategy, builder, runner, work_dir, progress))
+                results.append(_tune_one(name, kind, wl, db, _variant(wl, strat), tgt,
+                                         trials, per_iter, search, builder, runner, work_dir,
+                                         progress))
     finally:
         builder.close()
     return TuneResult(folder, results)
 
 
-def _tune_one(name, kind, wl, db, named, tgt, trials, per_iter, strategy, builder, runner,
+def _tune_one(name, kind, wl, db, variant, tgt, trials, per_iter, search, builder, runner,
               work_dir, progress) -> TaskResult:
     """Seed ``wl`` with the fixed template, then search ``trials`` candidates into ``db``; if a
     candidate beats the template, the template is measured once more."""
@@ -542,10 +423,10 @@ def _tune_one(name, kind, wl, db, named, tgt, trials, per_iter, strategy, builde
                leave=True)
     counter = _Progress(bar)
     ctx = ms.TuneContext(
-        mod=wl, target=tgt, space_generator=space(named.family, tgt, _variant(wl)),
-        search_strategy=_strategy(strategy, trials), task_name=name, num_threads=1)
+        mod=wl, target=tgt, space_generator=space(variant),
+        search_strategy=_search(search, trials), task_name=name, num_threads=1)
     t0 = time.perf_counter()
-    seed = _template_seed(wl, kind, named.family, tgt, builder)
+    seed = _template_seed(wl, variant, kind, tgt, builder)
     seed_ms = seed.measure(db, runner, tgt) if seed is not None else None
     if seed_ms is not None:
         bar.set_postfix_str(f"template {seed_ms:.3f} ms")

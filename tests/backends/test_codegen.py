@@ -97,12 +97,19 @@ def test_avx2_weights_are_prepacked_in_vpmaddwd_blocks(tvm_backend, graph):
                      mod["ptq_conv2d1"].script())
 
 
-def test_vnni_assembly_has_vpdpbusd(tvm_backend, graph):
-    asm = _build(tvm_backend, graph, "x86-avx512-vnni").source("asm")
+@pytest.mark.parametrize("target,register", [("x86-avx512-vnni", "zmm"),
+                                             ("x86-avx-vnni", "ymm")])
+def test_vnni_assembly_has_vpdpbusd(tvm_backend, graph, target, register):
+    """AVX-512 VNNI tiles run ``vpdpbusd`` on zmm registers; AVX-VNNI (no AVX-512) on ymm,
+    VEX-encoded (``{vex}``)."""
+    asm = _build(tvm_backend, graph, target).source("asm")
     for kernel in DOT_KERNELS:
-        body = _function_asm(asm, kernel)
-        assert "vpdpbusd" in body, f"no vpdpbusd in {kernel}"
-    assert "vpdpbusd" not in _function_asm(asm, "ptq_conv2d_depthwise")
+        body = _kernel_asm(asm, kernel)
+        found = re.findall(r"^\s*(\{vex\}\s*)?vpdpbusd\s+[^\n]*%(\w)mm", body, re.M)
+        assert found, f"no vpdpbusd in {kernel}"
+        assert {reg for _, reg in found} == {register[0]}, (kernel, found[:4])
+        assert all(vex for vex, _ in found) == (register == "ymm"), found[:4]
+    assert "vpdpbusd" not in _kernel_asm(asm, "ptq_conv2d_depthwise")
 
 
 def _function_asm(asm: str, name: str) -> str:

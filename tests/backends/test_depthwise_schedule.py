@@ -1,4 +1,4 @@
-"""The CPU schedule of depthwise convs (``backends/tvm/depthwise_schedule.py``): bit-exact
+"""The CPU schedule of depthwise convs (``backends/tvm/cpu/depthwise.py``): bit-exact
 against the reference for strides 1 and 2, padding 0 / 1 / 2, dilation 2, a channel
 multiplier, odd widths, 8-bit dtypes on both sides and a dynamic batch; applied (marked
 scheduled, a parallel loop, vector loops); vector integer multiplies in the assembly (x86,

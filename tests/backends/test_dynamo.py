@@ -1,4 +1,4 @@
-"""ptqpasses.dynamo_backend: torch.compile -> per-graph quantization -> TVM, against the direct
+"""backends.tvm.dynamo_backend: torch.compile -> per-graph quantization -> TVM, against the direct
 path (ptqpasses.quantize, whose torch reference the TVM module equals bit for bit: see
 test_end_to_end), across graph breaks, and falling back with a logged reason."""
 
@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import ptqpasses
+from backends import tvm as tvm_backend
 from ptqpasses.observers import CalibrationError
 from tools.models import bert_encoder, randomize_bn_stats, resnet18
 
@@ -25,7 +26,7 @@ def _calib(shape, n=2):
 
 
 def _compile(model, data, **kw):
-    backend = ptqpasses.dynamo_backend(data, target="host", **kw)
+    backend = tvm_backend.dynamo_backend(data, target="host", **kw)
     compiled = torch.compile(model, backend=backend)
     with torch.no_grad():
         backend.calibrate(compiled, progress=False)
@@ -124,7 +125,7 @@ def test_unservable_graph_falls_back_with_logged_reason(caplog):
 
     model = CumsumAfterBreak().eval()
     data = _calib((2, 3, 8, 8))
-    with caplog.at_level(logging.WARNING, logger="ptqpasses.dynamo"):
+    with caplog.at_level(logging.WARNING, logger="backends.tvm.dynamo"):
         backend, compiled = _compile(model, data)
     fell = [r.getMessage() for r in caplog.records if "falls back" in r.getMessage()]
     assert len(fell) == 1 and "graph_1" in fell[0] and "inductor" in fell[0]
@@ -160,7 +161,7 @@ def test_config_module_paths_apply_per_graph():
 
 def test_calibrating_on_the_first_calls_needs_no_extra_step():
     model = _Block(3, 4).eval()
-    backend = ptqpasses.dynamo_backend(None, target="host", calibration_calls=2)
+    backend = tvm_backend.dynamo_backend(None, target="host", calibration_calls=2)
     compiled = torch.compile(model, backend=backend)
     data = _calib((2, 3, 8, 8))
     x = torch.randn(2, 3, 8, 8)
@@ -180,21 +181,21 @@ def test_calibrating_on_the_first_calls_needs_no_extra_step():
 
 def test_bad_input_gives_clear_errors():
     with pytest.raises(ValueError, match="calibration_data is empty"):
-        ptqpasses.dynamo_backend([], target="host")
+        tvm_backend.dynamo_backend([], target="host")
     with pytest.raises(ValueError, match="unknown TVM target 'no-such-cpu'"):
-        ptqpasses.dynamo_backend(_calib((1, 3, 8, 8)), target="no-such-cpu")
+        tvm_backend.dynamo_backend(_calib((1, 3, 8, 8)), target="no-such-cpu")
     with pytest.raises(TypeError, match="iterable of batches"):
-        ptqpasses.dynamo_backend(torch.randn(2, 3, 8, 8))
+        tvm_backend.dynamo_backend(torch.randn(2, 3, 8, 8))
     with pytest.raises(ValueError, match="fallback"):
-        ptqpasses.dynamo_backend(_calib((1, 3, 8, 8)), fallback="onnx")
+        tvm_backend.dynamo_backend(_calib((1, 3, 8, 8)), fallback="onnx")
 
     model = _Block(3, 4).eval()
-    backend = ptqpasses.dynamo_backend(_calib((2, 3, 8, 8)), target="host")
+    backend = tvm_backend.dynamo_backend(_calib((2, 3, 8, 8)), target="host")
     compiled = torch.compile(model, backend=backend)
     with pytest.raises(RuntimeError, match=r"call backend.calibrate\(compiled_model\)"):
         compiled(torch.randn(2, 3, 8, 8))
     with pytest.raises(CalibrationError, match="no graph reached this backend"):
         backend.calibrate(model, progress=False)  # the plain model never reaches the backend
-    empty = ptqpasses.dynamo_backend(iter(()), target="host")
+    empty = tvm_backend.dynamo_backend(iter(()), target="host")
     with pytest.raises(CalibrationError, match="zero batches"):
         empty.calibrate(torch.compile(model, backend=empty), progress=False)

@@ -1,5 +1,5 @@
 """``ApplyGlueSchedules``: the PrimFuncs that are not ptq kernels (integer glue, float islands)
-are scheduled on CPU by ``glue_schedule.py``, without changing a bit of the integer results; a
+are scheduled on CPU by ``cpu/glue.py``, without changing a bit of the integer results; a
 schedule that fails leaves its function as it was, with a warning."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import torch
 import tvm
 from tvm import te
 
-from backends.tvm import glue_schedule, targets
+from backends.tvm import targets
+from backends.tvm.cpu import glue as glue_schedule
 from tests.backends.conftest import P, GraphBuilder, assert_exact
 from tests.backends.strategies import int_tensor
 

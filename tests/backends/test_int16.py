@@ -188,7 +188,6 @@ def test_int16_on_the_int32_kernels_at_the_proof_edge(tvm_backend):
     max|correction|`` fits int32, else on the ``*_wide`` computes: 516 weights of 127 on
     inputs at -32768 sum to -2147352576 (fits), 517 do not. Bit-exact either way; the choice
     and its reason are in ``meta["variants"]``."""
-    from backends.tvm.x86 import uses_avx2_layout
 
     b = GraphBuilder()
     v, u, x = b.input("v"), b.input("u"), b.input("x")
@@ -213,8 +212,8 @@ def test_int16_on_the_int32_kernels_at_the_proof_edge(tvm_backend):
     cm = tvm_backend.compile(gm, "host", example_inputs=inputs, dynamic_batch=False)
     assert_exact(cm(*inputs), want, "int16 on int32 kernels")
     got = {name: v[0] for name, v in cm.meta["variants"].items()}
-    packed = "x86-packed-int16" if uses_avx2_layout(tvm_backend.targets.resolve(
-        "host").target()) else "wide"
+    avx2 = tvm_backend.strategy_for(tvm_backend.resolve("host")).name == "x86-avx2"
+    packed = "x86-packed-int16" if avx2 else "wide"
     assert got == {"linear_default": packed, "linear_default_1": "wide",
                    "conv2d_default": "depthwise-int32", "conv2d_default_1": packed}, got
 

@@ -1,4 +1,4 @@
-"""The CPU schedules of ``ptq.matmul`` (``backends/tvm/matmul_schedule.py``): the plain register
+"""The CPU schedules of ``ptq.matmul`` (``backends/tvm/cpu/matmul.py``): the plain register
 tile (every LLVM target) and, for 8-bit operands on x86 AVX2, the per-call packed form on the
 dense template. Bit-exact on tile-sized and odd shapes, broadcast and dynamic batches, every
 operand dtype; applied (parallel + vectorized loops, the expected vector multiplies in the
@@ -15,9 +15,9 @@ import tvm
 from tvm import s_tir, te
 from tvm.s_tir import meta_schedule as ms
 
-from backends.tvm import family, targets
+from backends.tvm import registry, targets
 from backends.tvm.kernels import matmul as matmul_k
-from backends.tvm.matmul_schedule import is_packed, schedule_matmul
+from backends.tvm.cpu.matmul import is_packed, schedule_matmul
 from backends.tvm.pipeline import ApplyPtqSchedules
 from tests.backends.conftest import P, GraphBuilder, assert_exact, kernel_probe
 from tests.backends.strategies import int_tensor
@@ -43,7 +43,7 @@ def _int16(seed, shape):
 def _host_packs() -> bool:
     """Whether the host's family emits 8-bit matmuls in the packed form (x86 AVX2)."""
     target = targets.resolve("host").target()
-    return family.get_family(targets.resolve("host").family, target).packs_matmul
+    return registry.strategy_for(target).packs_matmul
 
 
 def test_dynamic_batch_matmuls_are_scheduled_and_exact(tvm_backend):
@@ -131,13 +131,13 @@ def test_plain_schedule_is_exact(a_shape, b_shape, a_dt, b_dt):
 
 
 def test_tuned_record_wins_over_the_matmul_schedule(tvm_backend):
-    from backends.tvm.tune import workload
+    from backends.tvm.records import workload
 
     gm, inputs = _matmuls([(int_tensor(0, (1, 2, 8, 4), torch.int8),
                             int_tensor(1, (1, 2, 4, 8), torch.int8), 0, 0, torch.int8)])
     mod, named, _ = tvm_backend.build_ir(gm, "host", example_inputs=inputs)
     target = named.target()
-    fam = family.get_family(named.family, target)
+    fam = registry.strategy_for(named)
     (gv, func), = [(gv, f) for gv, f in mod.functions_items()
                    if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and "ptq.kernel" in f.attrs]
     # a "tuned" record: the workload with only its output loops parallelized

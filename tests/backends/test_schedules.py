@@ -13,13 +13,16 @@ import torch
 import tvm
 from tvm.s_tir import TensorIntrin
 
-from backends.tvm import dot_schedule, family, targets
-from backends.tvm.aarch64 import intrinsics as arm_intrin
-from backends.tvm.compile import _output_specs, input_specs
+import dataclasses
+
+from backends.tvm import registry, targets
+from backends.tvm.aarch64 import sdot as arm_intrin
+from backends.tvm.build import _output_specs, input_specs
+from backends.tvm.cpu import dot as dot_schedule
 from backends.tvm.emit import emit_relax as emit
 from backends.tvm.pipeline import get_pipeline
 from backends.tvm.runtime import CompiledModule
-from backends.tvm.x86 import intrinsics as x86_intrin
+from backends.tvm.x86 import vnni as x86_intrin
 from tests.backends.conftest import assert_exact
 from tests.backends.test_codegen import _dense_conv_graph
 
@@ -32,16 +35,18 @@ def _standin(name, desc):
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.uint8])
 @pytest.mark.parametrize("fam_name,desc,lanes", [
-    ("x86", x86_intrin.vnni_desc, 16), ("aarch64", arm_intrin.sdot_desc, 4)])
+    ("x86-avx512-vnni", x86_intrin.vnni_desc, 16), ("aarch64-dotprod", arm_intrin.sdot_desc, 4)])
 def test_tensorized_schedule_is_exact(fam_name, desc, lanes, dtype):
     """Both activation re-encodings (+128 to uint8 for x86, -128 to int8 for aarch64)."""
     intrin = _standin(f"ptq_test_standin_{fam_name}", desc)
-    base = family.get_family(fam_name)
-    fam = family.Family("x86", base.act_dtype, base.lanes, base.depth,
-                        schedule=lambda f, kind, t: dot_schedule.tensorize_acc(
-                            f, kind, intrin, lanes, 4))
+    base = registry.strategy_for(targets.resolve(fam_name))
+    main = dataclasses.replace(base.main, layout=dataclasses.replace(base.main.layout,
+                                                                     width_block=1),
+                               schedule=lambda f, kind, t: dot_schedule.tensorize_acc(
+                                   f, kind, intrin, lanes, 4))
+    fam = dataclasses.replace(base, arch="x86", variants=(main,))
     gm, inputs = _dense_conv_graph(dtype)
-    # Emit with the family's packing, but build and run for the host CPU.
+    # Emit with the strategy's packing, but build and run for the host CPU.
     specs = input_specs(gm, inputs)
     mod = emit(gm, fam, specs)
     host = targets.resolve("host").target()

@@ -57,15 +57,15 @@ def _convs(which):
 
 
 def _scheduled_kernels(gm, inputs, database):
-    from backends.tvm import family, targets
-    from backends.tvm.compile import build_ir
+    from backends.tvm.build import build_ir
     from backends.tvm.pipeline import ApplyPtqSchedules
-    from backends.tvm.tune import open_database
+    from backends.tvm.records import open_database
+    from backends.tvm.registry import strategy_for
 
     mod, named, _ = build_ir(gm, "host", example_inputs=inputs, dynamic_batch=False)
     tgt = named.target()
     with tgt:
-        out = ApplyPtqSchedules(family.get_family(named.family, tgt), tgt,
+        out = ApplyPtqSchedules(strategy_for(named), tgt,
                                 open_database(database, named))(mod)
     return [f for _, f in out.functions_items()
             if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and "ptq.kernel" in f.attrs]
@@ -100,7 +100,7 @@ def test_tune_applies_and_reuses_database(tvm_backend, tmp_path):
     assert second.database == first.database
 
     # a fresh process (no intrinsic registered yet) loads the records
-    code = ("import sys; from backends.tvm.tune import open_database; "
+    code = ("import sys; from backends.tvm.records import open_database; "
             "print(len(open_database(sys.argv[1], 'host')))")
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get(
@@ -127,7 +127,7 @@ def test_avx2_template_is_exact_and_uses_vpmaddwd(tvm_backend):
 def test_equal_shapes_share_one_record(tvm_backend, tmp_path):
     import tvm_ffi
 
-    from backends.tvm.compile import build_ir
+    from backends.tvm.build import build_ir
 
     both, inputs = _convs([0, 1])
     mod, _, _ = build_ir(both, "host", example_inputs=inputs, dynamic_batch=False)

@@ -17,7 +17,7 @@ def test_override_tvm_vnni_builds_for_llvm22():
     from tvm import te
     from tvm.s_tir import Schedule, TensorIntrin
 
-    from backends.tvm.x86 import intrinsics
+    from backends.tvm.x86 import vnni as intrinsics
 
     name = intrinsics.override_tvm_vnni()
     assert TensorIntrin.get(name).impl.script() == intrinsics.vnni_impl.script()

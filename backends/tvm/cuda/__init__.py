@@ -1,8 +1,10 @@
-"""cuda: codegen only. Kernels use the same packed compute (s8 x s8, 4x4 blocks, a ``dp4a``
-shape) and are scheduled by TVM's dlight default GPU rules in the pipeline."""
+"""cuda: code generation only. Kernels use the same packed compute (s8 x s8, 4x4 blocks, a
+``dp4a`` shape) and are scheduled by TVM's dlight default GPU rules in the pipeline."""
 
 from __future__ import annotations
 
-from backends.tvm.family import Family
+from backends.tvm.strategy import Device, Layout, Strategy, Variant
 
-FAMILY = Family("cuda", act_dtype="int8", lanes=4, depth=4, schedule=None)
+CUDA = Strategy("cuda", "cuda", (Variant("", Layout("int8", 4, 4), summary="dlight rules"),),
+                schedule_glue=False, device=Device.CUDA,
+                summary="CUDA: packed s8 x s8 computes, TVM's dlight GPU rules")

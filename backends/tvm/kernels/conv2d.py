@@ -70,7 +70,7 @@ def conv2d_packed(x, w_packed, corr, mult, *, groups: int, c_in: int, c_out: int
 
 
 #: Depthwise convs compute their output width rounded up to a multiple of this (the CPU
-#: schedule's vector of int32 accumulators, ``depthwise_schedule.py``); the extra columns read
+#: schedule's vector of int32 accumulators, ``cpu/depthwise.py``); the extra columns read
 #: padding and are never requantized.
 DEPTHWISE_WIDTH_BLOCK = 8
 

@@ -22,7 +22,7 @@ from typing import Optional
 
 from tvm import te, tirx
 
-from backends.tvm.glue_schedule import LANE_PARTIALS
+from backends.tvm.cpu.glue import LANE_PARTIALS
 
 #: Partial sums per row (two AVX2 float64 registers).
 LANES = 8

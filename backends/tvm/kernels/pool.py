@@ -25,7 +25,7 @@ def max_pool2d(x, *, kernel: tuple, stride: tuple, padding: tuple, dilation: tup
     """Window max, separable: a padded copy ``xp`` (the dtype's minimum outside the input, so
     padding never wins), the max over the window's rows ``vm`` (contiguous rows, at the row
     stride), then over its columns at the column stride. Max is exact in any order, so this is
-    the reference's result; blocks ``xp``, ``vm``, ``out`` (``pool_schedule.py`` computes them
+    the reference's result; blocks ``xp``, ``vm``, ``out`` (``cpu/pool.py`` computes them
     per channel)."""
     n, c, h, w = static_shape(x)
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation

@@ -3,7 +3,7 @@
 ``max`` of the row, ``e = exp(x - max)``, their sum, ``e / sum``: the four blocks of TVM's own
 legalized softmax, but with a vectorizable ``exp`` (below) instead of libm's ``expf``, which
 LLVM calls once per lane and which takes glibc's slow path on MiniLM's padding-masked scores
-(~-1e4, 90% of them). The glue schedule (``glue_schedule.py``, dlight ``Reduction``) computes
+(~-1e4, 90% of them). The glue schedule (``cpu/glue.py``, dlight ``Reduction``) computes
 it row by row, with the quantize that usually follows fused in.
 
 ``exp`` of ``d = x - max <= 0``: Cody-Waite range reduction ``d = n ln2 + f`` (``ln2`` split in
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
-from backends.tvm.glue_schedule import LANE_PARTIALS
+from backends.tvm.cpu.glue import LANE_PARTIALS
 from backends.tvm.requant import f32
 
 #: Partial row max / sum per lane (one AVX2 float32 register).

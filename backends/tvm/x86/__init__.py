@@ -1,85 +1,121 @@
-"""x86: two weight layouts, chosen by the target's dot-product instruction.
+"""x86 strategies, one per dot-product instruction the target has (``registry.py`` picks):
 
-* :data:`FAMILY` (targets with ``avx512vnni``, and x86 targets without AVX2): u8 activations x
-  s8 weights in 16x4 blocks for ``vpdpbusd``, tensorized by ``dot_schedule.tensorize_acc``.
-* :data:`AVX2_FAMILY` (AVX2 targets without VNNI): activations widened to int16 once (in
-  ``x_enc``) x s8 weights in ``[O/16, K/2, 16, 2]`` blocks for the exact ``vpmaddwd``
-  intrinsic (``avx2.py``; ``vpmaddubsw`` saturates int16 and is not bit-exact on full-range
-  u8 x s8), scheduled by the hand-written register-tiled template (``template.py``).
-  Its :data:`PAIRWISE_FAMILY` variant takes the kernels whose activation range and weights
-  prove ``vpmaddubsw`` exact (``avx2.pairs_fit_int16``; always for 7-bit activations,
-  ``QSpec(reduce_range=True)``): u8 activations x the VNNI ``[O/16, K/4, 16, 4]`` blocks,
-  twice the MACs per instruction, same template.
+* :data:`AVX512_VNNI` (``avx512vnni``): u8 activations x s8 weights in ``[O/16, K/4, 16, 4]``
+  blocks, ``vpdpbusd`` on zmm (``vnni.py``), the register-tiled template (``template.py``):
+  ``rows`` output rows x ``blocks`` weight blocks of int32 accumulators held in registers over
+  the whole reduction, requantized per tile.
+* :data:`AVX_VNNI` (``avxvnni`` without AVX-512 VNNI: Alder Lake, Zen 5 class): the same
+  layout, ``vpdpbusd`` on ymm (8 lanes per call, two calls per 16-lane block).
+* :data:`AVX2` (AVX2 without VNNI): activations widened to int16 once (in ``x_enc``) x s8
+  weights in ``[O/16, K/2, 16, 2]`` blocks for the exact ``vpmaddwd`` intrinsic (``avx2.py``;
+  ``vpmaddubsw`` saturates int16 and is not bit-exact on full-range u8 x s8), same template.
+  Its ``avx2-pairwise`` variant takes the kernels whose activation range and weights prove
+  ``vpmaddubsw`` exact (``avx2.pairs_fit_int16``; always for 7-bit activations,
+  ``QSpec(reduce_range=True)``): u8 activations x the VNNI blocks, twice the MACs per
+  instruction. 8-bit ``matmul`` s are packed per call and run on the template too.
+* :data:`GENERIC` (x86 without AVX2): the VNNI layout, TVM's default lowering.
 
-Tuned records (``backends.tvm.tune``) win over both fixed schedules.
+Tuned records (``backends.tvm.tune``) win over the fixed template; the template seeds the
+search.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
 
-import tvm
+from backends.tvm import cpu
+from backends.tvm.cpu.matmul import is_packed, schedule_matmul
+from backends.tvm.strategy import Choice, KernelFacts, Layout, Strategy, Variant
+from backends.tvm.x86 import avx2, template, vnni
 
-from backends.tvm.dot_schedule import tensorize_acc
-from backends.tvm.family import Family
-from backends.tvm.targets import has_feature
-from backends.tvm.x86 import avx2, intrinsics, template
-
-
-def _schedule_vnni(func, kind, target):
-    if has_feature(target, "avx512vnni"):
-        return tensorize_acc(func, kind, intrinsics.register(), 16, 4)
-    return func
-
-
-def _schedule_avx2(func, kind, target):
-    args = template_args(target)
-    if args is None or args["intrin"] != avx2.AVX2_INTRIN:
-        return func
-    return template.schedule_packed(func, kind, **args)
+#: Output rows x weight blocks per register tile of the AVX2 template (16 int32 lanes per
+#: block: 4 x 1 x 2 ymm = 8 accumulators of AVX2's 16 registers).
+AVX2_ROWS, AVX2_BLOCKS = 4, 1
+#: The same for AVX-512 VNNI (32 zmm registers: 24 accumulators, 4 weight blocks, one
+#: broadcast activation).
+VNNI_ROWS, VNNI_BLOCKS = 6, 4
+#: AVX-VNNI (16 ymm registers: 4 x 1 block of 2 ymm = 8 accumulators).
+VNNI256_ROWS, VNNI256_BLOCKS = 4, 1
 
 
-def _schedule_pairwise(func, kind, target):
-    if not uses_avx2_layout(target):
-        return func
-    return template.schedule_packed(func, kind, **template_args(target, PAIRWISE_FAMILY.variant))
+def _template_variant(name: str, layout: Layout, register, *, rows: int, blocks: int,
+                      intrin_lanes=None, summary: str) -> Variant:
+    """A variant scheduled by the register-tiled template around ``register()``'s intrinsic."""
+    args = dict(lanes=layout.lanes, depth=layout.depth, rows=rows, blocks=blocks,
+                intrin_lanes=intrin_lanes, cache=True, fuse_out=True)
+
+    def schedule(func, kind, _target):
+        return template.schedule_packed(func, kind, register(), **args)
+
+    def seed(sch, kind):
+        template.apply(sch, kind, register(), **args)
+
+    return Variant(name, layout, schedule=schedule, intrin=register, seed=seed,
+                   summary=summary)
 
 
-#: Output rows per register tile of the AVX2 template (rows x 16 int32 accumulators).
-AVX2_ROWS = 4
+VNNI_LAYOUT = Layout("uint8", 16, 4, width_block=VNNI_ROWS)
 
-FAMILY = Family("x86", act_dtype="uint8", lanes=16, depth=4, schedule=_schedule_vnni)
-PAIRWISE_FAMILY = Family("x86", act_dtype="uint8", lanes=16, depth=4, width_block=AVX2_ROWS,
-                         schedule=_schedule_pairwise, variant="avx2-pairwise",
-                         fits=avx2.pairs_fit_int16)
-AVX2_FAMILY = Family("x86", act_dtype="int16", lanes=16, depth=2, width_block=AVX2_ROWS,
-                     schedule=_schedule_avx2, pairwise=PAIRWISE_FAMILY, packs_matmul=True)
+AVX512_VNNI = Strategy(
+    "x86-avx512-vnni", "x86",
+    (_template_variant("", VNNI_LAYOUT, vnni.register, rows=VNNI_ROWS, blocks=VNNI_BLOCKS,
+                       summary=f"vpdpbusd zmm, {VNNI_ROWS}x{VNNI_BLOCKS * 16} register tile"),),
+    schedules=cpu.SCHEDULES,
+    summary="AVX-512 VNNI: u8 x s8 vpdpbusd on zmm, register-tiled template")
 
-
-def uses_avx2_layout(target: Optional[tvm.target.Target]) -> bool:
-    """Whether ``target`` gets :data:`AVX2_FAMILY` (AVX2 without AVX-512 VNNI)."""
-    return (target is not None and has_feature(target, "avx2")
-            and not has_feature(target, "avx512vnni"))
-
-
-def family_for(target: Optional[tvm.target.Target]) -> Family:
-    """The x86 family variant of ``target`` (:data:`FAMILY` when no target is given)."""
-    return AVX2_FAMILY if uses_avx2_layout(target) else FAMILY
+AVX_VNNI = Strategy(
+    "x86-avx-vnni", "x86",
+    (_template_variant("", Layout("uint8", 16, 4, width_block=VNNI256_ROWS), vnni.register_256,
+                       rows=VNNI256_ROWS, blocks=VNNI256_BLOCKS,
+                       intrin_lanes=vnni.VNNI256_LANES,
+                       summary=f"vpdpbusd ymm, {VNNI256_ROWS}x{VNNI256_BLOCKS * 16} tile"),),
+    schedules=cpu.SCHEDULES,
+    summary="AVX-VNNI: u8 x s8 vpdpbusd on ymm, register-tiled template")
 
 
-def template_args(target: tvm.target.Target, variant: str = "") -> Optional[dict]:
-    """Keyword arguments of ``template.apply`` (intrinsic, block shape, tiling) for the
-    family of ``target`` (and the kernel's ``ptq.variant``), or None where no dot-product
-    intrinsic applies."""
-    if has_feature(target, "avx512vnni"):
-        return dict(intrin=intrinsics.register(), lanes=16, depth=4, rows=1)
-    if variant == PAIRWISE_FAMILY.variant:
-        if not uses_avx2_layout(target):
-            return None
-        return dict(intrin=avx2.register_pairwise(), lanes=PAIRWISE_FAMILY.lanes,
-                    depth=PAIRWISE_FAMILY.depth, rows=AVX2_ROWS,
-                    intrin_lanes=avx2.PAIRWISE_LANES, cache=True, fuse_out=True)
-    if uses_avx2_layout(target):
-        return dict(intrin=avx2.register(), lanes=AVX2_FAMILY.lanes, depth=AVX2_FAMILY.depth,
-                    rows=AVX2_ROWS, intrin_lanes=avx2.LANES, cache=True, fuse_out=True)
-    return None
+_AVX2_MAIN = _template_variant(
+    "", Layout("int16", 16, 2, width_block=AVX2_ROWS), avx2.register, rows=AVX2_ROWS,
+    blocks=AVX2_BLOCKS, intrin_lanes=avx2.LANES,
+    summary="exact vpmaddwd on int16-widened activations")
+_AVX2_PAIRWISE = dataclasses.replace(
+    _template_variant(
+        "avx2-pairwise", Layout("uint8", 16, 4, width_block=AVX2_ROWS), avx2.register_pairwise,
+        rows=AVX2_ROWS, blocks=AVX2_BLOCKS, intrin_lanes=avx2.PAIRWISE_LANES,
+        summary="vpmaddubsw + vpmaddwd where every product pair provably fits int16"),
+    fits=avx2.pairs_fit_int16)
+
+
+def _choose_avx2(strategy: Strategy, facts: KernelFacts) -> Choice:
+    """The pairwise variant where the proof holds: activations shifted to start at 0
+    (``x - lo``, ``lo`` the bottom of the range the graph guarantees), times each pair of
+    packed weights, fit int16. Otherwise the exact main variant."""
+    lo, hi = facts.x_range
+    if facts.in_dtype == "int16":
+        return Choice(strategy.main, "")  # (int16 activations: the main layout already)
+    pw = _AVX2_PAIRWISE
+    wp = facts.pack(pw.layout.lanes, pw.layout.depth, pw.layout.k_block)
+    if hi - lo <= 255 and pw.fits(wp, hi - lo):
+        return Choice(pw, f"activations in [{lo}, {hi}]: every pair of products fits int16",
+                      shift=-lo)
+    return Choice(strategy.main, f"activations in [{lo}, {hi}]: a pair of products can "
+                  "overflow int16 (QSpec(reduce_range=True) activations always fit)")
+
+
+def _matmul_avx2(func, kind, target):
+    """The plain matmul tile, or the dense template on the block form (``vpmaddwd`` on int16
+    pairs of both operands, ``kernels/matmul.py::matmul_packed``)."""
+    if not is_packed(func):
+        return schedule_matmul(func)
+    args = dict(lanes=_AVX2_MAIN.layout.lanes, depth=_AVX2_MAIN.layout.depth, rows=AVX2_ROWS,
+                intrin_lanes=avx2.LANES, cache=True, fuse_out=True)
+    return template.schedule_matmul_packed(func, {**args, "intrin": avx2.register_wide()})
+
+
+AVX2 = Strategy(
+    "x86-avx2", "x86", (_AVX2_MAIN, _AVX2_PAIRWISE), choose=_choose_avx2,
+    schedules={**cpu.SCHEDULES, "matmul": _matmul_avx2}, packs_matmul=True,
+    summary="AVX2: exact vpmaddwd on int16 activations (vpmaddubsw where proven exact)")
+
+GENERIC = Strategy(
+    "x86-generic", "x86", (Variant("", Layout("uint8", 16, 4), summary="default lowering"),),
+    schedules=cpu.SCHEDULES, summary="x86 without AVX2: TVM's default lowering of the kernels")

@@ -29,7 +29,7 @@ from __future__ import annotations
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
-from backends.tvm.dot_intrin import dot_desc
+from backends.tvm.cpu.dot_intrin import dot_desc
 
 AVX2_INTRIN = "ptq_dot_8x2_i16i8i32_avx2"
 

@@ -21,25 +21,30 @@ from backends.tvm.kernels.shapes import divisor_at_most
 
 def schedule_packed(func: tirx.PrimFunc, kind: str, intrin: str, lanes: int = 16,
                     depth: int = 4, rows: int = 4, intrin_lanes: Optional[int] = None,
-                    cache: bool = False, fuse_out: bool = False) -> tirx.PrimFunc:
+                    cache: bool = False, fuse_out: bool = False,
+                    blocks: int = 1) -> tirx.PrimFunc:
     """Tile, tensorize and parallelize the ``acc`` block of a ``dense`` / ``conv2d`` kernel."""
     if kind not in ("dense", "conv2d"):
         return func
     sch = s_tir.Schedule(func)
-    apply(sch, kind, intrin, lanes, depth, rows, intrin_lanes, cache, fuse_out)
+    apply(sch, kind, intrin, lanes, depth, rows, intrin_lanes, cache, fuse_out, blocks)
     return sch.mod["main"].with_attr("tir.is_scheduled", True)
 
 
 def apply(sch: s_tir.Schedule, kind: str, intrin: str, lanes: int = 16, depth: int = 4,
           rows: int = 4, intrin_lanes: Optional[int] = None, cache: bool = False,
-          fuse_out: bool = False) -> None:
+          fuse_out: bool = False, blocks: int = 1) -> None:
     """The template on a (traced) Schedule of ``main``; ``tune`` seeds its database with it.
 
     Args:
-        lanes, depth: The packed weight block (``Family.lanes`` / ``Family.depth``).
+        lanes, depth: The packed weight block (``Layout.lanes`` / ``Layout.depth``).
         rows: Output rows per tile (the largest divisor of the row extent up to this).
         intrin_lanes: Output channels of one intrinsic call (default ``lanes``).
         cache: Accumulate each tile in its own buffer (registers) instead of in ``acc``.
+        blocks: Weight blocks (of ``lanes`` output channels) per tile (the largest divisor of
+            the block count up to this): a tile is ``rows x (blocks * lanes)`` accumulators,
+            each broadcast activation used ``blocks`` times and each weight block ``rows``
+            times (AVX-512: 32 registers hold e.g. 6 x 4 accumulators and 4 weight blocks).
     """
     intrin_lanes = intrin_lanes or lanes
     if lanes % intrin_lanes:
@@ -55,7 +60,9 @@ def apply(sch: s_tir.Schedule, kind: str, intrin: str, lanes: int = 16, depth: i
         reduce_outer = [r, s]
     m_ext = sch.get(m).extent
     rows = divisor_at_most(int(m_ext), rows) if isinstance(m_ext, tirx.IntImm) else 1
-    o_out, o_mid, o_in = sch.split(o, [None, lanes // intrin_lanes, intrin_lanes])
+    blocks = divisor_at_most(int(sch.get(o).extent) // lanes, blocks)
+    o_out, o_blk, o_mid, o_in = sch.split(o, [None, blocks, lanes // intrin_lanes,
+                                              intrin_lanes])
     c_out, c_in = sch.split(c, [None, depth])
     m_out, m_in = sch.split(m, [None, rows])
     tiles = [*outer, o_out, m_out]
@@ -64,7 +71,7 @@ def apply(sch: s_tir.Schedule, kind: str, intrin: str, lanes: int = 16, depth: i
         # output pixel instead of streaming all weights once per output row
         n, oh, g = outer
         tiles = [n, g, o_out, oh, m_out]
-    sch.reorder(*tiles, *reduce_outer, c_out, m_in, o_mid, o_in, c_in)
+    sch.reorder(*tiles, *reduce_outer, c_out, m_in, o_blk, o_mid, o_in, c_in)
     if cache:
         wb = sch.cache_write(blk, 0, "global")
         sch.reverse_compute_at(wb, m_out)
@@ -79,6 +86,7 @@ def apply(sch: s_tir.Schedule, kind: str, intrin: str, lanes: int = 16, depth: i
     init = sch.decompose_reduction(blk, (reduce_outer or [c_out])[0])
     sch.tensorize(o_in, intrin)
     sch.unroll(m_in)
+    sch.unroll(o_blk)
     sch.unroll(o_mid)
     # vectorize the init and the write-back of the lanes
     sch.vectorize(sch.get_loops(init)[-1])
@@ -116,3 +124,31 @@ def _schedule_x_enc(sch: s_tir.Schedule, kind: str) -> None:
             sch.vectorize(sch.split(k, [None, 16])[1])
     else:  # b, y, z, g, c
         sch.parallel(sch.fuse(*loops[:2]))
+
+
+def schedule_matmul_packed(func: tirx.PrimFunc, template_args: dict) -> tirx.PrimFunc:
+    """Schedule the block form of ``matmul`` with the family's dense template.
+
+    ``acc`` is tiled, tensorized and requantized per tile exactly as a packed ``dense``
+    (``x86/template.py``; ``template_args`` as for dense, with the int16 x int16 intrinsic);
+    then each tile's requantize is vectorized along its lanes (when ``N`` is whole blocks) and
+    the per-call packing of ``b`` runs in parallel over its column blocks, one block (lanes x
+    depth) per vector.
+    """
+    sch = s_tir.Schedule(func)
+    apply(sch, "dense", **template_args)
+    lanes = template_args["lanes"]
+    out = sch.get_sblock("out")
+    n_out = _static_extent(sch.get(out).writes[0].source.shape[-1])
+    if n_out is not None and n_out % lanes == 0:
+        sch.vectorize(sch.get_loops(out)[-1])
+    pack = sch.get_sblock("b_pack")
+    *lead, o, _c, l, d = sch.get_loops(pack)
+    outer = [*lead, o]
+    sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+    sch.vectorize(sch.fuse(l, d))
+    return sch.mod["main"].with_attr("tir.is_scheduled", True)
+
+
+def _static_extent(extent):
+    return int(extent) if isinstance(extent, tirx.IntImm) else None

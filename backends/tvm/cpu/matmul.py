@@ -3,10 +3,10 @@ target, and the dense template for the packed form that x86 AVX2 emits for 8-bit
 
 Both operands are activations, so there is no weight block packed ahead of time. The plain
 schedule (``schedule_matmul``) only tiles, vectorizes and parallelizes the TE compute, with no
-intrinsic, so x86 and aarch64 share it. On x86 AVX2 (``Family.packs_matmul``) 8-bit matmuls
+intrinsic, so x86 and aarch64 share it. On x86 AVX2 (``Strategy.packs_matmul``) 8-bit matmuls
 are emitted in block form instead (``b`` packed per call, both operands centered to int16), and
-``schedule_matmul_packed`` runs the family's dense template on ``vpmaddwd`` over them (16
-multiply-adds per instruction instead of 8 multiplies plus 8 adds). Measured on a Zen 3, one
+``x86/template.py::schedule_matmul_packed`` runs the dense template on ``vpmaddwd`` over them
+(16 multiply-adds per instruction instead of 8 multiplies plus 8 adds). Measured on a Zen 3, one
 thread, MiniLM's 12 attention matmuls: 17 ms unscheduled, 3.6 ms plain, 1.7 ms packed.
 
 Plain schedule:
@@ -96,29 +96,3 @@ def is_packed(func: tirx.PrimFunc) -> bool:
     except Exception:  # noqa: BLE001  (no such block: TVM raises its generic ScheduleError)
         return False
     return True
-
-
-def schedule_matmul_packed(func: tirx.PrimFunc, template_args: dict) -> tirx.PrimFunc:
-    """Schedule the block form of ``matmul`` with the family's dense template.
-
-    ``acc`` is tiled, tensorized and requantized per tile exactly as a packed ``dense``
-    (``x86/template.py``; ``template_args`` as for dense, with the int16 x int16 intrinsic);
-    then each tile's requantize is vectorized along its lanes (when ``N`` is whole blocks) and
-    the per-call packing of ``b`` runs in parallel over its column blocks, one block (lanes x
-    depth) per vector.
-    """
-    from backends.tvm.x86 import template
-
-    sch = s_tir.Schedule(func)
-    template.apply(sch, "dense", **template_args)
-    lanes = template_args["lanes"]
-    out = sch.get_sblock("out")
-    n_out = _static(sch.get(out).writes[0].source.shape[-1])
-    if n_out is not None and n_out % lanes == 0:
-        sch.vectorize(sch.get_loops(out)[-1])
-    pack = sch.get_sblock("b_pack")
-    *lead, o, _c, l, d = sch.get_loops(pack)
-    outer = [*lead, o]
-    sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
-    sch.vectorize(sch.fuse(l, d))
-    return sch.mod["main"].with_attr("tir.is_scheduled", True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
-from backends.tvm.dot_intrin import dot_desc
+from backends.tvm.cpu.dot_intrin import dot_desc
 
 SDOT_INTRIN = "ptq_dot_4x4_i8i8s32_sdot"
 

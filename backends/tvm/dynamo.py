@@ -1,7 +1,7 @@
 """``dynamo_backend``: a ``torch.compile`` backend that quantizes each captured graph and
 compiles it with TVM.
 
-    backend = ptqpasses.dynamo_backend(calibration_data, target="host")
+    backend = backends.tvm.dynamo_backend(calibration_data, target="host")
     compiled = torch.compile(model, backend=backend)
     backend.calibrate(compiled)          # runs the calibration batches, quantizes, compiles
     y = compiled(x)                      # int8 TVM kernels; graphs it cannot serve: inductor
@@ -46,6 +46,8 @@ import torch.fx as fx
 from torch.export import Dim
 from tqdm.auto import tqdm
 
+from backends.tvm.compile import compile as tvm_compile
+from backends.tvm.targets import resolve, runs_here
 from ptqpasses.calibrate import _as_args
 from ptqpasses.config import ConfigError, QuantConfig, _module_stack
 from ptqpasses.observers import CalibrationError
@@ -271,7 +273,7 @@ class _Graph:
             return self.impl(*args)
         if not backend._recording():
             raise RuntimeError(
-                f"ptqpasses.dynamo_backend: {self.name} has not been calibrated; call "
+                f"backends.tvm.dynamo_backend: {self.name} has not been calibrated; call "
                 "backend.calibrate(compiled_model) once before running the compiled model")
         acts = tuple(args[i].detach().clone() for i in self.inputs.acts)
         self.group.recordings.append(acts)
@@ -299,7 +301,7 @@ class _Graph:
             return
         self.group.served.append((self.inputs, impl, self.status))
         self._serve(impl, self.status)
-        log.info("ptqpasses.dynamo_backend: %s", self.status)
+        log.info("backends.tvm.dynamo_backend: %s", self.status)
 
     def _serve(self, module: Callable, status: GraphStatus) -> None:
         acts = self.inputs.acts
@@ -351,8 +353,6 @@ class _Graph:
         if n_int == 0:
             raise _Unservable("no operator in it was quantized (nothing for the int8 kernels)")
         try:
-            from backends.tvm import compile as tvm_compile
-
             module = tvm_compile(qgraph, self.backend.target, dynamic_batch=False)
         except Exception as e:  # EmitError, TVM build errors: fall back, say why
             raise _Unservable(f"TVM could not compile it: {type(e).__name__}: {e}") from e
@@ -371,7 +371,7 @@ class _Graph:
 
     def fall_back(self, reason: str) -> None:
         how = self.backend.fallback
-        log.warning("ptqpasses.dynamo_backend: %s falls back to %s: %s", self.name, how, reason)
+        log.warning("backends.tvm.dynamo_backend: %s falls back to %s: %s", self.name, how, reason)
         self.status.served_by, self.status.reason = how, reason
         if how == "eager":
             self.impl = self.gm
@@ -386,7 +386,7 @@ class _Graph:
             try:
                 return compiled(*args)
             except Exception as e:  # inductor itself failed (e.g. no C++ compiler)
-                log.warning("ptqpasses.dynamo_backend: %s: inductor failed (%s: %s); "
+                log.warning("backends.tvm.dynamo_backend: %s: inductor failed (%s: %s); "
                             "running it eagerly", self.name, type(e).__name__, e)
                 self.status.served_by = "eager"
                 self.status.reason += f"; inductor failed: {type(e).__name__}"
@@ -399,7 +399,7 @@ class _Graph:
 class DynamoBackend:
     """A ``torch.compile`` backend that quantizes every captured graph and runs it with TVM.
 
-    Build it with ``ptqpasses.dynamo_backend``; see this module's docstring for the design.
+    Build it with ``backends.tvm.dynamo_backend``; see this module's docstring for the design.
     """
 
     def __init__(self, calibration_data: Optional[Iterable[Any]], target: Any,
@@ -518,8 +518,6 @@ def dynamo_backend(calibration_data: Optional[Iterable[Any]], target: Any = "hos
     if calibration_data is not None and hasattr(calibration_data, "__len__") and \
             len(calibration_data) == 0:
         raise ValueError("calibration_data is empty: give at least one batch of model inputs")
-    from backends.tvm.targets import resolve, runs_here
-
     named = resolve(target)
     if not runs_here(named):
         raise ValueError(f"target {named.name!r} cannot run on this machine; a torch.compile "

@@ -17,6 +17,12 @@ def tensorize_acc(func: tirx.PrimFunc, kind: str, intrin: str, lanes: int,
     if kind not in ("dense", "conv2d"):
         return func
     sch = s_tir.Schedule(func)
+    apply(sch, kind, intrin, lanes, depth)
+    return sch.mod["main"].with_attr("tir.is_scheduled", True)
+
+
+def apply(sch: s_tir.Schedule, kind: str, intrin: str, lanes: int, depth: int) -> None:
+    """:func:`tensorize_acc` on a (traced) Schedule of ``main`` (the tuning seed)."""
     blk = sch.get_sblock("acc")
     loops = sch.get_loops(blk)
     if kind == "dense":
@@ -30,4 +36,3 @@ def tensorize_acc(func: tirx.PrimFunc, kind: str, intrin: str, lanes: int,
     sch.reorder(*spatial, o_out, *reduce_outer, c_out, o_in, c_in)
     sch.decompose_reduction(blk, (reduce_outer or [c_out])[0])
     sch.tensorize(o_in, intrin)
-    return sch.mod["main"].with_attr("tir.is_scheduled", True)

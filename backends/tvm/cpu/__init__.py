@@ -1,0 +1,41 @@
+"""LLVM-generic CPU schedules, shared by every CPU strategy (x86 and aarch64).
+
+``SCHEDULES`` maps a ptq kernel kind to its fixed schedule (``ScheduleFn``): the plain
+register-tiled ``matmul`` (``matmul.py``), depthwise convs (``depthwise.py``), ``max_pool2d``
+(``pool.py``) and the int16-activation kernels (``wide.py``). The glue and float islands get
+``glue.py`` (``pipeline.ApplyGlueSchedules``); ``dot.py`` tensorizes a packed kernel's ``acc``
+block with any dot-product intrinsic (``dot_intrin.py``: the one description they share).
+"""
+
+from __future__ import annotations
+
+from backends.tvm.cpu.depthwise import schedule_depthwise
+from backends.tvm.cpu.matmul import schedule_matmul
+from backends.tvm.cpu.pool import schedule_max_pool2d
+from backends.tvm.cpu.wide import schedule_wide
+
+
+def _wide(func, kind, _target):
+    return schedule_wide(func, kind)
+
+
+def _max_pool2d(func, _kind, _target):
+    return schedule_max_pool2d(func)
+
+
+def _depthwise(func, _kind, _target):
+    return schedule_depthwise(func)
+
+
+def _matmul(func, _kind, _target):
+    return schedule_matmul(func)
+
+
+#: Kernel kind -> fixed schedule, for every CPU strategy.
+SCHEDULES = {
+    "matmul": _matmul,
+    "conv2d_depthwise": _depthwise,
+    "max_pool2d": _max_pool2d,
+    "dense_wide": _wide,
+    "conv2d_wide": _wide,
+}
