@@ -67,6 +67,14 @@ class Emitter:
         self.variants: dict[str, tuple[str, str]] = {}
         self.bb = relax.BlockBuilder()
         self.env: dict[fx.Node, Any] = {}
+        #: Values kept channel-last (NHWC) between the ops that can take them (convs, pools,
+        #: elementwise integer ops; ``ptq_ops.LAYOUTS``); their NCHW form goes into ``env``
+        #: only when a consumer needs it (``nchw``: one transpose, shared).
+        self.nhwc_env: dict[fx.Node, Any] = {}
+        #: Per argument of the node being emitted: the layout of the value passed
+        #: (``NCHW`` / ``NHWC``); whether the handler's result is NHWC (``out_nhwc``).
+        self.arg_layouts: dict[str, str] = {}
+        self.out_nhwc = False
         self._float = ExportedProgramImporter()
         self._float.env = self.env
         self._float.block_builder = self.bb
@@ -84,10 +92,52 @@ class Emitter:
 
     def _lookup(self, value):
         if isinstance(value, fx.Node):
-            return self.env[value]
+            return self.nchw(value)
         if isinstance(value, (list, tuple)):
             return type(value)(self._lookup(v) for v in value)
         return value
+
+    # -- layouts -------------------------------------------------------------------------
+    def nchw(self, node: fx.Node):
+        """``node``'s value in the graph's own layout (transposed once from NHWC if needed)."""
+        if node not in self.env and node in self.nhwc_env:
+            self.env[node] = self.bb.emit(
+                relax.op.permute_dims(self.nhwc_env[node], [0, 3, 1, 2]))
+        return self.env[node]
+
+    def nhwc(self, node: fx.Node):
+        """A 4-D ``node``'s value channel-last (transposed once from NCHW if needed)."""
+        if node not in self.nhwc_env:
+            self.nhwc_env[node] = self.bb.emit(
+                relax.op.permute_dims(self.env[node], [0, 2, 3, 1]))
+        return self.nhwc_env[node]
+
+    def is_nhwc(self, node) -> bool:
+        """Whether ``node``'s value exists channel-last."""
+        return isinstance(node, fx.Node) and node in self.nhwc_env
+
+    def ndim(self, node) -> Optional[int]:
+        """The rank of a node's value (None for non-tensors)."""
+        if not isinstance(node, fx.Node):
+            return None
+        value = self.env.get(node, self.nhwc_env.get(node))
+        ty = getattr(value, "ty", None)
+        return getattr(ty, "ndim", None)
+
+    def _arg(self, name: str, value, want: Optional[str]):
+        """A handler argument: ``want`` is ``NHWC`` (4-D tensors channel-last), ``ANY`` (as it
+        is, NHWC preferred) or None (graph layout); records the layout passed."""
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._arg(name, v, want) for v in value)
+        if not isinstance(value, fx.Node):
+            return value
+        if want == "ANY" and self.ndim(value) == 4:
+            want = "NHWC" if self.is_nhwc(value) else None
+        if want == "NHWC" and self.ndim(value) == 4:
+            self.arg_layouts[name] = "NHWC"
+            return self.nhwc(value)
+        self.arg_layouts.setdefault(name, "NCHW")
+        return self.nchw(value)
 
     # -- driver --------------------------------------------------------------------------
     def run(self, inputs: Sequence[TensorSpec]) -> tvm.IRModule:
@@ -114,7 +164,7 @@ class Emitter:
                         break
                     if not node.users:
                         continue  # dead code, e.g. torch.export's ``_guards_fn`` call_module
-                    self.env[node] = self._emit_node(node)
+                    self._emit_node(node)
                 out = self.bb.emit_output(relax.Tuple(outputs))
             self.bb.emit_func_output(out)
         return self.bb.get()
@@ -127,34 +177,43 @@ class Emitter:
                 for x in v:
                     visit(x)
             elif isinstance(v, fx.Node):
-                flat.append(self.env[v])
+                flat.append(self.nchw(v))
             else:
                 raise EmitError(f"unsupported graph output {v!r}")
 
         visit(node.args[0])
         return flat
 
-    def _emit_node(self, node: fx.Node):
+    def _emit_node(self, node: fx.Node) -> None:
+        """Emit ``node`` into ``env`` (or ``nhwc_env`` for a channel-last result)."""
         try:
             if node.op == "get_attr":
                 value = _fetch_attr(self.gm, node.target)
                 if isinstance(value, torch.Tensor):
-                    return relax.const(value.detach().cpu().numpy())
-                return value
+                    value = relax.const(value.detach().cpu().numpy())
+                self.env[node] = value
+                return
             if node.op != "call_function":
                 raise EmitError(f"unsupported node kind {node.op!r}")
             name = _ptq_name(node.target)
-            if name is not None:
-                if name not in ptq_ops.HANDLERS:
-                    raise EmitError(f"no emitter for ptq op {name!r}")
-                bound = bind_args(node)
-                self.node = node
-                # Constants (weights, bias, multipliers) stay fx nodes: handlers read the
-                # tensors from the graph to pack them; activations become Relax values.
-                args = {k: v if k in _CONSTANT_ARGS and isinstance(v, fx.Node)
-                        else self._lookup(v) for k, v in bound.items()}
-                return ptq_ops.HANDLERS[name](self, args)
-            return self._emit_other(node)
+            if name is None:
+                for n in node.all_input_nodes:  # TVM's converters read ``env`` themselves
+                    self.nchw(n)
+                self.env[node] = self._emit_other(node)
+                return
+            if name not in ptq_ops.HANDLERS:
+                raise EmitError(f"no emitter for ptq op {name!r}")
+            bound = bind_args(node)
+            self.node = node
+            rule = ptq_ops.LAYOUTS.get(name) if self.strategy.nhwc else None
+            wants = (rule(self, bound) if rule is not None else None) or {}
+            self.arg_layouts, self.out_nhwc = {}, bool(wants)
+            # Constants (weights, bias, multipliers) stay fx nodes: handlers read the
+            # tensors from the graph to pack them; activations become Relax values.
+            args = {k: v if k in _CONSTANT_ARGS and isinstance(v, fx.Node)
+                    else self._arg(k, v, wants.get(k)) for k, v in bound.items()}
+            value = ptq_ops.HANDLERS[name](self, args)
+            (self.nhwc_env if self.out_nhwc else self.env)[node] = value
         except EmitError as e:
             if str(e).startswith("node "):
                 raise

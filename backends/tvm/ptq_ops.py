@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch import fx
 from tvm import relax, te, tirx
 
 from backends.tvm import packing
@@ -35,6 +36,8 @@ def _kernel(em, func, *args, kind: str, variant: str = "", **kwargs):
     attrs = {"ptq.kernel": kind, "op_pattern": _OPAQUE}
     if variant:
         attrs["ptq.variant"] = variant
+    if em.out_nhwc:
+        attrs["ptq.layout"] = "NHWC"
     return em.bb.emit_te(func, *args, primfunc_name_hint=f"ptq_{kind}", primfunc_attrs=attrs,
                          **kwargs)
 
@@ -174,12 +177,21 @@ def conv2d(em, a):
     mult = _per_channel(em.numpy(a["multiplier"]), c_out)
     geo = dict(kernel=(kh, kw), stride=_pair(a["stride"]), padding=_pair(a["padding"]),
                dilation=_pair(a["dilation"]))
+    layouts = dict(in_layout=em.arg_layouts.get("x", "NCHW"),
+                   out_layout="NHWC" if em.out_nhwc else "NCHW")
     if depthwise:
         corr = packing.correction(w, bias, int(a["x_zp"]))
+        if em.out_nhwc:  # channel-contiguous: weights [R, S, O]
+            return _kernel(em, conv_k.conv2d_depthwise_nhwc, x,
+                           relax.const(np.ascontiguousarray(w[:, 0].transpose(1, 2, 0))),
+                           relax.const(corr), relax.const(mult), kind="conv2d_depthwise",
+                           groups=groups, c_out=c_out, x_zp=int(a["x_zp"]), **layouts, **geo,
+                           **_requant_args(a))
         return _kernel(em, conv_k.conv2d_depthwise, x, relax.const(w), relax.const(corr),
                        relax.const(mult), kind="conv2d_depthwise", groups=groups, c_out=c_out,
                        x_zp=int(a["x_zp"]), **geo, **_requant_args(a))
-    _, _, h, w_in = (_static(d) for d in x.ty.shape.values)
+    _, _, h, w_in = (_static(d) for d in conv_k.nhwc_shape(list(x.ty.shape.values),
+                                                             layouts["in_layout"]))
     oh = conv_k.out_size(h, kh, geo["stride"][0], geo["padding"][0], geo["dilation"][0])
     ow = conv_k.out_size(w_in, kw, geo["stride"][1], geo["padding"][1], geo["dilation"][1])
     variant, shift, wp = _packed_choice(
@@ -190,7 +202,7 @@ def conv2d(em, a):
     corr = packing.correction(w, bias, zp_enc)
     operands = (x, relax.const(wp), relax.const(corr), relax.const(mult))
     params = dict(groups=groups, c_in=cg * groups, c_out=c_out, shift=shift, zp_enc=zp_enc,
-                  act_dtype=variant.layout.act_dtype, **geo, **_requant_args(a))
+                  act_dtype=variant.layout.act_dtype, **layouts, **geo, **_requant_args(a))
     if "conv2d" in variant.kernels:
         return variant.kernels["conv2d"](em, *operands, variant=variant.name, **params)
     return _kernel(em, conv_k.conv2d_packed, *operands, kind="conv2d", variant=variant.name,
@@ -334,7 +346,8 @@ def cat(em, a):
     parts = [requant_relax(em.bb, centered_relax(em.bb, x, int(z)), float(m), r["out_zp"],
                            r["qmin"], r["qmax"], r["out_dtype"])
              for x, z, m in zip(a["xs"], a["zps"], a["multipliers"])]
-    return em.bb.emit(relax.op.concat(parts, axis=int(a["dim"])))
+    axis = _NHWC_AXIS[int(a["dim"]) % 4] if em.out_nhwc else int(a["dim"])
+    return em.bb.emit(relax.op.concat(parts, axis=axis))
 
 
 def max_pool2d(em, a):
@@ -343,7 +356,7 @@ def max_pool2d(em, a):
     return _kernel(em, pool_k.max_pool2d, a["x"], kind="max_pool2d",
                    kernel=_pair(a["kernel_size"]), stride=_pair(stride),
                    padding=_pair(a["padding"]), dilation=_pair(dil),
-                   ceil_mode=bool(a["ceil_mode"]))
+                   ceil_mode=bool(a["ceil_mode"]), layout=_layout(em))
 
 
 def avg_pool2d(em, a):
@@ -352,20 +365,24 @@ def avg_pool2d(em, a):
     dt = _sum_dtype(kernel[0] * kernel[1] * wide_k.max_centered(_dt(a["x"]), int(a["x_zp"])))
     return _kernel(em, pool_k.avg_pool2d, a["x"], kind="avg_pool2d", kernel=kernel,
                    stride=_pair(stride), padding=_pair(a["padding"]), x_zp=int(a["x_zp"]),
-                   multiplier=float(a["multiplier"]), acc_dtype=dt, **_requant_args(a))
+                   multiplier=float(a["multiplier"]), acc_dtype=dt, layout=_layout(em),
+                   **_requant_args(a))
 
 
 def mean(em, a):
     r = _requant_args(a)
     x, x_zp = a["x"], int(a["x_zp"])
+    dims = [int(d) % x.ty.ndim for d in a["dims"]]
+    if em.out_nhwc:  # the spatial dims of an NHWC value; a kept-dims result stays NHWC
+        dims = [_NHWC_AXIS[d] for d in dims]
+        em.out_nhwc = bool(a["keepdim"])
     count = 1
-    for d in a["dims"]:
-        n = _static(x.ty.shape[int(d)]) if x.ty.shape is not None else None
+    for d in dims:
+        n = _static(x.ty.shape[d]) if x.ty.shape is not None else None
         count = None if n is None or count is None else count * n
     bound = None if count is None else count * wide_k.max_centered(_dt(x), x_zp)
     x = centered_relax(em.bb, x, x_zp, _sum_dtype(bound, _dt(x)))
-    acc = em.bb.emit(relax.op.sum(x, axis=[int(d) for d in a["dims"]],
-                                  keepdims=bool(a["keepdim"])))
+    acc = em.bb.emit(relax.op.sum(x, axis=dims, keepdims=bool(a["keepdim"])))
     return requant_relax(em.bb, acc, float(a["multiplier"]), r["out_zp"], r["qmin"], r["qmax"],
                          r["out_dtype"])
 
@@ -390,3 +407,75 @@ def lut(em, a):
 HANDLERS = {f.__name__: f for f in (
     quantize, dequantize, dequantize_per_channel, requantize, clamp, linear, conv2d, matmul,
     add, mul, cat, max_pool2d, avg_pool2d, mean, lut)}
+
+
+# -- layouts ---------------------------------------------------------------------------
+#: NCHW axis -> the same axis of the NHWC value.
+_NHWC_AXIS = {0: 0, 1: 3, 2: 1, 3: 2}
+
+
+def _layout(em) -> str:
+    return "NHWC" if em.out_nhwc else "NCHW"
+
+
+def _eight_bit(em, node) -> bool:
+    value = em.env.get(node, em.nhwc_env.get(node)) if isinstance(node, fx.Node) else None
+    return value is not None and _dt(value) in _EIGHT_BIT
+
+
+def _conv_layout(em, a):
+    """8-bit packed convs take their input in either layout (``x_enc`` re-encodes it) and
+    write NHWC; 8-bit depthwise convs run channel-contiguous when their input is NHWC already
+    (else the planar NCHW compute); int16 convs stay NCHW (their ``*_wide`` computes are
+    planar)."""
+    if not _eight_bit(em, a["x"]):
+        return None
+    groups = int(a["groups"])
+    if groups > 1 and tuple(em.numpy(a["weight"]).shape)[1] == 1:  # depthwise
+        return {"x": "NHWC"} if em.is_nhwc(a["x"]) else None
+    return {"x": "ANY"}
+
+
+def _if_nhwc(*names):
+    """Emit channel-last when any 4-D input is channel-last already (all inputs 4-D: a lower
+    rank would broadcast along other axes in NHWC)."""
+
+    def rule(em, a):
+        nodes = [a[n] for n in names]
+        if all(em.ndim(v) == 4 for v in nodes) and any(em.is_nhwc(v) for v in nodes):
+            return {n: "NHWC" for n in names}
+        return None
+
+    return rule
+
+
+def _mean_layout(em, a):
+    x = a["x"]
+    if em.is_nhwc(x) and {int(d) % 4 for d in a["dims"]} <= {2, 3}:
+        return {"x": "NHWC"}
+    return None
+
+
+def _cat_layout(em, a):
+    xs = list(a["xs"])
+    if (int(a["dim"]) % 4 == 1 and all(em.ndim(v) == 4 for v in xs)
+            and any(em.is_nhwc(v) for v in xs)):
+        return {"xs": "NHWC"}
+    return None
+
+
+#: ptq op -> ``(emitter, bound args) -> {arg: "NHWC" | "ANY"}`` when the op is emitted
+#: channel-last (its result NHWC), or None. Ops not listed (quantize, dequantize, linear,
+#: matmul) take and give the graph's layout; the emitter transposes at the boundary, once.
+LAYOUTS = {
+    "conv2d": _conv_layout,
+    "max_pool2d": _if_nhwc("x"),
+    "avg_pool2d": _if_nhwc("x"),
+    "requantize": _if_nhwc("x"),
+    "clamp": _if_nhwc("x"),
+    "lut": _if_nhwc("x"),
+    "add": _if_nhwc("a", "b"),
+    "mul": _if_nhwc("a", "b"),
+    "mean": _mean_layout,
+    "cat": _cat_layout,
+}

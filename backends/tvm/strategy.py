@@ -149,6 +149,8 @@ class Strategy:
             ``conv2d_depthwise``, ``max_pool2d``, ``dense_wide``, ``conv2d_wide``).
         packs_matmul: Emit 8-bit ``matmul`` s in block form (x86 AVX2; ``kernels/matmul.py``).
         schedule_glue: Schedule the non-ptq PrimFuncs with ``cpu/glue.py``.
+        nhwc: Keep 4-D activations channel-last between the integer ops that take them
+            (``ptq_ops.LAYOUTS``): convs read and write NHWC, no transpose around each.
         device: Where the code runs.
         cross_compiler: The C compiler that links a ``.so`` for this architecture on another
             machine (None: the host's own, or no ``.so``).
@@ -162,6 +164,7 @@ class Strategy:
     schedules: Mapping[str, ScheduleFn] = dataclasses.field(default_factory=dict)
     packs_matmul: bool = False
     schedule_glue: bool = True
+    nhwc: bool = True
     device: Device = Device.CPU
     cross_compiler: Optional[str] = None
     summary: str = ""

@@ -9,10 +9,15 @@ block with any dot-product intrinsic (``dot_intrin.py``: the one description the
 
 from __future__ import annotations
 
-from backends.tvm.cpu.depthwise import schedule_depthwise
+from backends.tvm.cpu.depthwise import schedule_depthwise, schedule_depthwise_nhwc
 from backends.tvm.cpu.matmul import schedule_matmul
-from backends.tvm.cpu.pool import schedule_max_pool2d
+from backends.tvm.cpu.pool import schedule_max_pool2d, schedule_max_pool2d_nhwc
 from backends.tvm.cpu.wide import schedule_wide
+
+
+def nhwc(func) -> bool:
+    """Whether a ptq kernel was emitted channel-last (its ``ptq.layout`` attribute)."""
+    return bool(func.attrs) and str(func.attrs.get("ptq.layout", "")) == "NHWC"
 
 
 def _wide(func, kind, _target):
@@ -20,11 +25,11 @@ def _wide(func, kind, _target):
 
 
 def _max_pool2d(func, _kind, _target):
-    return schedule_max_pool2d(func)
+    return schedule_max_pool2d_nhwc(func) if nhwc(func) else schedule_max_pool2d(func)
 
 
 def _depthwise(func, _kind, _target):
-    return schedule_depthwise(func)
+    return schedule_depthwise_nhwc(func) if nhwc(func) else schedule_depthwise(func)
 
 
 def _matmul(func, _kind, _target):

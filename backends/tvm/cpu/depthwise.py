@@ -188,3 +188,57 @@ def _schedule(func: tirx.PrimFunc, lanes: int, deinterleave: bool) -> tirx.PrimF
     _vectorize_row(sch, out)
     _schedule_x_enc(sch, enc, deinterleave)
     return sch.mod["main"].with_attr("tir.is_scheduled", True)
+
+
+#: NHWC depthwise tile: output pixels x int32 channel lanes (x blocks of them).
+NHWC_ROWS, NHWC_LANES, NHWC_BLOCKS = 4, 16, 2
+
+
+def schedule_depthwise_nhwc(func: tirx.PrimFunc, rows: int = NHWC_ROWS,
+                            lanes: int = NHWC_LANES, blocks: int = NHWC_BLOCKS
+                            ) -> tirx.PrimFunc:
+    """Schedule ``kernels/conv2d.py::conv2d_depthwise_nhwc``: output rows in one parallel
+    loop; per row, tiles of ``rows`` pixels x ``blocks * lanes`` channels accumulate in a
+    buffer of their own (registers) over the unrolled taps, every tap a vector of inputs
+    (widened from 8 bits) times a vector of weights; the requantize per row, vectorized along
+    channels. The padded ``x_enc`` copy runs first, parallel over rows, vectorized along
+    channels. Only loops move: bit-exact."""
+    sch = s_tir.Schedule(func)
+    acc, out, enc = sch.get_sblock("acc"), sch.get_sblock("out"), sch.get_sblock("x_enc")
+    b, y, z, o, r, s = sch.get_loops(acc)
+    c = _static(sch.get(o).extent)
+    lanes = divisor_at_most(c, lanes)
+    blocks = divisor_at_most(c // lanes, blocks)
+    rows = divisor_at_most(_static(sch.get(z).extent), rows)
+    z_out, z_in = sch.split(z, [None, rows])
+    o_out, o_blk, o_in = sch.split(o, [None, blocks, lanes])
+    row = sch.fuse(b, y)
+    sch.reorder(row, z_out, o_out, r, s, z_in, o_blk, o_in)
+    wb = sch.cache_write(acc, 0, "local")
+    sch.reverse_compute_at(wb, o_out)
+    sch.reverse_compute_at(out, row)
+    sch.parallel(row)
+    sch.unroll(r)
+    sch.unroll(s)
+    sch.unroll(z_in)
+    sch.unroll(o_blk)
+    sch.vectorize(o_in)  # before decompose_reduction: the init inherits it
+    sch.decompose_reduction(acc, r)
+    *_, wb_in = sch.get_loops(wb)
+    sch.vectorize(wb_in)
+    _vectorize_channels(sch, out)
+    eb, ey, ez, ec = sch.get_loops(enc)
+    sch.parallel(sch.fuse(eb, ey))
+    _vectorize_channels(sch, enc)
+    return sch.mod["main"].with_attr("tir.is_scheduled", True)
+
+
+def _vectorize_channels(sch: s_tir.Schedule, blk) -> None:
+    """Vectorize the innermost (channel) loop of ``blk`` by up to 64 lanes."""
+    inner = sch.get_loops(blk)[-1]
+    n = _static(sch.get(inner).extent)
+    if n is None:
+        return
+    width = divisor_at_most(n, 64)
+    if width > 1:
+        sch.vectorize(sch.split(inner, [None, width])[1] if width < n else inner)

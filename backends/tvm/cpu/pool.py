@@ -22,3 +22,21 @@ def schedule_max_pool2d(func: tirx.PrimFunc) -> tirx.PrimFunc:
         sch.compute_at(sch.get_sblock(name), channel)
     sch.parallel(channel)
     return sch.mod["main"].with_attr("tir.is_scheduled", True)
+
+
+def schedule_max_pool2d_nhwc(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """The NHWC form: per output row (parallel), the padded rows and the row max it reads
+    computed just before it, every block vectorized along the channels."""
+    sch = s_tir.Schedule(func)
+    b, y, _, _ = sch.get_loops(sch.get_sblock("out"))
+    row = sch.fuse(b, y)
+    for name in ("vm", "xp"):
+        sch.compute_at(sch.get_sblock(name), row)
+    sch.parallel(row)
+    for name in ("out", "vm", "xp"):
+        blk = sch.get_sblock(name)
+        inner = sch.get_loops(blk)[-1]
+        extent = sch.get(inner).extent
+        if isinstance(extent, tirx.IntImm) and int(extent) % 16 == 0:
+            sch.vectorize(sch.split(inner, [None, 16])[1])
+    return sch.mod["main"].with_attr("tir.is_scheduled", True)

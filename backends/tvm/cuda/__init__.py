@@ -6,5 +6,5 @@ from __future__ import annotations
 from backends.tvm.strategy import Device, Layout, Strategy, Variant
 
 CUDA = Strategy("cuda", "cuda", (Variant("", Layout("int8", 4, 4), summary="dlight rules"),),
-                schedule_glue=False, device=Device.CUDA,
+                schedule_glue=False, nhwc=False, device=Device.CUDA,
                 summary="CUDA: packed s8 x s8 computes, TVM's dlight GPU rules")

@@ -17,10 +17,24 @@ def out_size(size, k: int, stride: int, pad: int, dil: int):
     return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
 
 
+def nhwc_shape(shape: list, layout: str) -> list:
+    """``[n, c, h, w]`` of a 4-D activation stored in ``layout`` (``NCHW`` / ``NHWC``)."""
+    if layout == "NHWC":
+        n, h, w, c = shape
+        return [n, c, h, w]
+    return list(shape)
+
+
+def at(x, layout: str, b, c, y, z):
+    """Element ``[b, c, y, z]`` (NCHW indices) of ``x`` stored in ``layout``."""
+    return x[b, y, z, c] if layout == "NHWC" else x[b, c, y, z]
+
+
 def conv2d_packed(x, w_packed, corr, mult, *, groups: int, c_in: int, c_out: int,
                   kernel: tuple, stride: tuple, padding: tuple, dilation: tuple, shift: int,
                   zp_enc: int, act_dtype: str, out_zp: int, qmin: int, qmax: int,
-                  out_dtype: str, width_block: int = 1):
+                  out_dtype: str, width_block: int = 1, in_layout: str = "NCHW",
+                  out_layout: str = "NCHW"):
     """TE compute of a requantized int8 conv2d on packed weights.
 
     ``w_packed`` is ``[O/l, R, S, C/d, l, d]`` (groups == 1) or ``[G, Og/l, R, S, Cg/d, l, d]``.
@@ -28,8 +42,11 @@ def conv2d_packed(x, w_packed, corr, mult, *, groups: int, c_in: int, c_out: int
     ``width_block``: the reduction runs over the output width rounded up to a multiple of this
     (the extra columns read padding and are never requantized), so a schedule's register
     tiles of that many columns divide it (7x7 and 14x14 maps with 4-column tiles).
+    ``in_layout`` / ``out_layout``: ``NCHW`` or ``NHWC`` (the reduction is NHWC either way:
+    from an NHWC input ``x_enc`` is a padded copy, no transpose; an NHWC output is written
+    channel-contiguous straight from the accumulators).
     """
-    n, _, h, w = static_shape(x)
+    n, _, h, w = nhwc_shape(static_shape(x), in_layout)
     r_k, s_k = kernel
     g_ax = 0 if groups == 1 else 1
     ob, cb, lanes, depth = (int(w_packed.shape[g_ax]), int(w_packed.shape[g_ax + 3]),
@@ -43,7 +60,8 @@ def conv2d_packed(x, w_packed, corr, mult, *, groups: int, c_in: int, c_out: int
 
     def enc(b, y, z, g, c):
         inside = tirx.all(y >= ph, y < h + ph, z >= pw, z < w + pw, c < cg)
-        v = (x[b, g * cg + c, y - ph, z - pw].astype("int32") + shift).astype(act_dtype)
+        v = (at(x, in_layout, b, g * cg + c, y - ph, z - pw).astype("int32")
+             + shift).astype(act_dtype)
         return tirx.if_then_else(inside, v, pad_val)
 
     x_enc = te.compute((n, h + 2 * ph, w_enc, groups, cb * depth), enc, name="x_enc")
@@ -62,11 +80,14 @@ def conv2d_packed(x, w_packed, corr, mult, *, groups: int, c_in: int, c_out: int
             * weight(g, o, rr, ss, cc).astype("int32"),
             axis=[rr, ss, cc]),
         name="acc")
-    return te.compute(
-        (n, c_out, oh, ow),
-        lambda b, o, y, z: requant_te(acc[b, y, z, o // og, o % og] + corr[o], mult[o], out_zp,
-                                      qmin, qmax, out_dtype),
-        name="out")
+    def requant(b, o, y, z):
+        return requant_te(acc[b, y, z, o // og, o % og] + corr[o], mult[o], out_zp, qmin, qmax,
+                          out_dtype)
+
+    if out_layout == "NHWC":
+        return te.compute((n, oh, ow, c_out), lambda b, y, z, o: requant(b, o, y, z),
+                          name="out")
+    return te.compute((n, c_out, oh, ow), requant, name="out")
 
 
 #: Depthwise convs compute their output width rounded up to a multiple of this (the CPU
@@ -133,3 +154,55 @@ def conv2d_depthwise(x, weight, corr, mult, *, groups: int, c_out: int, kernel: 
         lambda b, o, y, z: requant_te(acc[b, o, y, z] + corr[o], mult[o], out_zp, qmin, qmax,
                                       out_dtype),
         name="out")
+
+
+#: NHWC depthwise convs tile output pixels x channels; the width is rounded up to this.
+DEPTHWISE_NHWC_WIDTH_BLOCK = 4
+
+
+def conv2d_depthwise_nhwc(x, weight, corr, mult, *, groups: int, c_out: int, kernel: tuple,
+                          stride: tuple, padding: tuple, dilation: tuple, x_zp: int,
+                          out_zp: int, qmin: int, qmax: int, out_dtype: str,
+                          in_layout: str = "NHWC", out_layout: str = "NHWC",
+                          width_block: int = DEPTHWISE_NHWC_WIDTH_BLOCK):
+    """Depthwise conv computed channel-contiguous (NHWC), for SIMD over channels.
+
+    ``weight`` is ``[R, S, O]`` int8 (``O = k * C`` for a channel multiplier ``k``): every
+    tap of a run of output channels is one vector of weights times one vector of inputs, for
+    any stride and dilation (no column de-interleaving, unlike the planar NCHW compute).
+    ``x_enc`` is the input padded with ``x_zp`` in its own 8-bit dtype (widened to int32 in the
+    multiply), so the correction ``bias - x_zp * sum(w)`` is exact at borders; ``acc`` covers
+    the output width rounded up to ``width_block``. Integer sums in any order are exact:
+    bit-exact with the reference for every layout.
+    """
+    n, c_in, h, w = nhwc_shape(static_shape(x), in_layout)
+    r_k, s_k = kernel
+    (ph, pw), (sh, sw), (dh, dw) = padding, stride, dilation
+    oh, ow = out_size(h, r_k, sh, ph, dh), out_size(w, s_k, sw, pw, dw)
+    ow_acc = -(-ow // width_block) * width_block
+    per_group = c_out // groups
+    rows = (oh - 1) * sh + (r_k - 1) * dh + 1
+    cols = (ow_acc - 1) * sw + (s_k - 1) * dw + 1
+    pad_val = tirx.const(x_zp, x.dtype)
+
+    def padded(b, y, z, c):
+        inside = tirx.all(y >= ph, y < h + ph, z >= pw, z < w + pw)
+        return tirx.if_then_else(inside, at(x, in_layout, b, c, y - ph, z - pw), pad_val)
+
+    x_enc = te.compute((n, rows, cols, c_in), padded, name="x_enc")
+    rr = te.reduce_axis((0, r_k), name="r")
+    ss = te.reduce_axis((0, s_k), name="s")
+    acc = te.compute(
+        (n, oh, ow_acc, c_out),
+        lambda b, y, z, o: te.sum(
+            x_enc[b, y * sh + rr * dh, z * sw + ss * dw, o // per_group].astype("int32")
+            * weight[rr, ss, o].astype("int32"), axis=[rr, ss]),
+        name="acc")
+
+    def requant(b, o, y, z):
+        return requant_te(acc[b, y, z, o] + corr[o], mult[o], out_zp, qmin, qmax, out_dtype)
+
+    if out_layout == "NHWC":
+        return te.compute((n, oh, ow, c_out), lambda b, y, z, o: requant(b, o, y, z),
+                          name="out")
+    return te.compute((n, c_out, oh, ow), requant, name="out")
