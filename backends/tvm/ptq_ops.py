@@ -115,7 +115,7 @@ def clamp(em, a):
 
 
 def _packed_choice(em, a, kind: str, in_dt: str, pack, **shape) -> tuple:
-    """``(variant, encode shift, packed weights)`` of a packed dense / conv kernel, as the
+    """``(choice, encode shift, packed weights)`` of a packed dense / conv kernel, as the
     target's strategy chooses (``Strategy.choose``, e.g. x86 AVX2's pairwise variant where its
     proof holds) from the node's facts: the activations' range ``[lo, hi]`` as the graph
     guarantees it (``fxgraph.value_range``; the zero point, which pads convs, included) and
@@ -132,7 +132,7 @@ def _packed_choice(em, a, kind: str, in_dt: str, pack, **shape) -> tuple:
     shift = choice.shift
     if shift is None:
         shift = 0 if in_dt == "int16" else packing.encode_shift(in_dt, layout.act_dtype)
-    return choice.variant, shift, pack(layout.lanes, layout.depth, layout.k_block)
+    return choice, shift, pack(layout.lanes, layout.depth, layout.k_block)
 
 
 def _dtype_bounds(dt: str) -> tuple[int, int]:
@@ -151,9 +151,10 @@ def linear(em, a):
     rows = 1
     for d in x.ty.shape.values[:-1]:
         rows = None if rows is None or _static(d) is None else rows * _static(d)
-    variant, shift, wp = _packed_choice(
+    choice, shift, wp = _packed_choice(
         em, a, "dense", in_dt, lambda lanes, depth, k_block: packing.pack_dense(
             w, lanes, depth, k_block), rows=rows, cols=n_out, depth=k_in)
+    variant = choice.variant
     corr = packing.correction(w, bias, int(a["x_zp"]) + shift)
     mult = _per_channel(em.numpy(a["multiplier"]), n_out)
     operands = (x, relax.const(wp), relax.const(corr), relax.const(mult))
@@ -194,10 +195,11 @@ def conv2d(em, a):
                                                              layouts["in_layout"]))
     oh = conv_k.out_size(h, kh, geo["stride"][0], geo["padding"][0], geo["dilation"][0])
     ow = conv_k.out_size(w_in, kw, geo["stride"][1], geo["padding"][1], geo["dilation"][1])
-    variant, shift, wp = _packed_choice(
+    choice, shift, wp = _packed_choice(
         em, a, "conv2d", in_dt, lambda lanes, depth, k_block: packing.pack_conv(
             w, groups, lanes, depth, k_block), rows=oh * ow, cols=c_out,
         depth=cg * kh * kw, width=ow, channels=cg, groups=groups)
+    variant = choice.variant
     zp_enc = int(a["x_zp"]) + shift
     corr = packing.correction(w, bias, zp_enc)
     operands = (x, relax.const(wp), relax.const(corr), relax.const(mult))
@@ -206,7 +208,7 @@ def conv2d(em, a):
     if "conv2d" in variant.kernels:
         return variant.kernels["conv2d"](em, *operands, variant=variant.name, **params)
     return _kernel(em, conv_k.conv2d_packed, *operands, kind="conv2d", variant=variant.name,
-                   width_block=variant.layout.width_block, **params)
+                   width_block=choice.width_block or variant.layout.width_block, **params)
 
 
 def _wide_fits_packed(em, a, w, bias, in_dt: str, depthwise: bool = False) -> bool:

@@ -124,11 +124,13 @@ class Variant:
 @dataclasses.dataclass(frozen=True)
 class Choice:
     """What ``Strategy.choose`` decided for one kernel: the variant, the activation shift
-    (None: the layout's encoding of the input dtype), and why (``compiled.meta['variants']``)."""
+    (None: the layout's encoding of the input dtype), why (``compiled.meta['variants']``),
+    and the conv output width multiple (None: the layout's ``width_block``)."""
 
     variant: Variant
     why: str
     shift: Optional[int] = None
+    width_block: Optional[int] = None
 
 
 def _choose_main(strategy: "Strategy", facts: KernelFacts) -> Choice:

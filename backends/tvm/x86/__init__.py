@@ -31,18 +31,20 @@ from backends.tvm.x86 import avx2, template, vnni
 #: Output rows x weight blocks per register tile of the AVX2 template (16 int32 lanes per
 #: block: 4 x 1 x 2 ymm = 8 accumulators of AVX2's 16 registers).
 AVX2_ROWS, AVX2_BLOCKS = 4, 1
-#: The same for AVX-512 VNNI (32 zmm registers: 24 accumulators, 4 weight blocks, one
-#: broadcast activation).
-VNNI_ROWS, VNNI_BLOCKS = 6, 4
+#: The same for AVX-512 VNNI (32 zmm registers), at most ``VNNI_TILE`` accumulators: 7 x 4
+#: measured best on ResNet-18's 3x3 convs of 56, 28, 14 and 7-pixel rows (193-259 GMAC/s,
+#: against 143-231 for 4 x 4 and 104-220 for 6 x 4, one Emerald Rapids core); convs pick
+#: their rows per output width (``_vnni_rows``).
+VNNI_ROWS, VNNI_BLOCKS, VNNI_TILE = 8, 4, 28
 #: AVX-VNNI (16 ymm registers: 4 x 1 block of 2 ymm = 8 accumulators).
 VNNI256_ROWS, VNNI256_BLOCKS = 4, 1
 
 
 def _template_variant(name: str, layout: Layout, register, *, rows: int, blocks: int,
-                      intrin_lanes=None, summary: str) -> Variant:
+                      intrin_lanes=None, tile=None, summary: str) -> Variant:
     """A variant scheduled by the register-tiled template around ``register()``'s intrinsic."""
     args = dict(lanes=layout.lanes, depth=layout.depth, rows=rows, blocks=blocks,
-                intrin_lanes=intrin_lanes, cache=True, fuse_out=True)
+                intrin_lanes=intrin_lanes, cache=True, fuse_out=True, tile=tile)
 
     def schedule(func, kind, _target):
         return template.schedule_packed(func, kind, register(), **args)
@@ -54,13 +56,27 @@ def _template_variant(name: str, layout: Layout, register, *, rows: int, blocks:
                    summary=summary)
 
 
-VNNI_LAYOUT = Layout("uint8", 16, 4, width_block=VNNI_ROWS)
+VNNI_LAYOUT = Layout("uint8", 16, 4)
+
+
+def _vnni_rows(width: int) -> int:
+    """Output columns per register tile of a conv ``width`` wide: the fewest padded columns,
+    then the preferred tile (7 x 4 accumulators measured best, then 8 x 3, 6 x 4, ...)."""
+    prefer = (7, 8, 6, 5, 4)
+    return min(prefer, key=lambda r: (-(-width // r) * r, prefer.index(r)))
+
+
+def _choose_vnni(strategy: Strategy, facts: KernelFacts) -> Choice:
+    if facts.kind != "conv2d" or facts.width is None:
+        return Choice(strategy.main, "")
+    return Choice(strategy.main, "", width_block=_vnni_rows(facts.width))
+
 
 AVX512_VNNI = Strategy(
     "x86-avx512-vnni", "x86",
     (_template_variant("", VNNI_LAYOUT, vnni.register, rows=VNNI_ROWS, blocks=VNNI_BLOCKS,
-                       summary=f"vpdpbusd zmm, {VNNI_ROWS}x{VNNI_BLOCKS * 16} register tile"),),
-    schedules=cpu.SCHEDULES,
+                       tile=VNNI_TILE, summary="vpdpbusd zmm, up to 7 x 64 register tiles"),),
+    choose=_choose_vnni, schedules=cpu.SCHEDULES,
     summary="AVX-512 VNNI: u8 x s8 vpdpbusd on zmm, register-tiled template")
 
 AVX_VNNI = Strategy(

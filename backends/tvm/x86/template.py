@@ -22,18 +22,18 @@ from backends.tvm.kernels.shapes import divisor_at_most
 def schedule_packed(func: tirx.PrimFunc, kind: str, intrin: str, lanes: int = 16,
                     depth: int = 4, rows: int = 4, intrin_lanes: Optional[int] = None,
                     cache: bool = False, fuse_out: bool = False,
-                    blocks: int = 1) -> tirx.PrimFunc:
+                    blocks: int = 1, tile: Optional[int] = None) -> tirx.PrimFunc:
     """Tile, tensorize and parallelize the ``acc`` block of a ``dense`` / ``conv2d`` kernel."""
     if kind not in ("dense", "conv2d"):
         return func
     sch = s_tir.Schedule(func)
-    apply(sch, kind, intrin, lanes, depth, rows, intrin_lanes, cache, fuse_out, blocks)
+    apply(sch, kind, intrin, lanes, depth, rows, intrin_lanes, cache, fuse_out, blocks, tile)
     return sch.mod["main"].with_attr("tir.is_scheduled", True)
 
 
 def apply(sch: s_tir.Schedule, kind: str, intrin: str, lanes: int = 16, depth: int = 4,
           rows: int = 4, intrin_lanes: Optional[int] = None, cache: bool = False,
-          fuse_out: bool = False, blocks: int = 1) -> None:
+          fuse_out: bool = False, blocks: int = 1, tile: Optional[int] = None) -> None:
     """The template on a (traced) Schedule of ``main``; ``tune`` seeds its database with it.
 
     Args:
@@ -44,7 +44,10 @@ def apply(sch: s_tir.Schedule, kind: str, intrin: str, lanes: int = 16, depth: i
         blocks: Weight blocks (of ``lanes`` output channels) per tile (the largest divisor of
             the block count up to this): a tile is ``rows x (blocks * lanes)`` accumulators,
             each broadcast activation used ``blocks`` times and each weight block ``rows``
-            times (AVX-512: 32 registers hold e.g. 6 x 4 accumulators and 4 weight blocks).
+            times.
+        tile: At most this many ``rows x blocks`` accumulator blocks (AVX-512's 32 registers:
+            7 x 4 measured best on 3x3 convs of 56..7 pixel rows, with the weight blocks read
+            as memory operands of ``vpdpbusd``).
     """
     intrin_lanes = intrin_lanes or lanes
     if lanes % intrin_lanes:
@@ -60,6 +63,8 @@ def apply(sch: s_tir.Schedule, kind: str, intrin: str, lanes: int = 16, depth: i
         reduce_outer = [r, s]
     m_ext = sch.get(m).extent
     rows = divisor_at_most(int(m_ext), rows) if isinstance(m_ext, tirx.IntImm) else 1
+    if tile is not None:
+        blocks = max(1, min(blocks, tile // rows))
     blocks = divisor_at_most(int(sch.get(o).extent) // lanes, blocks)
     o_out, o_blk, o_mid, o_in = sch.split(o, [None, blocks, lanes // intrin_lanes,
                                               intrin_lanes])
