@@ -23,11 +23,14 @@ from backends.tvm.registry import strategy_for
 
 
 def input_specs(gm: fx.GraphModule, example_inputs: Optional[Sequence[torch.Tensor]] = None,
-                dynamic_batch: bool = True) -> list[TensorSpec]:
+                dynamic_batch: bool = True,
+                static_batch: Optional[int] = None) -> list[TensorSpec]:
     """Input specs from example tensors, else from placeholder ``meta['val']``.
 
     Dim 0 becomes the symbol ``"batch"`` when ``dynamic_batch``; a symbolic size in
-    ``meta['val']`` keeps its torch.export name (``"s1"``), or is ``"batch"`` at dim 0.
+    ``meta['val']`` keeps its torch.export name (``"s1"``), or is ``"batch"`` at dim 0. Without
+    ``dynamic_batch``, ``static_batch`` (if given) replaces a symbolic dim 0 (the graphs
+    ``ptqpasses.quantize`` makes have one; tuning needs a concrete size).
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     specs = []
@@ -41,6 +44,8 @@ def input_specs(gm: fx.GraphModule, example_inputs: Optional[Sequence[torch.Tens
         shape = [int(d) if isinstance(d, int) else str(d) for d in val.shape]
         if shape and dynamic_batch:
             shape[0] = "batch"
+        elif shape and isinstance(shape[0], str) and static_batch is not None:
+            shape[0] = int(static_batch)
         specs.append(TensorSpec(tuple(shape), str(val.dtype).replace("torch.", "")))
     return specs
 
@@ -87,8 +92,10 @@ SIGNATURE_ATTR = "ptq.signature"
 
 def build_ir(qgraph: fx.GraphModule, target: Any = "host", *,
              example_inputs: Optional[Sequence[torch.Tensor]] = None,
-             dynamic_batch: bool = True) -> tuple[tvm.IRModule, _targets.NamedTarget, list]:
-    """Emit the Relax IRModule for ``target`` (no compilation); returns (mod, target, specs)."""
+             dynamic_batch: bool = True, static_batch: Optional[int] = None,
+             ) -> tuple[tvm.IRModule, _targets.NamedTarget, list]:
+    """Emit the Relax IRModule for ``target`` (no compilation); returns (mod, target, specs).
+    ``static_batch``: see ``input_specs``."""
     named = _targets.resolve(target)
     baked = batch_baked_in(qgraph) if dynamic_batch else None
     if baked is not None:
@@ -96,7 +103,7 @@ def build_ir(qgraph: fx.GraphModule, target: Any = "host", *,
                       "compiling for the example batch size only (dynamic_batch=False)",
                       stacklevel=3)
         dynamic_batch = False
-    specs = input_specs(qgraph, example_inputs, dynamic_batch)
+    specs = input_specs(qgraph, example_inputs, dynamic_batch, static_batch)
     return emit_relax(qgraph, strategy_for(named), specs), named, specs
 
 

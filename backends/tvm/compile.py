@@ -76,7 +76,8 @@ def compile(qgraph: fx.GraphModule | tvm.IRModule, target: Any = None, *,
             regardless. Kernels built already scheduled (AMX) stay as they are.
         database: Root folder of tuning records (``backends.tvm.tune``); the target's keyed
             subfolder is used. Kernels with a record get the tuned schedule, the others the
-            fixed one. ``dynamic_batch`` defaults to False then (records are per static shape).
+            fixed one. ``dynamic_batch`` defaults to False then (records are per static shape;
+            a symbolic batch without ``example_inputs`` becomes 1, as in ``tune``).
         relax_passes: Your ``tvm.transform.Pass`` es inserted into our pipeline: a list (run
             first, on the emitted module) or ``{stage: pass or [passes]}`` with stages from
             ``backends.tvm.STAGES`` (``start``, ``before_schedule``, ``after_schedule``,
@@ -98,7 +99,8 @@ def compile(qgraph: fx.GraphModule | tvm.IRModule, target: Any = None, *,
         if dynamic_batch is None:
             dynamic_batch = database is None
         mod, named, specs = build_ir(qgraph, "host" if target is None else target,
-                                     example_inputs=example_inputs, dynamic_batch=dynamic_batch)
+                                     example_inputs=example_inputs, dynamic_batch=dynamic_batch,
+                                     static_batch=1 if database is not None else None)
         treespec, input_json = output_treespec(qgraph), [s.to_json() for s in specs]
     tgt = named.target()
     strategy = registry.strategy_for(named)

@@ -347,7 +347,7 @@ def _best_ms(db, wl, target) -> Optional[float]:
 def tune(qgraph: fx.GraphModule, target: Any = "host", *, trials: int = 32,
          database: str | os.PathLike | None = None,
          example_inputs: Optional[Sequence[torch.Tensor]] = None,
-         dynamic_batch: bool = False, kinds: Iterable[str] = DEFAULT_KINDS,
+         dynamic_batch: bool = False, batch: int = 1, kinds: Iterable[str] = DEFAULT_KINDS,
          trials_per_iter: Optional[int] = None, builder_timeout: float = 600.0,
          search: str = "auto", progress: bool = True) -> TuneResult:
     """Tune the distinct int8 kernels of ``qgraph`` for ``target`` into ``database``.
@@ -361,6 +361,9 @@ def tune(qgraph: fx.GraphModule, target: Any = "host", *, trials: int = 32,
         database: Root folder of the databases (default ``DEFAULT_ROOT``); records go to the
             target's keyed subfolder (``database_dir``).
         example_inputs, dynamic_batch: As for ``compile``; shapes must be static to tune.
+        batch: The batch size to tune for when the graph's batch is symbolic (the graphs
+            ``ptqpasses.quantize`` makes) and no ``example_inputs`` are given;
+            ``compile(database=...)`` without example inputs compiles for batch 1 too.
         kinds: Kernel kinds to tune (``ptq.kernel`` attribute values).
         trials_per_iter: Candidates per search round (default ``min(trials, 16)``).
         builder_timeout: Seconds per build (one builder worker; importing TVM in a worker is
@@ -373,8 +376,13 @@ def tune(qgraph: fx.GraphModule, target: Any = "host", *, trials: int = 32,
     Returns:
         A TuneResult; kernels already in the database run zero trials.
     """
-    mod, named, _ = build_ir(qgraph, target, example_inputs=example_inputs,
-                             dynamic_batch=dynamic_batch)
+    mod, named, specs = build_ir(qgraph, target, example_inputs=example_inputs,
+                                 dynamic_batch=dynamic_batch, static_batch=batch)
+    symbolic = [(i, s.shape) for i, s in enumerate(specs)
+                if any(isinstance(d, str) for d in s.shape)]
+    if symbolic:
+        raise ValueError(f"tuning needs static shapes; input {symbolic[0][0]} has the shape "
+                         f"{list(symbolic[0][1])}: pass example_inputs= of the shape to tune for")
     if not _targets.runs_here(named):
         raise ValueError(f"target {named.name!r} does not run on this machine; tuning measures "
                          "locally")

@@ -152,3 +152,30 @@ def test_equal_shapes_share_one_record(tvm_backend, tmp_path):
     want = both(*inputs)
     assert all(len(torch.unique(y)) > 16 for y in want)  # epilogues not saturated
     assert_exact(cm(*inputs), want, "two convs tuned by one record")
+
+
+@pytest.mark.skipif(not host_has("avx2"), reason="tuning space uses the AVX2 / VNNI intrinsic")
+def test_public_flow_on_a_quantized_model_with_dynamic_batch(tvm_backend, tmp_path):
+    """``quantize -> tune -> compile -> save -> load`` on the graph users get (a symbolic
+    batch, no example inputs): tuning runs at batch 1 (it failed in the template seed with
+    ``Cannot convert from type Array[ir.Var] to Array<IntImm>``), compile applies the records
+    at batch 1, the saved module loads and stays bit-exact."""
+    import ptqpasses
+    from tools.digits import DigitsCNN
+
+    torch.manual_seed(0)
+    model = DigitsCNN().eval()
+    calib = [(torch.randn(4, 1, 8, 8),) for _ in range(2)]
+    qgraph = ptqpasses.quantize(model, calib[0], calib, progress=False)
+    first = tvm_backend.tune(qgraph, "host", trials=1, database=tmp_path / "db",
+                             progress=False)
+    assert first.tasks and all(t.trials > 0 or t.best_ms is not None for t in first.tasks)
+    cm = tvm_backend.compile(qgraph, "host", database=tmp_path / "db")
+    assert cm.meta["inputs"][0]["shape"][0] == 1
+    x = torch.randn(1, 1, 8, 8)
+    assert_exact(cm(x), qgraph(x), "tuned, batch 1")
+    cm.save(tmp_path / "m")
+    assert_exact(tvm_backend.load(tmp_path / "m")(x), qgraph(x), "tuned, saved and loaded")
+    with pytest.raises(ValueError, match="static shapes"):
+        tvm_backend.tune(qgraph, "host", trials=1, database=tmp_path / "db", batch=None,
+                         progress=False)
