@@ -105,6 +105,59 @@ __attribute__((target("avx512f,avx512vnni"))) static double vnni512(long iters) 
 }
 #endif
 
+#if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
+#ifdef __AVXVNNI__
+#define DPBUSD256 _mm256_dpbusd_avx_epi32 /* VEX-encoded (AVX-VNNI) */
+#else
+#define DPBUSD256 _mm256_dpbusd_epi32
+#endif
+static double vnni256(long iters) {
+  __m256i acc[CHAINS], a = _mm256_set1_epi8(3), b = _mm256_set1_epi8(-2);
+  for (int i = 0; i < CHAINS; i++) acc[i] = _mm256_set1_epi32(i);
+  double t0 = now();
+  for (long n = 0; n < iters; n++)
+#pragma GCC unroll 16
+    for (int i = 0; i < CHAINS; i++) acc[i] = DPBUSD256(acc[i], a, b);
+  double dt = now() - t0;
+  int sink = 0; for (int i = 0; i < CHAINS; i++) sink += _mm256_extract_epi32(acc[i], 0);
+  if (sink == 12345) puts("");
+  return (double)iters * CHAINS * 32 / dt;  /* vpdpbusd ymm: 32 u8 x s8 MACs */
+}
+#endif
+
+#if defined(__AMX_INT8__) && defined(__AMX_TILE__)
+#include <sys/syscall.h>
+#include <unistd.h>
+/* AMX tdpbusd: 4 accumulator tiles (16 x 16 int32) fed by two u8 tiles and two s8 tiles
+   (16 rows x 64 bytes), 16 x 16 x 64 MACs per instruction, operands loaded once (the
+   instruction's own rate). Linux refuses tile data until the process asks for it. */
+static double amx(long iters) {
+  if (syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */)) return -1;
+  struct {
+    uint8_t palette, start, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+  } __attribute__((aligned(64))) cfg = {0};
+  cfg.palette = 1;
+  for (int t = 0; t < 8; t++) { cfg.colsb[t] = 64; cfg.rows[t] = 16; }
+  static int8_t a[16 * 64] __attribute__((aligned(64))), b[16 * 64] __attribute__((aligned(64)));
+  static int32_t c[16 * 16] __attribute__((aligned(64)));
+  for (int i = 0; i < 16 * 64; i++) { a[i] = (int8_t)(i % 7); b[i] = (int8_t)(i % 5 - 2); }
+  _tile_loadconfig(&cfg);
+  _tile_loadd(4, a, 64); _tile_loadd(5, a, 64); _tile_loadd(6, b, 64); _tile_loadd(7, b, 64);
+  _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+  double t0 = now();
+  for (long n = 0; n < iters; n++) {
+    _tile_dpbusd(0, 4, 6); _tile_dpbusd(1, 4, 7); _tile_dpbusd(2, 5, 6); _tile_dpbusd(3, 5, 7);
+  }
+  double dt = now() - t0;
+  _tile_stored(0, c, 64);
+  _tile_release();
+  if (c[0] == 12345) puts("");
+  return (double)iters * 4 * 16 * 16 * 64 / dt;
+}
+#endif
+
 int main(int argc, char **argv) {
   long iters = argc > 1 ? atol(argv[1]) : 50000000L;
   printf("{\"fp32_fma_avx2\": %.4g, \"int8_vpmaddwd_avx2\": %.4g", fma256(iters), madd256(iters));
@@ -114,6 +167,13 @@ int main(int argc, char **argv) {
 #endif
 #ifdef __AVX512VNNI__
   printf(", \"int8_vpdpbusd_avx512\": %.4g", vnni512(iters));
+#endif
+#if defined(__AVXVNNI__) || (defined(__AVX512VNNI__) && defined(__AVX512VL__))
+  printf(", \"int8_vpdpbusd_ymm\": %.4g", vnni256(iters));
+#endif
+#if defined(__AMX_INT8__) && defined(__AMX_TILE__)
+  double t = amx(iters / 20);
+  if (t > 0) printf(", \"int8_tdpbusd_amx\": %.4g", t);
 #endif
   printf("}\n");
   return 0;

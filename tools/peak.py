@@ -3,7 +3,8 @@
     python -m tools.peak            # prints JSON: fp32 FMA and int8 dot-product peaks
 
 Builds tools/peak.c with the system C compiler (-O2 -march=native) and runs it pinned to one
-core. int8 figures: VNNI ``vpdpbusd`` where the CPU has it; on AVX2, the int16-widened
+core. int8 figures: AMX ``tdpbusd`` (tile data permission requested), VNNI ``vpdpbusd`` on
+zmm and ymm where the CPU has them; on AVX2, the int16-widened
 ``vpmaddwd`` path (exact for any u8 x s8) and the ``vpmaddubsw`` + ``vpmaddwd`` path (exact
 where pairs of products fit int16, e.g. 7-bit activations: what fbgemm, oneDNN and ONNX
 Runtime run on AVX2). Benchmarks take the best int8 figure as the int8 peak.
