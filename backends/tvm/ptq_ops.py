@@ -115,7 +115,7 @@ def clamp(em, a):
 
 
 def _packed_choice(em, a, kind: str, in_dt: str, pack, **shape) -> tuple:
-    """``(choice, encode shift, packed weights)`` of a packed dense / conv kernel, as the
+    """``(choice, encode shift)`` of a packed dense / conv kernel, as the
     target's strategy chooses (``Strategy.choose``, e.g. x86 AVX2's pairwise variant where its
     proof holds) from the node's facts: the activations' range ``[lo, hi]`` as the graph
     guarantees it (``fxgraph.value_range``; the zero point, which pads convs, included) and
@@ -132,7 +132,20 @@ def _packed_choice(em, a, kind: str, in_dt: str, pack, **shape) -> tuple:
     shift = choice.shift
     if shift is None:
         shift = 0 if in_dt == "int16" else packing.encode_shift(in_dt, layout.act_dtype)
-    return choice, shift, pack(layout.lanes, layout.depth, layout.k_block)
+    return choice, shift
+
+
+def _packed_kernel(em, kind: str, choice, compute, x, w, pack, corr, mult, **params):
+    """The kernel of a packed dense / conv: the variant's own builder (``Variant.kernels``,
+    given the unpacked weights: it packs them for its plan), else the TE ``compute`` on the
+    weights packed in the variant's layout."""
+    variant = choice.variant
+    if kind in variant.kernels:
+        return variant.kernels[kind](em, x, w, corr, mult, variant=variant.name, **params)
+    layout = variant.layout
+    wp = pack(layout.lanes, layout.depth, layout.k_block)
+    return _kernel(em, compute, x, relax.const(wp), relax.const(corr), relax.const(mult),
+                   kind=kind, variant=variant.name, **params)
 
 
 def _dtype_bounds(dt: str) -> tuple[int, int]:
@@ -151,18 +164,16 @@ def linear(em, a):
     rows = 1
     for d in x.ty.shape.values[:-1]:
         rows = None if rows is None or _static(d) is None else rows * _static(d)
-    choice, shift, wp = _packed_choice(
-        em, a, "dense", in_dt, lambda lanes, depth, k_block: packing.pack_dense(
-            w, lanes, depth, k_block), rows=rows, cols=n_out, depth=k_in)
-    variant = choice.variant
+    def pack(lanes, depth, k_block):
+        return packing.pack_dense(w, lanes, depth, k_block)
+
+    choice, shift = _packed_choice(em, a, "dense", in_dt, pack, rows=rows, cols=n_out,
+                                   depth=k_in)
     corr = packing.correction(w, bias, int(a["x_zp"]) + shift)
     mult = _per_channel(em.numpy(a["multiplier"]), n_out)
-    operands = (x, relax.const(wp), relax.const(corr), relax.const(mult))
-    params = dict(n_out=n_out, k_in=k_in, shift=shift, act_dtype=variant.layout.act_dtype,
-                  **_requant_args(a))
-    if "dense" in variant.kernels:
-        return variant.kernels["dense"](em, *operands, variant=variant.name, **params)
-    return _kernel(em, dense_k.dense, *operands, kind="dense", variant=variant.name, **params)
+    return _packed_kernel(em, "dense", choice, dense_k.dense, x, w, pack, corr, mult,
+                          n_out=n_out, k_in=k_in, shift=shift,
+                          act_dtype=choice.variant.layout.act_dtype, **_requant_args(a))
 
 
 def conv2d(em, a):
@@ -195,20 +206,20 @@ def conv2d(em, a):
                                                              layouts["in_layout"]))
     oh = conv_k.out_size(h, kh, geo["stride"][0], geo["padding"][0], geo["dilation"][0])
     ow = conv_k.out_size(w_in, kw, geo["stride"][1], geo["padding"][1], geo["dilation"][1])
-    choice, shift, wp = _packed_choice(
-        em, a, "conv2d", in_dt, lambda lanes, depth, k_block: packing.pack_conv(
-            w, groups, lanes, depth, k_block), rows=oh * ow, cols=c_out,
-        depth=cg * kh * kw, width=ow, channels=cg, groups=groups)
-    variant = choice.variant
+    def pack(lanes, depth, k_block):
+        return packing.pack_conv(w, groups, lanes, depth, k_block)
+
+    choice, shift = _packed_choice(em, a, "conv2d", in_dt, pack, rows=oh * ow, cols=c_out,
+                                   depth=cg * kh * kw, width=ow, channels=cg, groups=groups)
     zp_enc = int(a["x_zp"]) + shift
     corr = packing.correction(w, bias, zp_enc)
-    operands = (x, relax.const(wp), relax.const(corr), relax.const(mult))
     params = dict(groups=groups, c_in=cg * groups, c_out=c_out, shift=shift, zp_enc=zp_enc,
-                  act_dtype=variant.layout.act_dtype, **layouts, **geo, **_requant_args(a))
-    if "conv2d" in variant.kernels:
-        return variant.kernels["conv2d"](em, *operands, variant=variant.name, **params)
-    return _kernel(em, conv_k.conv2d_packed, *operands, kind="conv2d", variant=variant.name,
-                   width_block=choice.width_block or variant.layout.width_block, **params)
+                  act_dtype=choice.variant.layout.act_dtype, **layouts, **geo,
+                  **_requant_args(a))
+    if "conv2d" not in choice.variant.kernels:
+        params["width_block"] = choice.width_block or choice.variant.layout.width_block
+    return _packed_kernel(em, "conv2d", choice, conv_k.conv2d_packed, x, w, pack, corr, mult,
+                          **params)
 
 
 def _wide_fits_packed(em, a, w, bias, in_dt: str, depthwise: bool = False) -> bool:

@@ -11,13 +11,14 @@ from typing import Union
 
 import tvm
 
-from backends.tvm import aarch64, cuda, x86
+from backends.tvm import aarch64, amx, cuda, x86
 from backends.tvm.strategy import Strategy
 from backends.tvm.targets import NamedTarget, has_feature
 
 #: Per architecture: (strategy, LLVM features it needs), best first; the last one needs none.
 ORDER: dict[str, list[tuple[Strategy, tuple[str, ...]]]] = {
     "x86": [
+        (amx.AMX, ("avx512f", "avx512bw", "avx512vnni", "amx-tile", "amx-int8")),
         (x86.AVX512_VNNI, ("avx512f", "avx512bw", "avx512vnni")),
         (x86.AVX_VNNI, ("avx2", "avxvnni")),
         (x86.AVX2, ("avx2",)),

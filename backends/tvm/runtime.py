@@ -20,6 +20,7 @@ import torch.utils._pytree as pytree
 import tvm
 from tvm import relax
 
+from backends.tvm import amx
 from backends.tvm.emit import TensorSpec
 from backends.tvm.targets import NamedTarget, runs_here, system_cpu
 
@@ -85,6 +86,8 @@ class CompiledModule:
             raise RuntimeError(f"module built for {self.target!r} cannot run on this machine")
         self._check_inputs(args)
         if self._vm is None:
+            if amx.needs_permission(self.meta):
+                _request_amx()
             self._vm = relax.VirtualMachine(self._lib, self._device())
         if self.meta["family"] == "cuda":
             dev = self._device()
@@ -175,6 +178,16 @@ def _cpu_arg(a: torch.Tensor):
         if a.data_ptr() % _ALIGNMENT:
             return tvm.runtime.tensor(a.numpy(), tvm.cpu())
     return tvm.runtime.from_dlpack(a)
+
+
+def _request_amx() -> None:
+    """Ask Linux for the AMX tile state (once per process; idempotent), or say why not."""
+    try:
+        amx.kernels.request_amx_permission()
+    except OSError as e:
+        raise RuntimeError(f"this module runs AMX kernels, and the OS refused this process the "
+                           f"AMX tile state ({e}); Linux 5.16 or newer is needed, or compile "
+                           f"for 'x86-avx512-vnni'") from e
 
 
 def load(path) -> CompiledModule:

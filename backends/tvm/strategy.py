@@ -103,11 +103,10 @@ class Variant:
             tuning seed); ``(sch, kind) -> None``.
         fits: The proof ``choose`` checks before taking this variant (x86 pairwise:
             ``(packed weights, largest encoded activation) -> bool``).
-        shift: What ``x_enc`` adds to the activations: None for the layout's encoding
-            (``packing.encode_shift``); variants that shift by the bottom of the range set it
-            in ``choose`` (see ``Choice``).
         kernels: Kernel builders replacing the TE computes of ``kernels/``, by kind
-            (AMX: hand-written TIR): ``(em, operands) -> relax value``.
+            (AMX: hand-written TIR): ``(em, x, weight, corr, mult, *, variant, **params)
+            -> relax value`` with the unpacked int8 weights (the builder packs them for its
+            plan) and the numpy ``corr`` / ``mult`` of the TE computes.
         summary: One line for reports.
     """
 

@@ -55,7 +55,8 @@ DEFAULT_KINDS = PACKED_KINDS
 
 def kernels(mod: tvm.IRModule, kinds: Iterable[str] = DEFAULT_KINDS
             ) -> list[tuple[str, str, tvm.IRModule]]:
-    """Distinct ``(name, kind, workload)`` of the module's ptq kernels of ``kinds``.
+    """Distinct ``(name, kind, workload)`` of the module's ptq kernels of ``kinds``, those
+    built already scheduled (hand-written TIR: AMX) left out.
 
     Distinct as the database keys them (``KEYING``): of the kernels sharing an ``acc`` block,
     only the first is listed.
@@ -67,7 +68,7 @@ def kernels(mod: tvm.IRModule, kinds: Iterable[str] = DEFAULT_KINDS
         if not isinstance(func, tvm.tirx.PrimFunc) or not func.attrs:
             continue
         kind = str(func.attrs["ptq.kernel"]) if "ptq.kernel" in func.attrs else None
-        if kind not in kinds:
+        if kind not in kinds or "tir.is_scheduled" in func.attrs:
             continue
         wl = workload(func)
         if seen.has_workload(wl):
@@ -395,7 +396,7 @@ def tune(qgraph: fx.GraphModule, target: Any = "host", *, trials: int = 32,
     pending = []
     for name, kind, wl in todo:
         if _variant(wl, strat).intrin is None:
-            continue  # (hand-written kernels, e.g. AMX: nothing to search)
+            continue  # (a variant with no intrinsic to tile around: nothing to search)
         if _has_record(db, wl, tgt):
             results.append(TaskResult(name, kind, 0, 0.0, _best_ms(db, wl, tgt)))
         else:

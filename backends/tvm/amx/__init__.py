@@ -1,0 +1,75 @@
+"""x86 AMX (Sapphire Rapids and later: ``amx-tile``, ``amx-int8``): int8 dense / conv2d on
+``tdpbusd`` tiles, the AVX-512 VNNI template where a shape is too small for tiles.
+
+* Kernels (``kernels.py``): hand-written TIR (TVM's IRBuilder), not a TE compute plus a
+  schedule: the accumulators must stay in tile registers for the whole reduction, which a
+  tensorized TE block cannot express. Each kernel re-encodes its activations (u8, ``+128``
+  for int8 inputs) into a tile-ordered workspace, runs a blocked GEMM of ``tm x tn``
+  accumulator tiles (16 x 16 int32 each) over 64-deep steps (A: 16 rows x 64 u8, B: 64 k x
+  16 channels of the packed weights, the VNNI 16x4 block order), and requantizes each block
+  from a small int32 scratch with the reference formula. Convs are an implicit GEMM on the
+  padded NHWC image (the tile loads read 16 output pixels in place at the conv's stride),
+  ``(s, c)`` folded into 64-byte steps where channels are few (the RGB stem), or an im2col
+  gather for 1x1 convs. The outer block loop is TVM's parallel loop; every pool task loads
+  the tile configuration itself.
+* Weights: packed at compile time for the kernel's plan (``kernels.pack_conv_amx``).
+* The OS permission: Linux refuses tile data until the process asks
+  (``kernels.request_amx_permission``); ``CompiledModule`` asks once, before the first run,
+  and a refusal is a clear error.
+* ``choose``: AMX where the GEMM fills tiles; the VNNI template (this strategy's main
+  variant) where it does not (see ``_choose``).
+* Not tuned: the AMX kernels have no tensor intrinsic for MetaSchedule's tiling; their VNNI
+  fallbacks are tuned like ``x86-avx512-vnni``'s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from backends.tvm import x86
+from backends.tvm.amx import emit, kernels
+from backends.tvm.strategy import Choice, KernelFacts, Layout, Strategy, Variant
+
+#: Below these the VNNI template is chosen (measured cross-over, see ``_choose``).
+MIN_ROWS = 16
+MIN_COLS = 16
+MIN_DEPTH = 64
+
+AMX_VARIANT = Variant(
+    "amx", Layout("uint8", 16, 4, k_block=kernels.TILE_K),
+    kernels={"dense": emit.emit_dense, "conv2d": emit.emit_conv2d},
+    summary="tdpbusd 16x16x64 tiles, 2x2 accumulator blocks, hand-written TIR")
+
+
+def _choose(strategy: Strategy, facts: KernelFacts) -> Choice:
+    """AMX for a GEMM with at least a tile of rows (pixels or tokens), a tile of output
+    channels and a 64-deep reduction; grouped convs and smaller shapes take the VNNI
+    template (whose choice, e.g. the conv register tile, applies then)."""
+    small = []
+    if facts.groups != 1:
+        small.append(f"{facts.groups} groups")
+    if facts.rows is not None and facts.rows < MIN_ROWS:
+        small.append(f"{facts.rows} rows < {MIN_ROWS}")
+    if facts.cols < MIN_COLS:
+        small.append(f"{facts.cols} output channels < {MIN_COLS}")
+    if facts.depth < MIN_DEPTH:
+        small.append(f"reduction {facts.depth} < {MIN_DEPTH}")
+    if facts.in_dtype not in ("int8", "uint8"):
+        small.append(f"{facts.in_dtype} activations")
+    if small:
+        vnni = x86.AVX512_VNNI.choose(strategy, facts)
+        return dataclasses.replace(vnni, why="VNNI template: " + ", ".join(small))
+    return Choice(AMX_VARIANT, f"AMX tiles: {facts.rows or 'batch x'} rows, {facts.cols} "
+                  f"channels, reduction {facts.depth}")
+
+
+AMX = Strategy(
+    "x86-amx", "x86", (x86.AVX512_VNNI.main, AMX_VARIANT), choose=_choose,
+    schedules=x86.AVX512_VNNI.schedules,
+    summary="AMX: u8 x s8 tdpbusd tiles (hand-written TIR), AVX-512 VNNI template for small "
+            "shapes")
+
+
+def needs_permission(meta: dict) -> bool:
+    """Whether a compiled module runs AMX kernels (``CompiledModule`` asks the OS first)."""
+    return any(v[0] == AMX_VARIANT.name for v in meta.get("variants", {}).values())

@@ -1,0 +1,79 @@
+"""Relax emission of the AMX kernels (``Variant.kernels`` of the ``amx`` variant): pack the
+weights for the kernel's plan, add the hand-written PrimFunc to the module, ``call_tir`` it.
+
+The PrimFuncs are marked ``tir.is_scheduled`` (``ApplyPtqSchedules`` and tuning leave them
+as they are) and carry the ``ptq.kernel`` / ``ptq.variant`` / ``ptq.layout`` attributes of
+every ptq kernel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm import relax, tirx
+
+from backends.tvm.amx import kernels
+
+_OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps leaves ptq kernels alone.
+
+
+def _static(dim):
+    return int(dim) if isinstance(dim, tirx.IntImm) else None
+
+
+def _call(em, func: tirx.PrimFunc, kind: str, variant: str, args: list, shape: list,
+          dtype: str):
+    func = func.without_attr("global_symbol").with_attrs({
+        "ptq.kernel": kind, "ptq.variant": variant, "ptq.layout": "NHWC",
+        "op_pattern": _OPAQUE, "tir.is_scheduled": True})
+    gv = em.bb.add_func(func, f"ptq_{kind}_{variant}")
+    return em.bb.emit(relax.call_tir(gv, args, relax.TensorType(shape, dtype)))
+
+
+def emit_dense(em, x, w: np.ndarray, corr: np.ndarray, mult: np.ndarray, *, variant: str,
+               n_out: int, k_in: int, shift: int, act_dtype: str, out_zp: int, qmin: int,
+               qmax: int, out_dtype: str):
+    """``x [..., K]`` (leading dims flattened into the GEMM's rows) times ``w [N, K]``."""
+    del act_dtype  # (uint8: the kernel re-encodes)
+    lead = list(x.ty.shape.values[:-1])
+    rows = 1
+    for d in lead:
+        rows = None if rows is None or _static(d) is None else rows * _static(d)
+    flat = x
+    if len(lead) != 1:
+        flat = em.bb.emit(relax.op.reshape(x, [-1, k_in]))
+    m = flat.ty.shape.values[0]
+    func = kernels.dense_amx(rows, k_in, n_out, in_dtype=str(x.ty.dtype), shift=shift,
+                             out_zp=out_zp, qmin=qmin, qmax=qmax, out_dtype=out_dtype)
+    y = _call(em, func, "dense", variant,
+              [flat, relax.const(kernels.pack_dense_amx(w)), relax.const(corr),
+               relax.const(mult)], [m, n_out], out_dtype)
+    if len(lead) != 1:
+        y = em.bb.emit(relax.op.reshape(y, [*lead, n_out]))
+    return y
+
+
+def emit_conv2d(em, x, w: np.ndarray, corr: np.ndarray, mult: np.ndarray, *, variant: str,
+                groups: int, c_in: int, c_out: int, kernel: tuple, stride: tuple,
+                padding: tuple, dilation: tuple, shift: int, zp_enc: int, act_dtype: str,
+                in_layout: str, out_layout: str, out_zp: int, qmin: int, qmax: int,
+                out_dtype: str):
+    """An NHWC implicit-GEMM conv (``kernels.conv2d_amx``; groups == 1): an NCHW input is
+    transposed first, an NCHW output after."""
+    del act_dtype
+    if groups != 1:
+        raise ValueError("the AMX conv kernel takes groups == 1 (strategy.choose)")
+    if in_layout == "NCHW":
+        x = em.bb.emit(relax.op.permute_dims(x, [0, 2, 3, 1]))
+    n, h, w_in, _ = x.ty.shape.values
+    plan = kernels.conv_plan(int(h), int(w_in), c_in, c_out, kernel, stride, padding,
+                             dilation)
+    func = kernels.conv2d_amx(_static(n), int(h), int(w_in), c_in, c_out, kernel, stride,
+                              padding, dilation, in_dtype=str(x.ty.dtype), shift=shift,
+                              zp_enc=zp_enc, out_zp=out_zp, qmin=qmin, qmax=qmax,
+                              out_dtype=out_dtype)
+    y = _call(em, func, "conv2d", variant,
+              [x, relax.const(kernels.pack_conv_amx(w, plan)), relax.const(corr),
+               relax.const(mult)], [n, plan.oh, plan.ow, c_out], out_dtype)
+    if out_layout == "NCHW":
+        y = em.bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))
+    return y

@@ -1,0 +1,123 @@
+"""The AMX strategy (``backends/tvm/amx``): tile kernels for dense / conv2d, bit-exact against
+the reference through the public flow, the VNNI template for shapes too small for tiles.
+
+Code generation is checked on any x86 machine (``x86-amx`` cross-builds: ``tdpbusd``,
+``tileloadd``, ``ldtilecfg`` in the assembly); the numerics run where the CPU has the
+``amx_int8`` / ``amx_tile`` flags (one and two threads: every pool task configures its tiles).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import tvm
+
+from tests.backends.conftest import P, GraphBuilder, assert_exact, host_has
+from tests.backends.strategies import int_tensor, multipliers, weight
+
+I8, U8 = torch.int8, torch.uint8
+HAS_AMX = host_has("amx-int8") and host_has("amx-tile")
+
+#: (c, h, w, o, k, stride, pad, dil, in dtype, x_zp, out dtype, out_zp, bias) — the stem
+#: (C=3: (s, c) folded), 3x3 on 14..7 maps (row tiles, the flat pixel grid), stride 2, 1x1
+#: (im2col), dilation, odd sizes and channel counts.
+CONVS = [
+    (3, 32, 30, 64, 7, 2, 3, 1, I8, -3, I8, 0, True),
+    (64, 14, 14, 64, 3, 1, 1, 1, U8, 130, I8, -2, True),
+    (64, 16, 15, 128, 3, 2, 1, 1, I8, 5, U8, 7, False),
+    (64, 12, 12, 128, 1, 2, 0, 1, I8, 0, I8, 1, True),
+    (96, 7, 7, 80, 3, 1, 1, 1, U8, 0, U8, 3, True),
+    (70, 17, 19, 24, 3, 1, 2, 2, U8, 200, I8, 0, True),
+    (128, 7, 7, 1000, 1, 1, 0, 1, U8, 9, I8, -5, False),
+]
+#: (shape after the batch, k, n, in dtype, x_zp, out dtype, out_zp)
+DENSES = [((512,), 512, 1000, I8, 2, I8, 0), ((37, 147), 147, 64, U8, 100, U8, 3),
+          ((64, 768), 768, 768, I8, -1, I8, 2), ((16, 64), 64, 16, U8, 0, I8, 0)]
+
+
+def _graph(convs=CONVS, denses=DENSES, batch: int = 1, seed: int = 0):
+    b, outs, inputs = GraphBuilder(), [], []
+    for i, (c, h, w, o, k, s, p, d, dt, xzp, odt, ozp, bias) in enumerate(convs):
+        x = b.input(f"conv_in{i}")
+        lo, hi = (-128, 127) if odt == I8 else (0, 255)
+        bias_c = b.const(torch.randint(-20000, 20000, (o,), dtype=torch.int32,
+                                       generator=torch.Generator().manual_seed(i))) \
+            if bias else None
+        outs.append(b.call(P.conv2d.default, x, xzp, b.const(weight(i, (o, c, k, k))), bias_c,
+                           [s, s], [p, p], [d, d], 1,
+                           b.const(multipliers(i + 50, o, 0.02 / (c * k * k) ** 0.5)), ozp,
+                           max(lo, ozp) if i % 2 else lo, hi, odt))
+        inputs.append(int_tensor(seed + i, (batch, c, h, w), dt))
+    for i, (shape, k, n_out, dt, xzp, odt, ozp) in enumerate(denses):
+        x = b.input(f"dense_in{i}")
+        lo, hi = (-128, 127) if odt == I8 else (0, 255)
+        bias_c = b.const(torch.randint(-9000, 9000, (n_out,), dtype=torch.int32,
+                                       generator=torch.Generator().manual_seed(i)))
+        outs.append(b.call(P.linear.default, x, xzp, b.const(weight(100 + i, (n_out, k))),
+                           bias_c, b.const(multipliers(i + 150, n_out, 0.02 / k ** 0.5)), ozp,
+                           lo, hi, odt))
+        inputs.append(int_tensor(seed + 100 + i, (batch, *shape), dt))
+    return b.build(tuple(outs)), inputs
+
+
+def _variants(cm) -> dict:
+    return {name: v[0] for name, v in cm.meta["variants"].items()}
+
+
+def test_amx_code_is_generated_for_the_amx_target(tvm_backend):
+    """Cross-built for ``x86-amx`` on any x86 machine: every large kernel runs on tiles, the
+    small one (1 row, static shapes) on the VNNI template, and the reason is recorded."""
+    gm, inputs = _graph(CONVS[:2], DENSES[:2])
+    mod = tvm_backend.emit(gm, "x86-amx", example_inputs=inputs, dynamic_batch=False)
+    kernels = {gv.name_hint: f for gv, f in mod.functions_items()
+               if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and "ptq.kernel" in f.attrs}
+    variants = sorted(str(f.attrs.get("ptq.variant", "")) for f in kernels.values())
+    assert variants == ["", "amx", "amx", "amx"], variants  # the 1-row dense: VNNI
+    cm = tvm_backend.compile(gm, "x86-amx", example_inputs=inputs, dynamic_batch=False)
+    assert cm.meta["strategy"] == "x86-amx"
+    why = cm.meta["variants"]["linear_default"]
+    assert why[0] == "main" and "rows" in why[1], why
+    asm = cm.source("asm")
+    for instruction in ("tdpbusd", "tileloadd", "ldtilecfg", "tilestored", "tilerelease"):
+        assert re.search(rf"\b{instruction}\b", asm), instruction
+
+
+@pytest.mark.skipif(not HAS_AMX, reason="the CPU has no AMX (amx_int8 / amx_tile flags)")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_amx_kernels_are_exact_with_dynamic_batch(tvm_backend, threads):
+    gm, inputs = _graph(batch=2)
+    cm = tvm_backend.compile(gm, "host", example_inputs=inputs, dynamic_batch=True)
+    assert cm.meta["strategy"] == "x86-amx"
+    # (with a symbolic batch every GEMM may be large: all on tiles)
+    assert list(_variants(cm).values()).count("amx") == len(CONVS) + len(DENSES)
+    pool = tvm.get_global_func("runtime.config_threadpool")
+    pool(0, threads)
+    try:
+        assert_exact(cm(*inputs), gm(*inputs), f"AMX, {threads} thread(s)")
+        other = _graph(batch=3, seed=7)[1]
+        assert_exact(cm(*other), gm(*other), "AMX, another batch size")
+    finally:
+        pool(0, 1)
+
+
+@pytest.mark.skipif(not HAS_AMX, reason="the CPU has no AMX (amx_int8 / amx_tile flags)")
+def test_amx_module_saves_and_loads(tvm_backend, tmp_path):
+    """A fresh process loading the module asks for the tile state itself (else SIGILL)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    gm, inputs = _graph(CONVS[1:2], DENSES[2:3])
+    cm = tvm_backend.compile(gm, "host", example_inputs=inputs)
+    cm.save(tmp_path / "m")
+    torch.save({"inputs": inputs, "want": gm(*inputs)}, tmp_path / "io.pt")
+    code = ("import sys, torch; import backends.tvm as bt; d = torch.load(sys.argv[2]); "
+            "got = bt.load(sys.argv[1])(*d['inputs']); "
+            "print(all(torch.equal(g, w) for g, w in zip(got, d['want'])))")
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m"),
+                          str(tmp_path / "io.pt")], capture_output=True, text=True, cwd=root)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("True")
