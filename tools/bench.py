@@ -330,12 +330,19 @@ def peer_tvm_int8_untuned(ctx: Context) -> Built:
                  "(schedule=False)")
 
 
+def kernels_note(cm) -> str:
+    """Which strategy compiled ``cm`` and how many packed kernels each variant got."""
+    kinds = collections.Counter(v for v, _ in cm.meta["variants"].values())
+    per = ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+    return f"strategy {cm.meta['strategy']}" + (f"; packed kernels: {per}" if per else "")
+
+
 def peer_tvm_int8(ctx: Context) -> Built:
     import backends.tvm as bt
     cm = bt.compile(ctx.ptq_int8(), "host", example_inputs=list(ctx.case.inputs),
                     dynamic_batch=False)
-    return Built(_fixed(_tvm_call(cm)), "ptqpasses defaults, the family's fixed schedule "
-                 "template")
+    return Built(_fixed(_tvm_call(cm)), "ptqpasses defaults, fixed schedules, no tuning ("
+                 + kernels_note(cm) + ")")
 
 
 def peer_tvm_int8_rr(ctx: Context) -> Built:
@@ -345,10 +352,8 @@ def peer_tvm_int8_rr(ctx: Context) -> Built:
 
     q, _ = int8_graph(ctx.case, "reduce_range")
     cm = bt.compile(q, "host", example_inputs=list(ctx.case.inputs), dynamic_batch=False)
-    kinds = collections.Counter(v for v, _ in cm.meta["variants"].values())
     return Built(_fixed(_tvm_call(cm)), "ptqpasses, 7-bit activations (reduce_range), fixed "
-                 "schedule template; packed kernels: "
-                 + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())))
+                 "schedules (" + kernels_note(cm) + ")")
 
 
 def peer_tvm_int8_tuned(ctx: Context) -> Built:
@@ -362,7 +367,7 @@ def peer_tvm_int8_tuned(ctx: Context) -> Built:
                       example_inputs=list(ctx.case.inputs))
         note += f" (tuned here: {res.trials} new trials)"
     cm = bt.compile(ctx.ptq_int8(), "host", example_inputs=list(ctx.case.inputs), database=db)
-    return Built(_fixed(_tvm_call(cm)), note)
+    return Built(_fixed(_tvm_call(cm)), f"{note} ({kernels_note(cm)})")
 
 
 def peer_tvm_int8_recipe(ctx: Context) -> Built:
@@ -372,7 +377,8 @@ def peer_tvm_int8_recipe(ctx: Context) -> Built:
 
     q, note = int8_graph(ctx.case, "recipe")
     cm = bt.compile(q, "host", example_inputs=list(ctx.case.inputs), dynamic_batch=False)
-    return Built(_fixed(_tvm_call(cm)), f"ptqpasses recipe ({note}), fixed schedule template")
+    return Built(_fixed(_tvm_call(cm)), f"ptqpasses recipe ({note}), fixed schedules "
+                 f"({kernels_note(cm)})")
 
 
 @dataclass(frozen=True)
@@ -428,8 +434,9 @@ def machine() -> dict:
                 info["cpu"] = line.split(":", 1)[1].strip()
             if line.startswith("flags"):
                 flags = line.split(":", 1)[1].split()
-                info["flags"] = [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni",
-                                             "avx_vnni", "amx_int8") if f in flags]
+                info["flags"] = [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl",
+                                             "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8")
+                                 if f in flags]
                 break
     except OSError:
         pass
@@ -443,8 +450,9 @@ def machine() -> dict:
             vers[mod] = None
     info["versions"] = vers
     try:
-        from backends.tvm.targets import system_cpu
-        info["llvm_cpu"] = system_cpu()
+        from backends.tvm import registry, targets
+        info["llvm_cpu"] = targets.system_cpu()
+        info["strategy"] = registry.why(targets.resolve("host"))
     except Exception:  # noqa: BLE001
         pass
     return info
@@ -604,10 +612,11 @@ def to_markdown(result: dict) -> str:
     m, pk = result["machine"], result["peak"]
     lines = [f"Machine: {m['cpu']} ({m.get('llvm_cpu', '?')}), {m['cores']} cores, flags "
              f"{' '.join(m['flags']) or 'none'}; load average at start {m.get('loadavg')}.",
+             f"ptqpasses host strategy: {m.get('strategy', '?')}.",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v) + ".",
              f"One-core peak (tools.peak): fp32 {pk.get('fp32') or 0:.1f} GMAC/s, int8 "
-             f"{pk.get('int8') or 0:.1f} GMAC/s (the best int8 kernel: "
-             f"{_peak_kernels(pk, 'int8')}); % of peak is against threads x that.",
+             f"{pk.get('int8') or 0:.1f} GMAC/s (every int8 instruction measured: "
+             f"{_peak_kernels(pk, 'int8')}); % of peak is against threads x the best.",
              f"Median of {result['args']['runs']} interleaved rounds after "
              f"{result['args']['warmup']} warm-up calls (peers slower than "
              f"{result['args']['slow_s']} s a call: {result['args']['slow_runs']} rounds, "
