@@ -93,6 +93,7 @@ def cmd_compile(args) -> int:
         compiled = tvm_backend.compile(q, target=args.target)
     out = compiled.save(args.out)
     print(f"compiled for {args.target}: {out}")
+    print(f"strategy: {compiled.meta['strategy_why']}")
     variants = compiled.meta.get("variants") or {}
     if variants:  # e.g. AVX2: the vpmaddubsw kernels, and why the others are not
         counts = collections.Counter(v for v, _ in variants.values())
