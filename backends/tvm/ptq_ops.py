@@ -314,12 +314,12 @@ def matmul(em, a):
     bound = None if k_dim is None else (k_dim * wide_k.max_centered(_dt(x), a_zp)
                                         * wide_k.max_centered(_dt(y), b_zp))
     acc_dtype = _sum_dtype(bound, _dt(x), _dt(y))
-    if (em.strategy.packs_matmul and _dt(x) in _EIGHT_BIT and _dt(y) in _EIGHT_BIT
+    block = em.strategy.matmul_block
+    if (block is not None and _dt(x) in _EIGHT_BIT and _dt(y) in _EIGHT_BIT
             and k_dim is not None and _static(y.ty.shape[-1]) is not None):
-        layout = em.strategy.main.layout
         out = _kernel(em, matmul_k.matmul_packed, x, y, kind="matmul", a_zp=a_zp, b_zp=b_zp,
-                      multiplier=float(a["multiplier"]), lanes=layout.lanes,
-                      depth=layout.depth, **_requant_args(a))
+                      multiplier=float(a["multiplier"]), lanes=block[0], depth=block[1],
+                      **_requant_args(a))
     else:
         out = _kernel(em, matmul_k.matmul, x, y, kind="matmul", a_zp=a_zp, b_zp=b_zp,
                       multiplier=float(a["multiplier"]), acc_dtype=acc_dtype,

@@ -148,7 +148,10 @@ class Strategy:
             main variant).
         schedules: Fixed schedules of the other ptq kernel kinds (``matmul``,
             ``conv2d_depthwise``, ``max_pool2d``, ``dense_wide``, ``conv2d_wide``).
-        packs_matmul: Emit 8-bit ``matmul`` s in block form (x86 AVX2; ``kernels/matmul.py``).
+        matmul_block: ``(lanes, depth)``: emit 8-bit ``matmul`` s in block form, both operands
+            centered to int16 and the right one packed per call in blocks of this shape
+            (``kernels/matmul.py::matmul_packed``; x86: ``vpmaddwd`` / ``vpdpwssd`` pairs);
+            None: the plain compute.
         schedule_glue: Schedule the non-ptq PrimFuncs with ``cpu/glue.py``.
         nhwc: Keep 4-D activations channel-last between the integer ops that take them
             (``ptq_ops.LAYOUTS``): convs read and write NHWC, no transpose around each.
@@ -163,7 +166,7 @@ class Strategy:
     variants: tuple[Variant, ...]
     choose: Callable[["Strategy", KernelFacts], Choice] = _choose_main
     schedules: Mapping[str, ScheduleFn] = dataclasses.field(default_factory=dict)
-    packs_matmul: bool = False
+    matmul_block: Optional[tuple[int, int]] = None
     schedule_glue: bool = True
     nhwc: bool = True
     device: Device = Device.CPU
@@ -204,4 +207,4 @@ class Strategy:
         """What emission bakes in (a module emitted for one strategy compiles for another only
         when these agree)."""
         return (self.arch, tuple(sorted((v.name, v.layout) for v in self.variants)),
-                self.packs_matmul)
+                self.matmul_block)

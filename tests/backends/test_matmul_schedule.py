@@ -43,7 +43,7 @@ def _int16(seed, shape):
 def _host_packs() -> bool:
     """Whether the host's family emits 8-bit matmuls in the packed form (x86 AVX2)."""
     target = targets.resolve("host").target()
-    return registry.strategy_for(target).packs_matmul
+    return registry.strategy_for(target).matmul_block is not None
 
 
 def test_dynamic_batch_matmuls_are_scheduled_and_exact(tvm_backend):
@@ -92,8 +92,9 @@ def test_broadcast_batches_odd_tiles_and_int16_are_exact(tvm_backend):
 
 
 def test_assembly_has_vector_integer_multiplies(tvm_backend):
-    """x86 AVX2: the packed form on ``vpmaddwd``; VNNI x86 and aarch64 NEON (built, not run
-    here) share the plain tile: 32-bit lane multiplies on whole vector registers."""
+    """x86 AVX2: the packed form on ``vpmaddwd``; AVX-512 VNNI: the packed form on
+    ``vpdpwssd`` (zmm); aarch64 NEON (built, not run here) the plain tile: 32-bit lane
+    multiplies on whole vector registers."""
     gm, inputs = _matmuls([(int_tensor(0, (1, 4, 16, 8), torch.int8),
                             int_tensor(1, (1, 4, 8, 32), torch.int8), 3, -2, torch.int8)])
     asm = tvm_backend.compile(gm, "x86-avx2", example_inputs=inputs).source("asm")
@@ -102,7 +103,8 @@ def test_assembly_has_vector_integer_multiplies(tvm_backend):
     # the intrinsic's operands stay in registers (no store per call; see avx2.wide_impl)
     assert not re.search(r"vmovdq[au]\s+%ymm\d+, \(%r\w+\)\n", body)
     asm = tvm_backend.compile(gm, "x86-avx512-vnni", example_inputs=inputs).source("asm")
-    assert re.search(r"vpmulld\s+%[yz]mm", _kernel_asm(asm, "ptq_matmul"))
+    body = _kernel_asm(asm, "ptq_matmul")
+    assert re.search(r"vpdpwssd\s+[^\n]*%zmm", body) and "vpmulld" not in body
     asm = tvm_backend.compile(gm, "aarch64-neon", example_inputs=inputs).source("asm")
     assert re.search(r"\bmul\s+v\d+\.4s", asm)
 

@@ -3,7 +3,7 @@ target, and the dense template for the packed form that x86 AVX2 emits for 8-bit
 
 Both operands are activations, so there is no weight block packed ahead of time. The plain
 schedule (``schedule_matmul``) only tiles, vectorizes and parallelizes the TE compute, with no
-intrinsic, so x86 and aarch64 share it. On x86 AVX2 (``Strategy.packs_matmul``) 8-bit matmuls
+intrinsic, so x86 and aarch64 share it. On x86 AVX2 (``Strategy.matmul_block``) 8-bit matmuls
 are emitted in block form instead (``b`` packed per call, both operands centered to int16), and
 ``x86/template.py::schedule_matmul_packed`` runs the dense template on ``vpmaddwd`` over them
 (16 multiply-adds per instruction instead of 8 multiplies plus 8 adds). Measured on a Zen 3, one

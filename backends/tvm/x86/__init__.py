@@ -56,6 +56,27 @@ def _template_variant(name: str, layout: Layout, register, *, rows: int, blocks:
                    summary=summary)
 
 
+def _matmul_avx2(func, kind, target):
+    """The plain matmul tile, or the dense template on the block form (``vpmaddwd`` on int16
+    pairs of both operands, ``kernels/matmul.py::matmul_packed``)."""
+    if not is_packed(func):
+        return schedule_matmul(func)
+    args = dict(lanes=16, depth=avx2.DEPTH, rows=AVX2_ROWS,
+                intrin_lanes=avx2.LANES, cache=True, fuse_out=True)
+    return template.schedule_matmul_packed(func, {**args, "intrin": avx2.register_wide()})
+
+
+def _matmul_vnni(func, kind, target):
+    """The dense template on the block form of 8-bit matmuls: ``vpdpwssd`` (int16 pairs of
+    both centered operands, 32 multiply-adds per instruction), ``VNNI_ROWS`` x
+    ``VNNI_BLOCKS`` register tiles."""
+    if not is_packed(func):
+        return schedule_matmul(func)
+    args = dict(lanes=vnni.WIDE_LANES, depth=vnni.WIDE_DEPTH, rows=VNNI_ROWS,
+                blocks=VNNI_BLOCKS, tile=VNNI_TILE, cache=True, fuse_out=True)
+    return template.schedule_matmul_packed(func, {**args, "intrin": vnni.register_wide()})
+
+
 VNNI_LAYOUT = Layout("uint8", 16, 4)
 
 
@@ -76,7 +97,8 @@ AVX512_VNNI = Strategy(
     "x86-avx512-vnni", "x86",
     (_template_variant("", VNNI_LAYOUT, vnni.register, rows=VNNI_ROWS, blocks=VNNI_BLOCKS,
                        tile=VNNI_TILE, summary="vpdpbusd zmm, up to 7 x 64 register tiles"),),
-    choose=_choose_vnni, schedules=cpu.SCHEDULES,
+    choose=_choose_vnni, schedules={**cpu.SCHEDULES, "matmul": _matmul_vnni},
+    matmul_block=(vnni.WIDE_LANES, vnni.WIDE_DEPTH),
     summary="AVX-512 VNNI: u8 x s8 vpdpbusd on zmm, register-tiled template")
 
 AVX_VNNI = Strategy(
@@ -117,19 +139,10 @@ def _choose_avx2(strategy: Strategy, facts: KernelFacts) -> Choice:
                   "overflow int16 (QSpec(reduce_range=True) activations always fit)")
 
 
-def _matmul_avx2(func, kind, target):
-    """The plain matmul tile, or the dense template on the block form (``vpmaddwd`` on int16
-    pairs of both operands, ``kernels/matmul.py::matmul_packed``)."""
-    if not is_packed(func):
-        return schedule_matmul(func)
-    args = dict(lanes=_AVX2_MAIN.layout.lanes, depth=_AVX2_MAIN.layout.depth, rows=AVX2_ROWS,
-                intrin_lanes=avx2.LANES, cache=True, fuse_out=True)
-    return template.schedule_matmul_packed(func, {**args, "intrin": avx2.register_wide()})
-
-
 AVX2 = Strategy(
     "x86-avx2", "x86", (_AVX2_MAIN, _AVX2_PAIRWISE), choose=_choose_avx2,
-    schedules={**cpu.SCHEDULES, "matmul": _matmul_avx2}, packs_matmul=True,
+    schedules={**cpu.SCHEDULES, "matmul": _matmul_avx2},
+    matmul_block=(_AVX2_MAIN.layout.lanes, _AVX2_MAIN.layout.depth),
     summary="AVX2: exact vpmaddwd on int16 activations (vpmaddubsw where proven exact)")
 
 GENERIC = Strategy(

@@ -62,6 +62,42 @@ vnni256_desc = dot_desc(VNNI256_LANES, 4, "uint8")
 vnni256_impl = _vpdpbusd_impl(VNNI256_LANES)
 
 
+#: 16 x 2 int16 x int16 -> int32 with ``vpdpwssd`` (AVX-512 VNNI): ``matmul`` of two
+#: activations, both centered to int16 and the right one packed per call
+#: (``kernels/matmul.py::matmul_packed``); |centered| <= 255, so every product and pair sum is
+#: exact in int32.
+WIDE_INTRIN = "ptq_dot_16x2_i16i16i32_vpdpwssd"
+WIDE_LANES, WIDE_DEPTH = 16, 2
+wide_desc = dot_desc(WIDE_LANES, WIDE_DEPTH, "int16", "int16")
+
+
+@T.prim_func(s_tir=True)
+def wide_impl(
+    A: T.Buffer((2,), "int16", offset_factor=1),
+    B: T.Buffer((16, 2), "int16", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:2], B[0:16, 0:2])
+        T.writes(C[0:16])
+        # the activation pair as one int32, broadcast to the 16 lanes; no named temporaries
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpwssd.512"),
+            C.vload([0], dtype="int32x16"),
+            T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), 16),
+                          dtype="int16x32"),
+            B.vload([0, 0], dtype="int16x32"),
+            dtype="int32x16",
+        )
+
+
+def register_wide() -> str:
+    """Register the 16x2 int16 ``vpdpwssd`` intrinsic (idempotent); returns its name."""
+    if TensorIntrin.get(WIDE_INTRIN, allow_missing=True) is None:
+        TensorIntrin.register(WIDE_INTRIN, wide_desc, wide_impl)
+    return WIDE_INTRIN
+
+
 def register() -> str:
     """Register the fixed intrinsic under the project name (idempotent); returns the name."""
     if TensorIntrin.get(VNNI_INTRIN, allow_missing=True) is None:
