@@ -15,6 +15,12 @@ from backends.tvm.amx import kernels
 
 _OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps leaves ptq kernels alone.
 
+#: Kernels of fewer multiply-accumulates (per sample) run serially: with a 2-thread pool a
+#: parallel launch cost more than it saved (one Emerald Rapids VM, us, parallel vs serial:
+#: dense 8x768x768 10.9 vs 8.4, 1x512x1000 10.3 vs 6.6, 1x1 stride-2 conv 64@56 -> 128
+#: 31 vs 23; dense 128x768x768 52 vs 91).
+PARALLEL_MACS = 8_000_000
+
 
 def _static(dim):
     return int(dim) if isinstance(dim, tirx.IntImm) else None
@@ -42,8 +48,10 @@ def emit_dense(em, x, w: np.ndarray, corr: np.ndarray, mult: np.ndarray, *, vari
     if len(lead) != 1:
         flat = em.bb.emit(relax.op.reshape(x, [-1, k_in]))
     m = flat.ty.shape.values[0]
+    macs = (rows or _static(lead[-1]) or 1) * k_in * n_out
     func = kernels.dense_amx(rows, k_in, n_out, in_dtype=str(x.ty.dtype), shift=shift,
-                             out_zp=out_zp, qmin=qmin, qmax=qmax, out_dtype=out_dtype)
+                             out_zp=out_zp, qmin=qmin, qmax=qmax, out_dtype=out_dtype,
+                             parallel=macs >= PARALLEL_MACS)
     y = _call(em, func, "dense", variant,
               [flat, relax.const(kernels.pack_dense_amx(w)), relax.const(corr),
                relax.const(mult)], [m, n_out], out_dtype)
@@ -67,10 +75,11 @@ def emit_conv2d(em, x, w: np.ndarray, corr: np.ndarray, mult: np.ndarray, *, var
     n, h, w_in, _ = x.ty.shape.values
     plan = kernels.conv_plan(int(h), int(w_in), c_in, c_out, kernel, stride, padding,
                              dilation)
+    macs = plan.oh * plan.ow * c_out * c_in * kernel[0] * kernel[1]
     func = kernels.conv2d_amx(_static(n), int(h), int(w_in), c_in, c_out, kernel, stride,
                               padding, dilation, in_dtype=str(x.ty.dtype), shift=shift,
                               zp_enc=zp_enc, out_zp=out_zp, qmin=qmin, qmax=qmax,
-                              out_dtype=out_dtype)
+                              out_dtype=out_dtype, parallel=macs >= PARALLEL_MACS)
     y = _call(em, func, "conv2d", variant,
               [x, relax.const(kernels.pack_conv_amx(w, plan)), relax.const(corr),
                relax.const(mult)], [n, plan.oh, plan.ow, c_out], out_dtype)

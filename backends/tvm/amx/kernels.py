@@ -29,7 +29,14 @@ How a kernel runs
 4. Threads: the block loop is ``T.parallel`` (TVM's pool) under
    ``pragma_parallel_launch_point``, so each pool task runs ``ldtilecfg`` once before its
    share of blocks and ``tilerelease`` after it (the config is per thread; ``ldtilecfg``
-   costs ~85 ns, as much as ~15 ``tdpbusd``).
+   costs ~85 ns, as much as ~15 ``tdpbusd``). A parallel iteration runs ``group`` blocks
+   software-pipelined: block u's tiles are stored, then block u-1 is requantized while the
+   tile unit works on block u. Blocks go M-outer (tasks split output rows) for small
+   weights, N-outer (each weight panel streamed once per task) above 1 MiB.
+
+Convs pick a :class:`ConvPlan`: im2col for 1x1 (a gather, then a dense); direct implicit
+GEMM otherwise, with ``fold`` (K = (s, c), for C < 64: the RGB stem) and ``flat`` (stride 1:
+tiles run over the padded-width pixel grid, so 7x7 maps fill whole tiles).
 
 The process must ask Linux for the AMX state first (:func:`request_amx_permission`), or the
 first tile instruction raises SIGILL. Compile for :data:`AMX_TARGET` (an ``mcpu`` with AMX).
@@ -157,6 +164,11 @@ def _write_tile_config(cfg) -> None:
         T.buffer_store(cfg, T.int32(v - (1 << 32) if v >= 1 << 31 else v), [i])
 
 
+def _outer_loop(extent, parallel: bool):
+    """The outer loop of a pass: ``T.parallel`` (TVM's thread pool) or serial."""
+    return T.parallel(0, extent) if parallel else T.serial(0, extent)
+
+
 def _when(cond, body) -> None:
     """``body()`` under ``if cond`` (None: unconditionally)."""
     if cond is None:
@@ -200,7 +212,9 @@ class Blocking:
 
     The other tile registers hold operands. If the ``tn`` B tiles fit beside one A slot they
     stay resident for a k step and A tiles rotate through the rest (2x2: B 4-5, A 6-7; 4x1:
-    B 4, A rotates 5-7); otherwise one A tile stays and B rotates (1x4: A 4, B 5-7).
+    B 4, A rotates 5-7); otherwise one A tile stays and B rotates (1x4: A 4, B 5-7). With
+    room for two operand sets (1x2, 2x1, 1x1) consecutive k steps alternate between them.
+    Loads per ``tdpbusd``: 2x2 1, 1x2 / 2x1 1.5, 1x4 / 4x1 1.25.
     """
 
     tm: int = 2
@@ -351,8 +365,15 @@ def _padded_vec(src, n: int, dtype: str):
     return buf
 
 
+#: Weights above this are streamed once per task (n_outer block order); smaller ones are
+#: re-read from L2 by every task and block row (m_outer: no output cache line is written by
+#: two threads).
+N_OUTER_MIN_WEIGHT_BYTES = 1 << 20
+
+
 def _gemm(*, m_tiles, n_out: int, blk: Blocking, k_loops, a_ptr, a_stride, b_ptr, corr, mult,
-          rq: Requant, row_out, group: int = 4) -> None:
+          rq: Requant, row_out, weight_bytes: int, group: int = 4, parallel: bool = True,
+          order: str | None = None) -> None:
     """The parallel blocked AMX GEMM with its fused requantization.
 
     Args:
@@ -366,8 +387,12 @@ def _gemm(*, m_tiles, n_out: int, blk: Blocking, k_loops, a_ptr, a_stride, b_ptr
             stored, then block u-1 is requantized while the tile unit works on block u (tile
             registers are not renamed: without this the AMX unit idles through every
             epilogue and every store-to-reload turnaround).
-    Blocks are ordered N-outer, so consecutive blocks (each task's contiguous share) keep the
-    same weight panel.
+        order: ``"n_outer"``: consecutive blocks (and each task's contiguous share) keep the
+            same weight panel, which is streamed once per task; ``"m_outer"``: tasks split
+            the output rows, and every task reads all the weights. None: n_outer for weights
+            over ``N_OUTER_MIN_WEIGHT_BYTES``. With small N, n_outer makes two threads write
+            the two halves of the same output cache lines (64 channels: every line): a 3x3
+            conv 64->64 ran no faster on 2 threads than on 1.
     """
     nt = _ceil_div(n_out, TILE_N)
     m_blocks = _ceil_div(m_tiles, blk.tm)
@@ -380,8 +405,14 @@ def _gemm(*, m_tiles, n_out: int, blk: Blocking, k_loops, a_ptr, a_stride, b_ptr
     tiles = list(itertools.product(range(blk.tm), range(blk.tn)))
     static_m = isinstance(m_tiles, int) and m_tiles % blk.tm == 0
 
+    if order is None:
+        order = "n_outer" if weight_bytes > N_OUTER_MIN_WEIGHT_BYTES else "m_outer"
+
     def coords(t):
-        nb, mb = tirx.floordiv(t, m_blocks), tirx.floormod(t, m_blocks)
+        if order == "n_outer":
+            nb, mb = tirx.floordiv(t, m_blocks), tirx.floormod(t, m_blocks)
+        else:
+            mb, nb = tirx.floordiv(t, n_blocks), tirx.floormod(t, n_blocks)
         qs = [mb * blk.tm + i for i in range(blk.tm)]
         ns = [nb * blk.tn + j for j in range(blk.tn)]
         m_ok = [None if static_m else q < m_tiles for q in qs]
@@ -461,9 +492,10 @@ def _gemm(*, m_tiles, n_out: int, blk: Blocking, k_loops, a_ptr, a_stride, b_ptr
     n_groups = _ceil_div(extent, g)
 
     def iteration(it):
-        # Per-iteration scratch, private to the task inside the parallel loop. Scope "local"
-        # keeps StorageRewrite from placing it in a dead "global" buffer of the function
-        # (x_enc, corr_p): the merged buffer's other dtype then fails tvm_access_ptr's check.
+        # Per-iteration scratch (8 KiB for 2x2: a TVMBackendAllocWorkspace per iteration),
+        # private to the task inside the parallel loop. Scope "local" keeps StorageRewrite
+        # from placing it in a "global" buffer of the function that is dead by then or, as
+        # seen in a parallel loop, still being read by other iterations (x_enc).
         scratch = T.alloc_buffer((2, blk.n_acc, TILE_M, TILE_N), "int32", scope="local",
                                  align=64)
         if g == 1:
@@ -482,23 +514,17 @@ def _gemm(*, m_tiles, n_out: int, blk: Blocking, k_loops, a_ptr, a_stride, b_ptr
             iteration(it)
         _intrin("llvm.x86.tilerelease")
 
+    if not parallel or (isinstance(n_groups, int) and n_groups == 1):
+        # Serial (parallel=False), or one iteration: no parallel loop (TVM drops a one-iteration loop, and then refuses a
+        # launch point without one: "Cannot find parallel loop within parallel launch").
+        task(T.serial(0, n_groups))
+        return
     # The attr's body runs once per pool task and the T.parallel loop inside it is split
     # among the tasks. Buffers allocated between the two would be hoisted out by
     # StorageRewrite and shared by all tasks: cfg is read-only here, the scratch lives in the
-    # loop body, where StorageRewrite keeps it apart from the function's buffers.
+    # loop body.
     with T.attr(0, "pragma_parallel_launch_point", 0):
-        if isinstance(n_groups, int) and n_groups == 1:
-            # TVM drops a one-iteration loop and then refuses the launch point ("Cannot find
-            # parallel loop within parallel launch"); run the loop serially instead and the
-            # scratch shares the function's scope, where StorageRewrite may give it the
-            # memory of x_enc or corr_p (dead by then) and the access_ptr type check fails.
-            # A two-iteration loop with an empty second iteration avoids both.
-            with T.parallel(0, 2) as it:
-                _intrin("llvm.x86.ldtilecfg", T.address_of(cfg[0]))
-                _when(it == 0, lambda: iteration(T.int32(0)))
-                _intrin("llvm.x86.tilerelease")
-        else:
-            task(T.parallel(0, n_groups))
+        task(T.parallel(0, n_groups))
 
 
 # --- encoding ----------------------------------------------------------------------------
@@ -535,7 +561,8 @@ def _fill(n: int, store, value) -> None:
 
 
 def dense_amx(m, k_in: int, n_out: int, *, in_dtype: str, shift: int, out_zp: int, qmin: int,
-              qmax: int, out_dtype: str, blocking=None, group: int = 4) -> tirx.PrimFunc:
+              qmax: int, out_dtype: str, blocking=None, group: int = 4,
+              parallel: bool = True, order: str | None = None) -> tirx.PrimFunc:
     """Requantized int8 linear layer on AMX.
 
     PrimFunc params (in order):
@@ -548,6 +575,8 @@ def dense_amx(m, k_in: int, n_out: int, *, in_dtype: str, shift: int, out_zp: in
         out: ``[m, n_out]`` ``out_dtype``.
     ``blocking``: a :class:`Blocking` or ``(tm, tn)``; None: :func:`default_blocking`.
     ``group``: output blocks per parallel iteration, software-pipelined (see ``_gemm``).
+    ``parallel``: False builds a single-threaded kernel (no thread-pool launch; small kernels
+    measured faster that way with 2 pool threads). ``order``: block order (see ``_gemm``).
     """
     m = _batch_dim(m, "m")
     kb = _ceil_div(k_in, TILE_K)
@@ -569,7 +598,7 @@ def dense_amx(m, k_in: int, n_out: int, *, in_dtype: str, shift: int, out_zp: in
             # x_enc in A-tile order [mt, kb, 16, 64] (each A tile one contiguous KiB, the
             # k steps of a row tile adjacent); padded rows and k are zeros.
             xe = T.alloc_buffer((mt, kb, TILE_M, TILE_K), "uint8", align=64)
-            with T.parallel(0, mt) as rt:
+            with _outer_loop(mt, parallel) as rt:
                 with T.serial(0, TILE_M) as ri:
                     r = rt * TILE_M + ri
 
@@ -597,7 +626,8 @@ def dense_amx(m, k_in: int, n_out: int, *, in_dtype: str, shift: int, out_zp: in
             _gemm(m_tiles=mt, n_out=n_out, blk=blk, k_loops=[kb],
                   a_ptr=lambda q, ks: _ptr(xe, [q, ks[0], 0, 0]), a_stride=TILE_K,
                   b_ptr=lambda j, ks: _ptr(w, [j, ks[0] * 16, 0, 0]),
-                  corr=corr, mult=mult, rq=rq, row_out=row_out, group=group)
+                  corr=corr, mult=mult, rq=rq, row_out=row_out, group=group,
+                  parallel=parallel, order=order, weight_bytes=nt * kb * 1024)
     return ib.get()
 
 
@@ -625,7 +655,9 @@ class ConvPlan:
     mode:
         ``"im2col"``: the encode pass gathers GEMM rows ``[n*oh*ow (padded to 16),
         ceil(R*S*C/64)*64]`` with ``k = (r*S + s)*C + c``; the conv is then a dense.
-        Weights ``[ceil(O/16), ceil(R*S*C/64)*16, 16, 4]``.
+        Weights ``[ceil(O/16), ceil(R*S*C/64)*16, 16, 4]``; for 1x1 convs (the default
+        there) the same bytes as ``pack_conv``'s ``[ceil(O/16), 1, 1, ceil(C/64)*16, 16, 4]``,
+        which is the shape used.
         ``"direct"``: implicit GEMM on the padded NHWC image, A tiles loaded in place.
     fold (direct): the reduction of one kernel row is ``(s, c)`` folded into 64-byte steps,
         ``k = s*C + c``: an A row is the ``S*C`` consecutive bytes of S adjacent pixels.
@@ -690,7 +722,7 @@ class ConvPlan:
 
     @property
     def weight_shape(self) -> tuple:
-        if self.mode == "im2col":
+        if self.mode == "im2col" and (self.kh, self.kw) != (1, 1):
             return (self.n_tiles, self.k_steps * 16, 16, 4)
         if self.fold:
             return (self.n_tiles, self.kh, self.k_steps * 16, 16, 4)
@@ -757,7 +789,8 @@ def conv2d_amx(n, h: int, w: int, c_in: int, c_out: int, kernel, stride, padding
                in_dtype: str, shift: int, zp_enc: int, out_zp: int, qmin: int, qmax: int,
                out_dtype: str, blocking=None, mode: str | None = None,
                fold: bool | None = None, flat: bool | None = None,
-               group: int = 4) -> tirx.PrimFunc:
+               group: int = 4, parallel: bool = True,
+               order: str | None = None) -> tirx.PrimFunc:
     """Requantized int8 NHWC conv2d (groups == 1) on AMX.
 
     PrimFunc params (in order):
@@ -786,7 +819,9 @@ def conv2d_amx(n, h: int, w: int, c_in: int, c_out: int, kernel, stride, padding
             out = T.arg("out", T.buffer((nb_, oh, ow, c_out), out_dtype))
             T.func_attr(_FUNC_ATTRS)
 
-            common = dict(n_out=c_out, corr=corr, mult=mult, rq=rq, group=group)
+            common = dict(n_out=c_out, corr=corr, mult=mult, rq=rq, group=group,
+                          parallel=parallel, order=order,
+                          weight_bytes=int(np.prod(p.weight_shape)))
             if p.mode == "im2col":
                 _conv_im2col(p, nb_, x, wt, out, in_dtype, shift, zp_enc, blocking, common)
             else:
@@ -794,7 +829,8 @@ def conv2d_amx(n, h: int, w: int, c_in: int, c_out: int, kernel, stride, padding
     return ib.get()
 
 
-def _padded_image(p: ConvPlan, x, nb_, in_dtype: str, shift: int, zp_enc: int):
+def _padded_image(p: ConvPlan, x, nb_, in_dtype: str, shift: int, zp_enc: int,
+                  parallel: bool):
     """The encoded, padded NHWC input, flat: image b at ``b * image_bytes``, pixel (yy, xx)
     at ``(yy * wp + xx) * cp``; border pixels ``zp_enc``, channels past C zeros (zero
     weights), then ``slack_bytes`` zeros. Parallel over (image, row)."""
@@ -803,7 +839,7 @@ def _padded_image(p: ConvPlan, x, nb_, in_dtype: str, shift: int, zp_enc: int):
     slack = p.slack_bytes if p.mode == "direct" else 0
     xp = T.alloc_buffer((nb_ * img + slack,), "uint8", align=64)
     pad = T.uint8(zp_enc)
-    with T.parallel(0, nb_ * p.hp) as by:
+    with _outer_loop(nb_ * p.hp, parallel) as by:
         b, yy = tirx.floordiv(by, p.hp), tirx.floormod(by, p.hp)
         row = b * img + yy * row_bytes
 
@@ -836,7 +872,7 @@ def _padded_image(p: ConvPlan, x, nb_, in_dtype: str, shift: int, zp_enc: int):
 def _conv_direct(p: ConvPlan, nb_, x, wt, out, in_dtype, shift, zp_enc, blocking, common):
     """Implicit GEMM: A tiles read in place from the padded image, row stride ``sw * cp``."""
     cp, wp, oh, ow = p.cp, p.wp, p.oh, p.ow
-    xp = _padded_image(p, x, nb_, in_dtype, shift, zp_enc)
+    xp = _padded_image(p, x, nb_, in_dtype, shift, zp_enc, common["parallel"])
     per_img = p.m_tiles_per_image()
     xt = _ceil_div(ow, TILE_M)
     m_tiles = nb_ * per_img
@@ -911,9 +947,10 @@ def _conv_im2col(p: ConvPlan, nb_, x, wt, out, in_dtype, shift, zp_enc, blocking
     kp = p.k_steps * TILE_K
     run = p.kw * c if p.dw == 1 else c  # contiguous bytes per copy
     padded = p.ph or p.pw
-    src = _padded_image(p, x, nb_, in_dtype, shift, zp_enc) if padded else None
+    parallel = common["parallel"]
+    src = _padded_image(p, x, nb_, in_dtype, shift, zp_enc, parallel) if padded else None
     xe = T.alloc_buffer((mt * TILE_M, kp), "uint8", align=64)
-    with T.parallel(0, mt) as rt:
+    with _outer_loop(mt, parallel) as rt:
         with T.serial(0, TILE_M) as ri:
             m = rt * TILE_M + ri
             b = tirx.floordiv(m, oh * ow)
@@ -957,7 +994,9 @@ def _conv_im2col(p: ConvPlan, nb_, x, wt, out, in_dtype, shift, zp_enc, blocking
     blk = _as_blocking(blocking, mt, p.n_tiles)
     _gemm(m_tiles=mt, blk=blk, k_loops=[p.k_steps],
           a_ptr=lambda q, ks: _ptr(xe, [q * TILE_M, ks[0] * TILE_K]), a_stride=kp,
-          b_ptr=lambda j, ks: _ptr(wt, [j, ks[0] * 16, 0, 0]), row_out=row_out, **common)
+          b_ptr=lambda j, ks: _ptr(wt, [j, *([0, 0] if len(wt.shape) == 6 else []),
+                                        ks[0] * 16, 0, 0]),
+          row_out=row_out, **common)
 
 
 # --- weight packing (host side) ----------------------------------------------------------
@@ -974,12 +1013,12 @@ def pack_dense_amx(weight: np.ndarray) -> np.ndarray:
 def pack_conv_amx(weight: np.ndarray, plan: ConvPlan | None = None) -> np.ndarray:
     """OIHW ``[O, C, R, S]`` int8 -> ``plan.weight_shape`` (see :class:`ConvPlan`).
 
-    No plan (or direct unfolded): ``pack_conv`` with C zero-padded to 64. im2col: the
-    ``[O, (r, s, c)]`` matrix through :func:`pack_dense_amx`. Folded: per kernel row, the
+    No plan, direct unfolded or 1x1: ``pack_conv`` with C zero-padded to 64. im2col (RxS):
+    the ``[O, (r, s, c)]`` matrix through :func:`pack_dense_amx`. Folded: per kernel row, the
     ``[O, (s, c)]`` matrix through :func:`pack_dense_amx`.
     """
     o, c, r, s = weight.shape
-    if plan is not None and plan.mode == "im2col":
+    if plan is not None and plan.mode == "im2col" and (r, s) != (1, 1):
         return pack_dense_amx(weight.transpose(0, 2, 3, 1).reshape(o, r * s * c))
     if plan is not None and plan.fold:
         rows = weight.transpose(2, 0, 3, 1).reshape(r, o, s * c)  # [r, o, (s, c)]
