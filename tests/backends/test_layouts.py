@@ -73,13 +73,15 @@ def test_nhwc_chain_is_exact_with_dynamic_batch(tvm_backend, target):
         assert_exact(cm(*xs), gm(*xs), f"{target} batch {n}")
 
 
-def test_nhwc_is_kept_between_integer_ops(tvm_backend):
+@pytest.mark.parametrize("target,input_transposes", [("x86-avx512-vnni", 0), ("x86-amx", 1),
+                                                     ("x86-avx2", 0)])
+def test_nhwc_is_kept_between_integer_ops(tvm_backend, target, input_transposes):
     """Transposes only at the boundaries: the conv output that is also a graph output (one),
     and ``g`` (a kept-dims mean, NHWC) as an output (one); the NCHW graph input is read by the
-    first conv itself (no transpose)."""
+    first conv itself (its ``x_enc``), or through one transpose by the AMX tile kernel."""
     gm, inputs = _chain()
-    mod = tvm_backend.emit(gm, "host", example_inputs=inputs)
-    assert _permutes(mod) == 2, mod["main"]
+    mod = tvm_backend.emit(gm, target, example_inputs=inputs)
+    assert _permutes(mod) == 2 + input_transposes, mod["main"]
     layouts = {str(f.attrs["ptq.kernel"]): str(f.attrs.get("ptq.layout", ""))
                for _, f in mod.functions_items()
                if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and "ptq.kernel" in f.attrs}
