@@ -373,7 +373,7 @@ def run(task: Task, method: str, report_dir: Optional[str] = None,
     else:
         result = METHODS[method](task)
     if isinstance(result, str):  # skipped
-        return {}, result, 0.0
+        return {}, f"skipped: {result}", 0.0
     q, note = result
     with torch.no_grad():
         ref = [task.model(*b) for b in task.eval]

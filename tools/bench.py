@@ -345,6 +345,21 @@ def peer_tvm_int8(ctx: Context) -> Built:
                  + kernels_note(cm) + ")")
 
 
+def peer_tvm_int8_vnni(ctx: Context) -> Built:
+    """The AVX-512 VNNI strategy on this CPU (AMX left unused): what a VNNI machine without
+    AMX runs, measured on this core in the same run."""
+    import backends.tvm as bt
+    from backends.tvm import targets
+
+    host = targets.resolve("host").target()
+    if not all(targets.has_feature(host, f) for f in ("avx512f", "avx512bw", "avx512vnni")):
+        raise Skip("this CPU has no AVX-512 VNNI")
+    cm = bt.compile(ctx.ptq_int8(), "x86-avx512-vnni", example_inputs=list(ctx.case.inputs),
+                    dynamic_batch=False)
+    return Built(_fixed(_tvm_call(cm)), "ptqpasses defaults, target x86-avx512-vnni on this "
+                 "CPU (" + kernels_note(cm) + ")")
+
+
 def peer_tvm_int8_rr(ctx: Context) -> Built:
     """Activations quantized to 7 bits (``QSpec(reduce_range=True)``, as the FX 'x86' qconfig
     does): on x86 without VNNI every packed kernel is proven exact for ``vpmaddubsw``."""
@@ -397,7 +412,8 @@ PEERS: dict[str, Peer] = {
     "pt2e": Peer("PT2E int8 + inductor", "int8", peer_pt2e),
     "ort-int8": Peer("ONNX Runtime int8 (static QDQ)", "int8", peer_ort_int8),
     "tvm-int8-untuned": Peer("ptqpasses TVM int8 untuned", "int8", peer_tvm_int8_untuned),
-    "tvm-int8": Peer("ptqpasses TVM int8 template", "int8", peer_tvm_int8),
+    "tvm-int8": Peer("ptqpasses TVM int8 (host strategy)", "int8", peer_tvm_int8),
+    "tvm-int8-vnni": Peer("ptqpasses TVM int8, AVX-512 VNNI only", "int8", peer_tvm_int8_vnni),
     "tvm-int8-rr": Peer("ptqpasses TVM int8, 7-bit activations", "int8", peer_tvm_int8_rr),
     "tvm-int8-tuned": Peer("ptqpasses TVM int8 tuned", "int8", peer_tvm_int8_tuned),
     "tvm-int8-recipe": Peer("ptqpasses TVM int8 accuracy recipe", "int8", peer_tvm_int8_recipe),

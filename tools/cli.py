@@ -21,7 +21,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_calib_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", required=True, metavar="SOURCE",
-                   help="folder of images, .npy/.pt file or folder of them, or module:function")
+                   help="a .npy / .pt file of samples shaped [N, *input shape without the "
+                        "batch dim] (numpy.save('x.npy', x)), a folder of such files or of "
+                        "images, or module:function returning batches")
     p.add_argument("--batch-size", type=int, default=8)
 
 

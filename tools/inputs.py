@@ -103,6 +103,10 @@ def calibration_batches(source: str, shape: tuple[int, ...], batch: int = 8,
     p = Path(source)
     if p.is_file() and p.suffix in (".npy", ".pt"):
         x = _tensor_file(p)
+        if tuple(x.shape[1:]) != tuple(shape[1:]):
+            raise UsageError(f"{p} holds samples of shape {list(x.shape)}; the model input is "
+                             f"{list(shape)}: the file must be [N, "
+                             f"{', '.join(map(str, shape[1:]))}]")
         return [(x[i:i + batch],) for i in range(0, len(x), batch)]
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.suffix in (".npy", ".pt"))
@@ -114,6 +118,11 @@ def calibration_batches(source: str, shape: tuple[int, ...], batch: int = 8,
         data = fn() if callable(fn) else fn
         return [b if isinstance(b, tuple) else (b,) if isinstance(b, torch.Tensor) else tuple(b)
                 for b in data]
+    if not p.exists() and ":" not in source:
+        raise UsageError(f"calibration source {source!r} does not exist: give a .npy / .pt "
+                         f"file of samples shaped like the model input, [N, "
+                         f"{', '.join(map(str, shape[1:]))}] (e.g. numpy.save('x.npy', x)), a "
+                         "folder of such files or of images, or module:function")
     raise UsageError(f"calibration source {source!r} is not a folder, a .npy/.pt file, or "
                      "module:function")
 

@@ -18,10 +18,13 @@ import torch
 
 
 def needs(*modules: str) -> Optional[str]:
-    """A "skipped: X not installed" reason for the first missing module, else None."""
+    """An "X not installed (how to install it)" reason for the first missing module, else
+    None (callers say "skipped")."""
     for m in modules:
         if importlib.util.find_spec(m) is None:
-            return f"skipped: {m} not installed"
+            how = ("pip install --no-deps 'torchao==0.18.*'" if m == "torchao" else
+                   "pip install -e '.[bench]'")
+            return f"{m} not installed ({how})"
     return None
 
 

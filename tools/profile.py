@@ -41,7 +41,7 @@ def kind_of(name: str, dtypes: list[str]) -> str:
     """The kind of a PrimFunc call from its name and argument dtypes (output last)."""
     m = re.match(r"ptq_([a-z0-9_]+?)\d*$", name)
     if m:
-        return m.group(1)
+        return re.sub(r"_amx$", "", m.group(1))  # (ptq_conv2d_amx: the AMX variant's kernel)
     low = name.lower()
     kind = next((kind for frag, kind in _GLUE_KINDS if frag in low), None)
     if kind is not None:
@@ -67,10 +67,15 @@ def macs(kind: str, shapes: list[tuple]) -> int:
         n_out *= d
     if kind in ("dense", "matmul"):
         return n_out * x[-1]
-    if kind == "conv2d":  # packed [O/l, R, S, C/d, l, d] or [G, Og/l, R, S, Cg/d, l, d]
-        r, s = (w[1], w[2]) if len(w) == 6 else (w[2], w[3])
-        groups = 1 if len(w) == 6 else w[0]
-        return n_out * (x[1] // groups) * r * s
+    if kind == "conv2d":
+        # packed weights hold (output-channel blocks) x reduction x (lanes): [O/l, R, S, C/d, l,
+        # d], grouped [G, Og/l, R, S, Cg/d, l, d], AMX [O/16, ..., 16, 4]; the reduction is
+        # counted as packed (channels padded to the block), whatever the activation layout
+        size = 1
+        for d in w:
+            size *= d
+        blocks = w[0] * w[1] if len(w) == 7 else w[0]
+        return n_out * size // (blocks * w[-2])
     if kind in ("conv2d_depthwise", "conv2d_wide"):  # OIHW [O, C/g, R, S]
         return n_out * w[1] * w[2] * w[3]
     if kind == "dense_wide":

@@ -22,6 +22,18 @@ from tests.backends.conftest import P, GraphBuilder, assert_exact, host_has
 from tests.backends.strategies import int_tensor, multipliers, weight
 
 
+def _tune_target() -> str:
+    """``host``, or where the host's strategy is AMX (whose tile kernels are hand-written TIR,
+    not tuned) its AVX-512 VNNI strategy, which runs here and is tuned."""
+    from backends.tvm import registry, targets
+
+    amx = registry.strategy_for(targets.resolve("host")).name == "x86-amx"
+    return "x86-avx512-vnni" if amx else "host"
+
+
+TARGET = _tune_target()
+
+
 def _dense(both_variants: bool = False):
     """One dense on int8 ``x``; with ``both_variants`` also one on ``clamp(x, 0, 127)`` (the
     AVX2 pairwise variant)."""
@@ -62,7 +74,7 @@ def _scheduled_kernels(gm, inputs, database):
     from backends.tvm.records import open_database
     from backends.tvm.registry import strategy_for
 
-    mod, named, _ = build_ir(gm, "host", example_inputs=inputs, dynamic_batch=False)
+    mod, named, _ = build_ir(gm, TARGET, example_inputs=inputs, dynamic_batch=False)
     tgt = named.target()
     with tgt:
         out = ApplyPtqSchedules(strategy_for(named), tgt,
@@ -75,7 +87,7 @@ def _scheduled_kernels(gm, inputs, database):
 def test_tune_applies_and_reuses_database(tvm_backend, tmp_path):
     gm, inputs = _dense(both_variants=True)
     db = tmp_path / "db"
-    first = tvm_backend.tune(gm, "host", trials=2, database=db, example_inputs=inputs,
+    first = tvm_backend.tune(gm, TARGET, trials=2, database=db, example_inputs=inputs,
                              progress=False)
     # two workloads on AVX2 hosts without VNNI (int16 and pairwise layouts), else one
     pairwise = host_has("avx2") and not host_has("avx512vnni")
@@ -91,21 +103,22 @@ def test_tune_applies_and_reuses_database(tvm_backend, tmp_path):
         assert "ptq.tuned" in kernel.attrs
     assert pairwise == any(k.attrs.get("ptq.variant") == "avx2-pairwise" for k in kernels)
 
-    cm = tvm_backend.compile(gm, "host", example_inputs=inputs, database=db)
+    cm = tvm_backend.compile(gm, TARGET, example_inputs=inputs, database=db)
     assert_exact(cm(*inputs), gm(*inputs), "tuned dense")
 
-    second = tvm_backend.tune(gm, "host", trials=2, database=db, example_inputs=inputs,
+    second = tvm_backend.tune(gm, TARGET, trials=2, database=db, example_inputs=inputs,
                               progress=False)
     assert second.trials == 0
     assert second.database == first.database
 
     # a fresh process (no intrinsic registered yet) loads the records
     code = ("import sys; from backends.tvm.records import open_database; "
-            "print(len(open_database(sys.argv[1], 'host')))")
+            "print(len(open_database(sys.argv[1], sys.argv[2])))")
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get(
         "PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-c", code, str(db)], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", code, str(db), TARGET], capture_output=True,
+                         text=True,
                          env=env, cwd=root)
     assert out.returncode == 0, out.stderr[-2000:]
     records = (first.database / "database_tuning_record.json").read_text().split("\n")
@@ -130,25 +143,25 @@ def test_equal_shapes_share_one_record(tvm_backend, tmp_path):
     from backends.tvm.build import build_ir
 
     both, inputs = _convs([0, 1])
-    mod, _, _ = build_ir(both, "host", example_inputs=inputs, dynamic_batch=False)
+    mod, _, _ = build_ir(both, TARGET, example_inputs=inputs, dynamic_batch=False)
     convs = [f for _, f in mod.functions_items()
              if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and "ptq.kernel" in f.attrs]
     assert len(convs) == 2  # two kernels whose constants differ (two structural workloads)
     assert tvm_ffi.structural_hash(convs[0]) != tvm_ffi.structural_hash(convs[1])
 
     db = tmp_path / "db"
-    first = tvm_backend.tune(_convs([0])[0], "host", trials=2, database=db,
+    first = tvm_backend.tune(_convs([0])[0], TARGET, trials=2, database=db,
                              example_inputs=inputs, progress=False)
     assert [t.trials > 0 for t in first.tasks] == [True]
-    second = tvm_backend.tune(_convs([1])[0], "host", trials=2, database=db,
+    second = tvm_backend.tune(_convs([1])[0], TARGET, trials=2, database=db,
                               example_inputs=inputs, progress=False)
     assert [t.trials for t in second.tasks] == [0]  # the first conv's record
-    assert len(tvm_backend.tune(both, "host", trials=2, database=db, example_inputs=inputs,
+    assert len(tvm_backend.tune(both, TARGET, trials=2, database=db, example_inputs=inputs,
                                 progress=False).tasks) == 1
 
     kernels = _scheduled_kernels(both, inputs, db)
     assert len(kernels) == 2 and all("ptq.tuned" in k.attrs for k in kernels)
-    cm = tvm_backend.compile(both, "host", example_inputs=inputs, database=db)
+    cm = tvm_backend.compile(both, TARGET, example_inputs=inputs, database=db)
     want = both(*inputs)
     assert all(len(torch.unique(y)) > 16 for y in want)  # epilogues not saturated
     assert_exact(cm(*inputs), want, "two convs tuned by one record")

@@ -43,8 +43,12 @@ def test_calibration_sources(tmp_path):
         Image.fromarray((np.random.rand(20, 30, 3) * 255).astype("uint8")).save(img_dir / f"{i}.png")
     batches = calibration_batches(str(img_dir), (1, 3, 16, 16), batch=2)
     assert [tuple(b[0].shape) for b in batches] == [(2, 3, 16, 16), (1, 3, 16, 16)]
-    with pytest.raises(UsageError, match="not a folder"):
+    with pytest.raises(UsageError, match=r"does not exist: give a .npy / .pt file of samples "
+                                         r"shaped like the model input, \[N, 1, 8, 8\]"):
         calibration_batches(str(tmp_path / "missing.npy"), (1, 1, 8, 8))
+    with pytest.raises(UsageError, match=r"holds samples of shape \[10, 1, 8, 8\]; the model "
+                                         r"input is \[1, 3, 8, 8\]"):
+        calibration_batches(str(tmp_path / "x.npy"), (1, 3, 8, 8))
 
 
 def test_quantize_and_report_commands(tmp_path, capsys):
@@ -128,3 +132,27 @@ def test_tune_then_compile_with_the_database(tmp_path, capsys):
                  str(tmp_path / "db"), "--out", str(tmp_path / "m.so")]) == 0
     from backends import tvm as ptq_tvm
     assert ptq_tvm.load(tmp_path / "m.so")(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_readme_command_lines_run_as_written(tmp_path):
+    """The README's ``ptq quantize`` / ``report`` / ``compile`` lines, run as written (``ptq`` is
+    ``python -m tools.cli``) in a folder holding the ``x.npy`` they name, made as the
+    ``--calib`` help says: samples shaped like the model input."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    readme = (root / "README.md").read_text()
+    block = readme.split("## Command line", 1)[1].split("```", 2)[1]
+    # (optional arguments in [brackets] left out)
+    lines = [re.sub(r"\[.*?\]", "", ln.split("#")[0]).strip() for ln in block.splitlines()]
+    run = [ln for ln in lines if re.match(r"ptq (quantize|report|compile) ", ln)]
+    assert [ln.split()[1] for ln in run] == ["quantize", "report", "compile"], run
+    np.save(tmp_path / "x.npy", np.random.randn(16, 1, 8, 8).astype("float32"))
+    env = {**__import__("os").environ, "PYTHONPATH": str(root)}
+    for line in run:
+        args = line.split()[1:]
+        out = subprocess.run([sys.executable, "-m", "tools.cli", *args], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, (line, out.stderr[-2000:])
+    assert (tmp_path / "recipe.json").exists() and (tmp_path / "m.so").exists()
