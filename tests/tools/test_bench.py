@@ -48,7 +48,7 @@ def test_bench_tiny_run_writes_table_json_and_chart(tmp_path, capsys):
     assert rows["tvm-int8"]["pct_peak"] is None or rows["tvm-int8"]["pct_peak"] > 0
     assert result["machine"]["versions"]["tvm"]
     md = (out / "bench.md").read_text()
-    assert "ptqpasses TVM int8 template" in md and "| model | thr | peer |" in md
+    assert "ptqpasses TVM int8 (host strategy)" in md and "| model | thr | peer |" in md
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
     assert "| DigitsCNN 8x8 b1 | 1 | torch eager |" in capsys.readouterr().out
 
