@@ -8,10 +8,9 @@ passes (unlike the x86 VNNI intrinsic, TVM's operand types were already right).
 
 from __future__ import annotations
 
-from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
-from backends.tvm.cpu.dot_intrin import dot_desc
+from backends.tvm.cpu.dot_intrin import dot_desc, register_once
 
 SDOT_INTRIN = "ptq_dot_4x4_i8i8s32_sdot"
 
@@ -42,6 +41,4 @@ def sdot_impl(
 
 def register() -> str:
     """Register the intrinsic (idempotent); returns its name."""
-    if TensorIntrin.get(SDOT_INTRIN, allow_missing=True) is None:
-        TensorIntrin.register(SDOT_INTRIN, sdot_desc, sdot_impl)
-    return SDOT_INTRIN
+    return register_once(SDOT_INTRIN, sdot_desc, sdot_impl)

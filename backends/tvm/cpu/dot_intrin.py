@@ -10,7 +10,15 @@ it.
 from __future__ import annotations
 
 from tvm import tirx
+from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
+
+
+def register_once(name: str, desc: tirx.PrimFunc, impl: tirx.PrimFunc) -> str:
+    """Register a tensor intrinsic under ``name`` unless it is registered; returns ``name``."""
+    if TensorIntrin.get(name, allow_missing=True) is None:
+        TensorIntrin.register(name, desc, impl)
+    return name
 
 
 def dot_desc(lanes: int, depth: int, a_dtype: str, b_dtype: str = "int8") -> tirx.PrimFunc:

@@ -30,6 +30,14 @@ def at(x, layout: str, b, c, y, z):
     return x[b, y, z, c] if layout == "NHWC" else x[b, c, y, z]
 
 
+def _out(shape_nchw, value, out_layout: str):
+    """The ``out`` block: ``value(b, o, y, z)`` (NCHW indices) stored in ``out_layout``."""
+    n, c, h, w = shape_nchw
+    if out_layout == "NHWC":
+        return te.compute((n, h, w, c), lambda b, y, z, o: value(b, o, y, z), name="out")
+    return te.compute((n, c, h, w), value, name="out")
+
+
 def conv2d_packed(x, w_packed, corr, mult, *, groups: int, c_in: int, c_out: int,
                   kernel: tuple, stride: tuple, padding: tuple, dilation: tuple, shift: int,
                   zp_enc: int, act_dtype: str, out_zp: int, qmin: int, qmax: int,
@@ -84,10 +92,7 @@ def conv2d_packed(x, w_packed, corr, mult, *, groups: int, c_in: int, c_out: int
         return requant_te(acc[b, y, z, o // og, o % og] + corr[o], mult[o], out_zp, qmin, qmax,
                           out_dtype)
 
-    if out_layout == "NHWC":
-        return te.compute((n, oh, ow, c_out), lambda b, y, z, o: requant(b, o, y, z),
-                          name="out")
-    return te.compute((n, c_out, oh, ow), requant, name="out")
+    return _out((n, c_out, oh, ow), requant, out_layout)
 
 
 #: Depthwise convs compute their output width rounded up to a multiple of this (the CPU
@@ -202,7 +207,4 @@ def conv2d_depthwise_nhwc(x, weight, corr, mult, *, groups: int, c_out: int, ker
     def requant(b, o, y, z):
         return requant_te(acc[b, y, z, o] + corr[o], mult[o], out_zp, qmin, qmax, out_dtype)
 
-    if out_layout == "NHWC":
-        return te.compute((n, oh, ow, c_out), lambda b, y, z, o: requant(b, o, y, z),
-                          name="out")
-    return te.compute((n, c_out, oh, ow), requant, name="out")
+    return _out((n, c_out, oh, ow), requant, out_layout)

@@ -26,10 +26,9 @@ two pair sums into int32. ``pairs_fit_int16`` is the proof the emitter checks pe
 
 from __future__ import annotations
 
-from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
-from backends.tvm.cpu.dot_intrin import dot_desc
+from backends.tvm.cpu.dot_intrin import dot_desc, register_once
 
 AVX2_INTRIN = "ptq_dot_8x2_i16i8i32_avx2"
 
@@ -114,24 +113,18 @@ def pairwise_impl(
 
 def register() -> str:
     """Register the AVX2 intrinsic (idempotent); returns its name."""
-    if TensorIntrin.get(AVX2_INTRIN, allow_missing=True) is None:
-        TensorIntrin.register(AVX2_INTRIN, avx2_desc, avx2_impl)
-    return AVX2_INTRIN
+    return register_once(AVX2_INTRIN, avx2_desc, avx2_impl)
 
 
 def register_wide() -> str:
     """Register the int16 x int16 intrinsic (idempotent; ``matmul`` of two activations packed
     per call, ``kernels/matmul.py``); returns its name."""
-    if TensorIntrin.get(WIDE_INTRIN, allow_missing=True) is None:
-        TensorIntrin.register(WIDE_INTRIN, wide_desc, wide_impl)
-    return WIDE_INTRIN
+    return register_once(WIDE_INTRIN, wide_desc, wide_impl)
 
 
 def register_pairwise() -> str:
     """Register the pairwise ``vpmaddubsw`` intrinsic (idempotent); returns its name."""
-    if TensorIntrin.get(PAIRWISE_INTRIN, allow_missing=True) is None:
-        TensorIntrin.register(PAIRWISE_INTRIN, pairwise_desc, pairwise_impl)
-    return PAIRWISE_INTRIN
+    return register_once(PAIRWISE_INTRIN, pairwise_desc, pairwise_impl)
 
 
 def pairs_fit_int16(w_packed, u_max: int) -> bool:

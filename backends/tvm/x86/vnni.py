@@ -17,7 +17,7 @@ from __future__ import annotations
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
-from backends.tvm.cpu.dot_intrin import dot_desc
+from backends.tvm.cpu.dot_intrin import dot_desc, register_once
 
 VNNI_INTRIN = "ptq_dot_16x4_u8i8i32_vnni"
 TVM_VNNI_INTRIN = "dot_16x4_vnni"
@@ -93,23 +93,17 @@ def wide_impl(
 
 def register_wide() -> str:
     """Register the 16x2 int16 ``vpdpwssd`` intrinsic (idempotent); returns its name."""
-    if TensorIntrin.get(WIDE_INTRIN, allow_missing=True) is None:
-        TensorIntrin.register(WIDE_INTRIN, wide_desc, wide_impl)
-    return WIDE_INTRIN
+    return register_once(WIDE_INTRIN, wide_desc, wide_impl)
 
 
 def register() -> str:
     """Register the fixed intrinsic under the project name (idempotent); returns the name."""
-    if TensorIntrin.get(VNNI_INTRIN, allow_missing=True) is None:
-        TensorIntrin.register(VNNI_INTRIN, vnni_desc, vnni_impl)
-    return VNNI_INTRIN
+    return register_once(VNNI_INTRIN, vnni_desc, vnni_impl)
 
 
 def register_256() -> str:
     """Register the 8x4 ymm ``vpdpbusd`` intrinsic (idempotent); returns its name."""
-    if TensorIntrin.get(VNNI256_INTRIN, allow_missing=True) is None:
-        TensorIntrin.register(VNNI256_INTRIN, vnni256_desc, vnni256_impl)
-    return VNNI256_INTRIN
+    return register_once(VNNI256_INTRIN, vnni256_desc, vnni256_impl)
 
 
 def override_tvm_vnni() -> str:
