@@ -131,18 +131,18 @@ def _schedule_x_enc(sch: s_tir.Schedule, kind: str) -> None:
         sch.parallel(sch.fuse(*loops[:2]))
 
 
-def schedule_matmul_packed(func: tirx.PrimFunc, template_args: dict) -> tirx.PrimFunc:
-    """Schedule the block form of ``matmul`` with the family's dense template.
+def schedule_matmul_packed(func: tirx.PrimFunc, args: dict) -> tirx.PrimFunc:
+    """Schedule the block form of ``matmul`` with the dense template.
 
     ``acc`` is tiled, tensorized and requantized per tile exactly as a packed ``dense``
-    (``x86/template.py``; ``template_args`` as for dense, with the int16 x int16 intrinsic);
+    (``args``: the keyword arguments of :func:`apply`, with an int16 x int16 intrinsic);
     then each tile's requantize is vectorized along its lanes (when ``N`` is whole blocks) and
     the per-call packing of ``b`` runs in parallel over its column blocks, one block (lanes x
     depth) per vector.
     """
     sch = s_tir.Schedule(func)
-    apply(sch, "dense", **template_args)
-    lanes = template_args["lanes"]
+    apply(sch, "dense", **args)
+    lanes = args["lanes"]
     out = sch.get_sblock("out")
     n_out = _static_extent(sch.get(out).writes[0].source.shape[-1])
     if n_out is not None and n_out % lanes == 0:
