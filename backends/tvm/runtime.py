@@ -142,8 +142,9 @@ class CompiledModule:
         stem.parent.mkdir(parents=True, exist_ok=True)
         kwargs: dict[str, Any] = {}
         suffix = ".so"
-        if self.meta["family"] == "aarch64" and self.meta.get("cross", False):
-            cc = shutil.which("aarch64-linux-gnu-gcc")
+        cross_cc = self.meta.get("cross_compiler") if self.meta.get("cross", False) else None
+        if cross_cc:  # (the strategy's cross compiler links a .so; without it, a .tar)
+            cc = shutil.which(cross_cc)
             if cc:
                 from tvm.contrib import cc as _cc
 

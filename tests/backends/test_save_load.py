@@ -139,3 +139,18 @@ def test_calls_share_inputs_and_keep_outputs(saved):
     unaligned = flat[1:].view(3, 3, 12, 12)
     assert unaligned.data_ptr() % 64
     assert torch.equal(cm(unaligned)[0], cm(unaligned.clone())[0])
+
+
+def test_cross_target_is_saved_with_its_strategy_cross_compiler(tvm_backend, tmp_path):
+    """An aarch64 module built here: a ``.so`` linked by the strategy's cross compiler
+    (``aarch64-linux-gnu-gcc``) where it is installed, else a ``.tar`` of objects; loading it
+    for execution on this x86 machine is refused."""
+    import shutil
+
+    gm = torch.fx.symbolic_trace(SmallCNN())
+    cm = tvm_backend.compile(gm, "aarch64-dotprod", example_inputs=[torch.rand(1, 3, 12, 12)])
+    assert cm.meta["cross"] and cm.meta["cross_compiler"] == "aarch64-linux-gnu-gcc"
+    path = cm.save(tmp_path / "arm")
+    assert path.suffix == (".so" if shutil.which("aarch64-linux-gnu-gcc") else ".tar")
+    with pytest.raises(tvm_backend.LoadError, match="cannot be loaded for execution"):
+        tvm_backend.load(tmp_path / "arm")

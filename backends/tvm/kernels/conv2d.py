@@ -17,6 +17,14 @@ def out_size(size, k: int, stride: int, pad: int, dil: int):
     return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
 
 
+def _output_geometry(h: int, w: int, kernel: tuple, stride: tuple, padding: tuple,
+                     dilation: tuple, width_block: int) -> tuple[int, int, int]:
+    """``(oh, ow, ow_acc)``: the output size, and its width rounded up to ``width_block``."""
+    (r_k, s_k), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    oh, ow = out_size(h, r_k, sh, ph, dh), out_size(w, s_k, sw, pw, dw)
+    return oh, ow, -(-ow // width_block) * width_block
+
+
 def nhwc_shape(shape: list, layout: str) -> list:
     """``[n, c, h, w]`` of a 4-D activation stored in ``layout`` (``NCHW`` / ``NHWC``)."""
     if layout == "NHWC":
@@ -61,8 +69,7 @@ def conv2d_packed(x, w_packed, corr, mult, *, groups: int, c_in: int, c_out: int
                             int(w_packed.shape[-2]), int(w_packed.shape[-1]))
     cg, og = c_in // groups, c_out // groups
     (ph, pw), (sh, sw), (dh, dw) = padding, stride, dilation
-    oh, ow = out_size(h, r_k, sh, ph, dh), out_size(w, s_k, sw, pw, dw)
-    ow_acc = -(-ow // width_block) * width_block
+    oh, ow, ow_acc = _output_geometry(h, w, kernel, stride, padding, dilation, width_block)
     w_enc = max(w + 2 * pw, (ow_acc - 1) * sw + (s_k - 1) * dw + 1)
     pad_val = tirx.const(zp_enc, act_dtype)
 
@@ -125,8 +132,7 @@ def conv2d_depthwise(x, weight, corr, mult, *, groups: int, c_out: int, kernel: 
     n, c_in, h, w = static_shape(x)
     r_k, s_k = kernel
     (ph, pw), (sh, sw), (dh, dw) = padding, stride, dilation
-    oh, ow = out_size(h, r_k, sh, ph, dh), out_size(w, s_k, sw, pw, dw)
-    ow_acc = -(-ow // width_block) * width_block
+    oh, ow, ow_acc = _output_geometry(h, w, kernel, stride, padding, dilation, width_block)
     mult_per_group = c_out // groups
     rows = (oh - 1) * sh + (r_k - 1) * dh + 1
     lead = -(-pw // sw)  # phase columns before x's first column (left padding)
@@ -183,8 +189,7 @@ def conv2d_depthwise_nhwc(x, weight, corr, mult, *, groups: int, c_out: int, ker
     n, c_in, h, w = nhwc_shape(static_shape(x), in_layout)
     r_k, s_k = kernel
     (ph, pw), (sh, sw), (dh, dw) = padding, stride, dilation
-    oh, ow = out_size(h, r_k, sh, ph, dh), out_size(w, s_k, sw, pw, dw)
-    ow_acc = -(-ow // width_block) * width_block
+    oh, ow, ow_acc = _output_geometry(h, w, kernel, stride, padding, dilation, width_block)
     per_group = c_out // groups
     rows = (oh - 1) * sh + (r_k - 1) * dh + 1
     cols = (ow_acc - 1) * sw + (s_k - 1) * dw + 1
