@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -234,6 +235,9 @@ class _Group:
 
     recordings: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
     served: list[tuple[_Inputs, Callable, GraphStatus]] = field(default_factory=list)
+    #: held while a graph of the group is quantized and compiled: threads calling it then
+    #: wait for the one module instead of each building their own (served calls take no lock)
+    lock: threading.RLock = field(default_factory=threading.RLock)
 
 
 class _Graph:
@@ -288,6 +292,11 @@ class _Graph:
         """Quantizes and compiles this graph on its group's recordings, or falls back."""
         if self.impl is not None:
             return
+        with self.group.lock:
+            if self.impl is None:  # (another thread may have finished it while we waited)
+                self._finalize()
+
+    def _finalize(self) -> None:
         for inputs, impl, status in self.group.served:
             if inputs.shapes == self.inputs.shapes:
                 self._serve(impl, status)

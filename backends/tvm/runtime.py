@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import threading
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -65,8 +66,12 @@ class CompiledModule:
         self.meta = meta
         self.inputs = [TensorSpec.from_json(d) for d in meta["inputs"]]
         self.outputs = [TensorSpec.from_json(d) for d in meta["outputs"]]
-        self._vm: Optional[relax.VirtualMachine] = None
-        self._treespec = _UNSET
+        # One Relax VM per calling thread: a VM holds its frames and registers, so one VM
+        # shared by threads corrupts itself; VMs over one executable share its code and
+        # constants, and independent callers never wait on each other.
+        self._local = threading.local()
+        spec = meta.get("output_treespec")
+        self._treespec = None if spec is None else pytree.treespec_loads(spec)
 
     @property
     def target(self) -> str:
@@ -84,22 +89,21 @@ class CompiledModule:
     def __call__(self, *args: torch.Tensor):
         if not self.meta.get("runnable", True):
             raise RuntimeError(f"module built for {self.target!r} cannot run on this machine")
+        args = tuple(_as_tensor(a, i) for i, a in enumerate(args))
         self._check_inputs(args)
-        if self._vm is None:
+        main = getattr(self._local, "main", None)
+        if main is None:
             if amx.needs_permission(self.meta):
                 _request_amx()
-            self._vm = relax.VirtualMachine(self._lib, self._device())
+            main = self._local.main = relax.VirtualMachine(self._lib, self._device())["main"]
         if self.meta["family"] == "cuda":
             dev = self._device()
             tvm_args = [tvm.runtime.tensor(a.detach().cpu().contiguous().numpy(), dev)
                         for a in args]
-            outs = [torch.from_numpy(np.asarray(r.numpy())) for r in self._vm["main"](*tvm_args)]
+            outs = [torch.from_numpy(np.asarray(r.numpy())) for r in main(*tvm_args)]
         else:
             # CPU: no copies either way (DLPack); the VM allocates fresh outputs per call
-            outs = [torch.from_dlpack(r) for r in self._vm["main"](*map(_cpu_arg, args))]
-        if self._treespec is _UNSET:  # parsed once: it is the same for every call
-            spec = self.meta.get("output_treespec")
-            self._treespec = None if spec is None else pytree.treespec_loads(spec)
+            outs = [torch.from_dlpack(r) for r in main(*map(_cpu_arg, args))]
         if self._treespec is None:
             return tuple(outs)
         return pytree.tree_unflatten(outs, self._treespec)
@@ -161,7 +165,14 @@ class CompiledModule:
         return lib_path
 
 
-_UNSET = object()
+def _as_tensor(a: Any, i: int) -> torch.Tensor:
+    """Inputs are torch tensors; a numpy array is taken as one (shared, not copied)."""
+    if isinstance(a, torch.Tensor):
+        return a
+    if isinstance(a, np.ndarray):
+        return torch.from_numpy(a)
+    raise TypeError(f"input {i}: expected a torch.Tensor (or numpy array), got "
+                    f"{type(a).__name__}")
 
 #: Byte alignment TVM assumes for tensor data (``kAllocAlignment``): a torch tensor whose data
 #: is aligned goes in without a copy.
