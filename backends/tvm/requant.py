@@ -50,8 +50,11 @@ def centered_relax(bb, q, zp: int, dtype: str = "int32"):
 
 
 def quantize_relax(bb, x, scale: float, zp: int, qmin: int, qmax: int, dtype: str):
-    """``clamp(rne(x / scale) + zp, qmin, qmax)`` in float32; a true division, as the spec."""
+    """``clamp(rne(x / scale) + zp, qmin, qmax)`` in float32; a true division, as the spec;
+    NaN reads as 0.0."""
     y = x if _dtype(x) == "float32" else _emit(bb, relax.op.astype(x, "float32"))
+    zero = relax.const(np.float32(0), "float32")
+    y = _emit(bb, relax.op.where(relax.op.isnan(y), zero, y))
     y = _emit(bb, relax.op.divide(y, relax.const(np.float32(scale), "float32")))
     y = _emit(bb, relax.op.round(y))
     y = _emit(bb, relax.op.add(y, relax.const(np.float32(zp), "float32")))

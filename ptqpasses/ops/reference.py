@@ -59,9 +59,12 @@ def _channel_view(m: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
 def quantize(
     x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """``clamp(rne(x / scale) + zero_point, qmin, qmax)`` in float32."""
+    """``clamp(rne(x / scale) + zero_point, qmin, qmax)`` in float32; NaN reads as 0.0 (so
+    becomes the zero point, clamped), +-inf saturate to ``qmax`` / ``qmin``."""
     s = torch.tensor(scale, dtype=torch.float32)
-    return (_rne(x.to(torch.float32) / s) + zero_point).clamp(qmin, qmax).to(dtype)
+    x = x.to(torch.float32)
+    x = torch.where(torch.isnan(x), 0.0, x)
+    return (_rne(x / s) + zero_point).clamp(qmin, qmax).to(dtype)
 
 
 @torch.library.custom_op(f"{_NS}::dequantize", mutates_args=())

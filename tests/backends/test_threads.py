@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import threading
 
-import numpy as np
-import pytest
 import torch
 from torch import nn
 
@@ -86,13 +84,3 @@ def test_dynamo_backend_from_eight_threads(tvm_backend):
     finally:
         torch._dynamo.reset()
 
-
-def test_numpy_inputs_and_wrong_types(tvm_backend):
-    gm = torch.fx.symbolic_trace(SmallCNN())
-    cm = tvm_backend.compile(gm, "host", example_inputs=[torch.rand(2, 3, 12, 12)])
-    x = np.random.default_rng(0).random((2, 3, 12, 12), dtype=np.float32)
-    assert torch.equal(cm(x)[0], cm(torch.from_numpy(x))[0])
-    with pytest.raises(ValueError, match=r"input 0: expected float32\[.*got float64"):
-        cm(x.astype(np.float64))
-    with pytest.raises(TypeError, match="input 0: expected a torch.Tensor .* got list"):
-        cm(x.tolist())
