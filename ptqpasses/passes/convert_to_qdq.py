@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.fx as fx
 
@@ -13,6 +15,7 @@ from ptqpasses.opsets import WEIGHTED
 from ptqpasses.pipeline import Pass, register_pass
 
 ptq = torch.ops.ptq
+log = logging.getLogger(__name__)
 
 
 class NotCalibratedError(RuntimeError):
@@ -101,6 +104,37 @@ def _insert_qdq_after(gm, node: fx.Node, params: QParams) -> None:
     node.replace_all_uses_with(dq, delete_user_cb=lambda u: u is not dq.args[0])
 
 
+#: Largest int32 bias magnitude lowering stores: 2^30 leaves the backends room to fold the
+#: zero-point term ``-z_x * sum(w_q)`` and to accumulate ``sum(x_q * w_q)`` on top (each below
+#: 255 * 127 * K < 2^29 for 8-bit operands and K < 16,000) without leaving int32.
+BIAS_BOUND = 2**30
+
+
+def _fit_bias(node: fx.Node, b: torch.Tensor, x_scale: torch.Tensor, scales: torch.Tensor,
+              zps: torch.Tensor) -> torch.Tensor:
+    """Weight scales raised, per channel, until the channel's int32 bias fits ``BIAS_BOUND``.
+
+    A channel whose weights are (nearly) dead but whose bias is not (e.g. a folded batchnorm's
+    shift) gets a tiny weight scale, so ``b / (s_x * s_w)`` overflows int32. Its weights then
+    quantize to (nearly) zero at the raised scale as they did at the tiny one, and the bias
+    stays exact to within ``s_x * s_w / 2``; so the raise costs nothing measurable (tests:
+    tests/ptqpasses/test_lowering.py), where saturating the bias would change the channel's
+    output. As ONNX Runtime's quantizer does; PyTorch floors every weight scale instead.
+    Each raise is logged with the node and the channels.
+    """
+    need = (b.abs() / (x_scale * BIAS_BOUND)).float()
+    low = (scales < need) & (zps == 0)
+    if not low.any():
+        return scales
+    raised = torch.where(low, need * (1 + 2**-16), scales)  # (margin: s_x * s_w in float32)
+    channels = low.nonzero().flatten().tolist()
+    log.warning("node %r: weight scale raised on channel(s) %s (max x%.3g) so that their "
+                "int32 bias fits (their weights are near zero, their bias is not)",
+                node.name, channels[:8] + (["..."] if len(channels) > 8 else []),
+                float((raised / scales)[low].max()))
+    return raised
+
+
 def _quantize_weight_and_bias(gm: fx.GraphModule, node: fx.Node, spec) -> None:
     w_node = node.args[1]
     w = get_attr_value(gm, w_node).detach().float()
@@ -109,6 +143,14 @@ def _quantize_weight_and_bias(gm: fx.GraphModule, node: fx.Node, spec) -> None:
     shape = [-1] + [1] * (w.dim() - 1)
     if scales.numel() == 1:
         scales, zps = scales.expand(w.shape[0]).clone(), zps.expand(w.shape[0]).clone()
+    args = list(node.args)
+    b_node = args[2] if len(args) > 2 else None
+    x = args[0]
+    x_scale = None
+    if b_node is not None and _is_dequantize(x):
+        x_scale = torch.tensor(meta.get_qparams(x.args[0]).scale, dtype=torch.float64)
+        b = get_attr_value(gm, b_node).detach().double()
+        scales = _fit_bias(node, b, x_scale, scales, zps)
     w_q = (torch.round(w / scales.reshape(shape)) + zps.reshape(shape)).clamp(qmin, qmax)
     w_q = w_q.to(spec.torch_dtype)
     anchor = w_node
@@ -117,15 +159,12 @@ def _quantize_weight_and_bias(gm: fx.GraphModule, node: fx.Node, spec) -> None:
     wz = add_constant(gm, f"{node.name}_weight_zp", zps, anchor)
     with gm.graph.inserting_before(node):
         w_dq = gm.graph.call_function(ptq.dequantize_per_channel.default, (wq, ws, wz, 0))
-    args = list(node.args)
     args[1] = w_dq
-    b_node = args[2] if len(args) > 2 else None
-    x = args[0]
-    if b_node is not None and _is_dequantize(x):
-        x_scale = torch.tensor(meta.get_qparams(x.args[0]).scale, dtype=torch.float64)
+    if x_scale is not None:
         b_scale = (x_scale * scales.double()).float()
-        b = get_attr_value(gm, b_node).detach().double()
-        b_q = torch.round(b / b_scale.double()).clamp(-(2**31), 2**31 - 1).to(torch.int32)
+        b_q = torch.round(b / b_scale.double())
+        assert b_q.abs().max() <= BIAS_BOUND, node.name  # (_fit_bias made room)
+        b_q = b_q.to(torch.int32)
         bq = add_constant(gm, f"{node.name}_bias_int32", b_q, anchor)
         bs = add_constant(gm, f"{node.name}_bias_scale", b_scale, anchor)
         bz = add_constant(gm, f"{node.name}_bias_zp", torch.zeros_like(zps), anchor)
