@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import re
 from typing import Any, Mapping, Optional, Sequence
 
@@ -13,6 +14,27 @@ from torch.export import Dim, ExportedProgram
 
 class CaptureError(RuntimeError):
     """torch.export could not capture the model; the message says where and what to do."""
+
+
+#: ``GraphModule.meta`` key: SHA-256 of the weights the graph was captured with (see
+#: ``weights_digest``). Passes that rewrite weights (SmoothQuant, bias correction) keep it, so
+#: a recipe names the model weights it was derived from.
+WEIGHTS_KEY = "ptq.weights_sha256"
+
+
+def weights_digest(gm: fx.GraphModule) -> str:
+    """SHA-256 of every parameter and buffer of ``gm``: names, shapes, dtypes and values."""
+    h = hashlib.sha256()
+    for name, t in sorted(gm.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}\n".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _with_digest(gm: fx.GraphModule) -> fx.GraphModule:
+    gm.meta.setdefault(WEIGHTS_KEY, weights_digest(gm))
+    return gm
 
 
 def capture(
@@ -35,9 +57,9 @@ def capture(
             are one symbol (e.g. ``{0: {1: "seq"}, 1: {1: "seq"}}`` for ids and mask).
     """
     if isinstance(model, ExportedProgram):
-        return _cleanup(model.module())
+        return _with_digest(_cleanup(model.module()))
     if isinstance(model, fx.GraphModule) and _is_aten_graph(model):
-        return _cleanup(copy.deepcopy(model))
+        return _with_digest(_cleanup(copy.deepcopy(model)))
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"capture expects an nn.Module, ExportedProgram or GraphModule, got "
                         f"{type(model).__name__}")
@@ -51,7 +73,7 @@ def capture(
         ep = torch.export.export(model, example_inputs, dynamic_shapes=shapes, strict=False)
     except Exception as e:  # torch raises many unrelated types here
         raise CaptureError(_explain(model, e)) from e
-    return _cleanup(ep.module())
+    return _with_digest(_cleanup(ep.module()))
 
 
 def _is_aten_graph(gm: fx.GraphModule) -> bool:

@@ -9,8 +9,9 @@ A recipe replays on the same model without calibration data::
     qgraph = ptqpasses.apply_recipe(model, example_inputs, "r")   # same integer graph
 
 Files: ``r.json`` (pipeline text, per-node decisions, qparams, versions, model fingerprint,
-hash of the tensors) and ``r.safetensors`` (the graph's constants after the data-dependent
-passes). Never pickle. A recipe for another model, or an edited file, fails clearly.
+hash of the tensors, digest of the weights it was made from) and ``r.safetensors`` (the graph's
+constants after the data-dependent passes). Never pickle. A recipe for another model, for the
+same architecture with other weights, or an edited file, fails clearly.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ from safetensors.torch import load_file, save_file
 
 from ptqpasses import meta
 from ptqpasses.calibrate import observers
-from ptqpasses.capture import capture
+from ptqpasses.capture import WEIGHTS_KEY, capture
+from ptqpasses.files import atomic_path, atomic_write_text
 from ptqpasses.meta import QParams
 from ptqpasses.pipeline import Pipeline
 
-FORMAT = "ptqpasses-recipe/1"
+FORMAT = "ptqpasses-recipe/2"  # 2: binds the model's weights (``weights_sha256``)
 
 
 class RecipeError(ValueError):
@@ -94,7 +96,13 @@ def save_recipe(observed: fx.GraphModule, path: str | Path, *, pipeline: Pipelin
     obs = observers(observed)
     if not obs or any(meta.get_qparams(n) is None for n, _ in obs):
         raise RecipeError("save_recipe needs a calibrated graph (prepare, then calibrate)")
-    save_file(_constants(observed), str(st_path))
+    weights = observed.meta.get(WEIGHTS_KEY)
+    if weights is None:
+        raise RecipeError("save_recipe needs a graph made by ptqpasses.capture / prepare (its "
+                          f"meta[{WEIGHTS_KEY!r}] names the model weights the recipe binds to)")
+    with atomic_path(st_path) as tmp:
+        save_file(_constants(observed), str(tmp))
+        tensors_sha256 = _file_hash(tmp)
     decisions = {}
     for n in observed.graph.nodes:
         q = meta.get_qspec(n)
@@ -104,13 +112,14 @@ def save_recipe(observed: fx.GraphModule, path: str | Path, *, pipeline: Pipelin
         "format": FORMAT,
         "pipeline": str(pipeline),
         "fingerprint": fingerprint(observed),
+        "weights_sha256": weights,
         "versions": _versions(),
         "qparams": {meta.observed_node(n): dataclasses.asdict(meta.get_qparams(n)) for n, _ in obs},
         "nodes": decisions,
-        "tensors_sha256": _file_hash(st_path),
+        "tensors_sha256": tensors_sha256,
     }
     body["sha256"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
-    json_path.write_text(json.dumps(body, indent=1, sort_keys=True))
+    atomic_write_text(json_path, json.dumps(body, indent=1, sort_keys=True))
     return json_path
 
 
@@ -125,14 +134,24 @@ def load_recipe(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     except json.JSONDecodeError as e:
         raise RecipeError(f"{json_path} is not valid JSON: {e}") from None
     if not isinstance(body, dict) or body.get("format") != FORMAT:
-        raise RecipeError(f"{json_path} is not a {FORMAT} file")
+        old = isinstance(body, dict) and str(body.get("format", "")).startswith("ptqpasses-recipe/")
+        raise RecipeError(f"{json_path} is a {body['format']} file; this version reads "
+                          f"{FORMAT} (it binds the model's weights): save the recipe again"
+                          if old else f"{json_path} is not a {FORMAT} file")
+    missing = [k for k in ("pipeline", "fingerprint", "weights_sha256", "qparams", "nodes",
+                           "tensors_sha256") if k not in body]
+    if missing:
+        raise RecipeError(f"{json_path} lacks {missing}")
     claimed = body.pop("sha256", None)
     if claimed != hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest():
         raise RecipeError(f"{json_path} was modified after it was written (checksum mismatch)")
     if _file_hash(st_path) != body["tensors_sha256"]:
         raise RecipeError(f"{st_path} does not belong to {json_path.name} or was modified "
                           "(checksum mismatch)")
-    return body, load_file(str(st_path))
+    try:
+        return body, load_file(str(st_path))
+    except Exception as e:  # noqa: BLE001  (safetensors raises its own error types)
+        raise RecipeError(f"{st_path} could not be read: {e}") from None
 
 
 def apply_recipe(model, example_inputs: Sequence[Any], path: str | Path, *, lower: bool = True,
@@ -142,12 +161,19 @@ def apply_recipe(model, example_inputs: Sequence[Any], path: str | Path, *, lowe
 
     body, tensors = load_recipe(path)
     gm = capture(model, example_inputs, **capture_options)
+    weights = gm.meta[WEIGHTS_KEY]
     gm = Pipeline.parse(body["pipeline"])(gm).graph_module
     fp = fingerprint(gm)
     if body["fingerprint"] != fp:
         raise RecipeError(f"recipe {path} was made for a different model (graph fingerprint "
                           f"{body['fingerprint'][:12]} != {fp[:12]} of {type(model).__name__} "
                           "after the recipe's pipeline)")
+    if weights != body["weights_sha256"]:
+        raise RecipeError(
+            f"recipe {path} was made from other weights than this {type(model).__name__}'s "
+            f"(same architecture; weights digest {body['weights_sha256'][:12]} != "
+            f"{weights[:12]}): its constants would replace this model's; calibrate this model "
+            "and save a new recipe")
     consts = _constants(gm)
     if set(consts) != set(tensors):
         missing = sorted(set(tensors) ^ set(consts))[:5]

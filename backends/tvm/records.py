@@ -17,10 +17,19 @@ the emitted one does.
 
 ``tune.py`` writes records, ``pipeline.ApplyPtqSchedules`` reads them (neither imports the
 other).
+
+Safety: a folder is locked (``flock`` on ``.lock``) exclusively while ``tune`` writes it and
+shared while a database is loaded, so two processes tuning into one folder take turns (the
+second skips what the first tuned: no lost or interleaved records). Loading checks the key and
+that every line is JSON before TVM reads the files: a foreign, truncated or corrupted folder
+raises ``DatabaseError`` naming the file and line. The one repair: a last line without its
+newline (an append cut short by a killed ``tune``) is dropped with a warning.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -55,34 +64,115 @@ def versions() -> dict:
             "llvm": int(tvm.target.codegen.llvm_version_major())}
 
 
+class DatabaseError(RuntimeError):
+    """A tuning database folder that cannot be used (foreign, truncated or corrupted)."""
+
+
+FILES = ("database_workload.json", "database_tuning_record.json")
+
+
 def database_dir(root: str | os.PathLike | None, target: Any = "host") -> Path:
-    """The folder of ``target``'s records under ``root`` (created, with its ``key.json``)."""
+    """The folder of ``target``'s records under ``root`` (created, with its ``key.json``).
+
+    Raises:
+        DatabaseError: The folder's ``key.json`` names another target or toolchain (a folder
+            copied or renamed by hand).
+    """
     named = _targets.resolve(target)
     root = Path(root if root is not None else DEFAULT_ROOT).expanduser()
-    key = {"target": dict(named.spec), **versions(), "keying": KEYING, "schema": SCHEMA}
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    key = json.loads(json.dumps({"target": dict(named.spec), **versions(), "keying": KEYING,
+                                 "schema": SCHEMA}, default=str))
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     folder = root / f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', named.name)}-{digest}"
     folder.mkdir(parents=True, exist_ok=True)
     key_file = folder / "key.json"
     if not key_file.exists():
-        key_file.write_text(json.dumps(key, indent=1, sort_keys=True, default=str) + "\n")
+        from ptqpasses.files import atomic_write_text
+
+        atomic_write_text(key_file, json.dumps(key, indent=1, sort_keys=True) + "\n")
+    else:
+        try:
+            found = json.loads(key_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DatabaseError(f"{key_file} is corrupted ({e}); delete the folder "
+                                f"{folder} to tune again") from None
+        if found != key:
+            diff = sorted(k for k in set(key) | set(found) if key.get(k) != found.get(k))
+            raise DatabaseError(f"{folder} holds records of another target or toolchain "
+                                f"(key.json differs in {diff}); it was copied or renamed by "
+                                "hand: move it away")
     return folder
 
 
-def open_database(root: str | os.PathLike | None, target: Any = "host") -> ms.database.Database:
-    """The JSONDatabase of ``target`` under ``root``.
+@contextlib.contextmanager
+def locked(folder: Path, exclusive: bool):
+    """``flock`` of ``folder/.lock``: exclusive while writing records, shared while loading.
+    Waits for the holder (one tuning run at a time per folder)."""
+    with open(folder / ".lock", "a+") as f:
+        mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+        try:
+            fcntl.flock(f, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            warnings.warn(f"waiting for another process tuning into {folder}")
+            fcntl.flock(f, mode)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _check_lines(path: Path) -> None:
+    """Every line of a JSONDatabase file parses as a JSON list; a torn last line (no newline:
+    an append cut short) is dropped with a warning; anything else raises DatabaseError."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    torn = lines[-1] if lines[-1].strip() else b""
+    for i, line in enumerate(lines[:-1]):
+        if not line.strip():
+            continue
+        try:
+            ok = isinstance(json.loads(line), list)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            ok = False
+        if not ok:
+            raise DatabaseError(f"{path} line {i + 1} is not a MetaSchedule record (corrupted); "
+                                f"delete the folder {path.parent} to tune again")
+    if torn:
+        warnings.warn(f"{path}: dropped a last line cut short ({len(torn)} bytes; a tuning run "
+                      "was killed while writing it)")
+        with open(path, "r+b") as f:
+            f.truncate(len(data) - len(torn))
+
+
+def open_database(root: str | os.PathLike | None, target: Any = "host", *,
+                  lock: bool = True) -> ms.database.Database:
+    """The JSONDatabase of ``target`` under ``root``, loaded under a shared lock (``lock``:
+    False where the caller holds the folder's exclusive lock).
 
     Loading replays each record's trace, so the project's tensor intrinsics the records may
     name are registered first (they are otherwise registered lazily, when a schedule uses
     them: a fresh process compiling with a database failed with "TensorIntrin ... is not
     registered").
+
+    Raises:
+        DatabaseError: A foreign, truncated or corrupted folder (see the module docstring).
     """
     named = _targets.resolve(target)
     for variant in strategy_for(named).variants:
         if variant.intrin is not None:
             variant.intrin()
-    return ms.database.JSONDatabase(work_dir=str(database_dir(root, named)),
-                                    module_equality=KEYING)
+    folder = database_dir(root, named)
+    with locked(folder, exclusive=False) if lock else contextlib.nullcontext():
+        for name in FILES:
+            _check_lines(folder / name)
+        try:
+            return ms.database.JSONDatabase(work_dir=str(folder), module_equality=KEYING)
+        except Exception as e:  # noqa: BLE001  (TVM raises RuntimeError / TVMError)
+            first = next((ln for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+            raise DatabaseError(f"TVM could not load the tuning records in {folder}: {first}; "
+                                "delete the folder to tune again") from None
 
 
 def workload(func: tvm.tirx.PrimFunc) -> tvm.IRModule:

@@ -24,6 +24,7 @@ from tvm import relax
 from backends.tvm import amx
 from backends.tvm.emit import TensorSpec
 from backends.tvm.targets import NamedTarget, runs_here, system_cpu
+from ptqpasses.files import atomic_path, atomic_write_text
 
 FORMAT = "ptqpasses-tvm-module/1"
 
@@ -158,10 +159,15 @@ class CompiledModule:
         elif self.meta["family"] == "cuda":
             suffix = ".tar"
         lib_path = stem.with_suffix(suffix)
-        self._lib.export_library(str(lib_path), **kwargs)
-        meta = dict(self.meta, format=FORMAT, library=lib_path.name, sha256=_sha256(lib_path),
+        # each file written beside itself and renamed over the old one: a save killed or
+        # failing half-way leaves the old files (a new library beside the old metadata is
+        # refused by load: the metadata holds the library's hash)
+        with atomic_path(lib_path) as tmp:
+            self._lib.export_library(str(tmp), **kwargs)
+            digest = _sha256(tmp)
+        meta = dict(self.meta, format=FORMAT, library=lib_path.name, sha256=digest,
                     versions=versions())
-        stem.with_suffix(".json").write_text(json.dumps(meta, indent=1, sort_keys=True))
+        atomic_write_text(stem.with_suffix(".json"), json.dumps(meta, indent=1, sort_keys=True))
         return lib_path
 
 

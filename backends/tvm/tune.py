@@ -45,7 +45,7 @@ from tvm.s_tir import meta_schedule as ms
 
 from backends.tvm import targets as _targets
 from backends.tvm.build import build_ir
-from backends.tvm.records import KEYING, database_dir, open_database, workload
+from backends.tvm.records import KEYING, database_dir, locked, open_database, workload
 from backends.tvm.registry import strategy_for
 from backends.tvm.strategy import PACKED_KINDS, Variant
 
@@ -78,8 +78,11 @@ def kernels(mod: tvm.IRModule, kinds: Iterable[str] = DEFAULT_KINDS
     return out
 
 
-def _has_record(db: ms.database.Database, wl: tvm.IRModule, target) -> bool:
-    return db.has_workload(wl) and db.query_tuning_record(wl, target, "main") is not None
+def _records(db: ms.database.Database, wl: tvm.IRModule) -> int:
+    """Valid records of ``wl`` in ``db``: its template seed and every candidate measured."""
+    if not db.has_workload(wl):
+        return 0
+    return len(db.get_top_k(db.commit_workload(wl), 1 << 30))
 
 
 def space(variant: Variant) -> ms.space_generator.SpaceGenerator:
@@ -375,7 +378,11 @@ def tune(qgraph: fx.GraphModule, target: Any = "host", *, trials: int = 32,
         progress: tqdm bar per kernel.
 
     Returns:
-        A TuneResult; kernels already in the database run zero trials.
+        A TuneResult; kernels with ``trials`` candidates in the database run zero trials,
+        those with fewer (a run killed mid-way, a smaller ``trials`` before) the rest.
+
+    Raises:
+        DatabaseError: A foreign, truncated or corrupted database folder.
     """
     mod, named, specs = build_ir(qgraph, target, example_inputs=example_inputs,
                                  dynamic_batch=dynamic_batch, static_batch=batch)
@@ -387,9 +394,16 @@ def tune(qgraph: fx.GraphModule, target: Any = "host", *, trials: int = 32,
     if not _targets.runs_here(named):
         raise ValueError(f"target {named.name!r} does not run on this machine; tuning measures "
                          "locally")
-    tgt = named.target()
     folder = database_dir(database, named)
-    db = open_database(database, named)
+    with locked(folder, exclusive=True):  # one tuning run per folder at a time
+        return _tune_locked(mod, named, folder, database, kinds, trials, trials_per_iter,
+                            builder_timeout, search, progress)
+
+
+def _tune_locked(mod, named, folder, database, kinds, trials, trials_per_iter, builder_timeout,
+                 search, progress) -> TuneResult:
+    tgt = named.target()
+    db = open_database(database, named, lock=False)
     strat = strategy_for(named)
     todo = kernels(mod, kinds)
     results: list[TaskResult] = []
@@ -397,10 +411,13 @@ def tune(qgraph: fx.GraphModule, target: Any = "host", *, trials: int = 32,
     for name, kind, wl in todo:
         if _variant(wl, strat).intrin is None:
             continue  # (a variant with no intrinsic to tile around: nothing to search)
-        if _has_record(db, wl, tgt):
+        # a run killed mid-way resumes: a kernel's records are its seed plus the candidates
+        # measured so far, so it gets the trials it still lacks
+        done = max(_records(db, wl) - 1, 0)
+        if done >= trials:
             results.append(TaskResult(name, kind, 0, 0.0, _best_ms(db, wl, tgt)))
         else:
-            pending.append((name, kind, wl))
+            pending.append((name, kind, wl, trials - done, done > 0))
     if not pending:
         return TuneResult(folder, results)
 
@@ -413,19 +430,20 @@ def tune(qgraph: fx.GraphModule, target: Any = "host", *, trials: int = 32,
     try:
         with tempfile.TemporaryDirectory(prefix="ptq_tune_") as work_dir, \
                 _no_tvm_intrin_registry():
-            for name, kind, wl in pending:
+            for name, kind, wl, left, resumed in pending:
                 results.append(_tune_one(name, kind, wl, db, _variant(wl, strat), tgt,
-                                         trials, per_iter, search, builder, runner, work_dir,
-                                         progress))
+                                         left, per_iter, search, builder, runner, work_dir,
+                                         progress, seeded=resumed))
     finally:
         builder.close()
     return TuneResult(folder, results)
 
 
 def _tune_one(name, kind, wl, db, variant, tgt, trials, per_iter, search, builder, runner,
-              work_dir, progress) -> TaskResult:
-    """Seed ``wl`` with the fixed template, then search ``trials`` candidates into ``db``; if a
-    candidate beats the template, the template is measured once more."""
+              work_dir, progress, seeded=False) -> TaskResult:
+    """Seed ``wl`` with the fixed template (unless a resumed run ``seeded`` it), then search
+    ``trials`` candidates into ``db``; if a candidate beats the template, the template is
+    measured once more."""
     from tqdm.auto import tqdm
 
     bar = tqdm(total=trials, desc=f"tune {name} ({kind})", disable=not progress, unit="trial",
@@ -435,7 +453,7 @@ def _tune_one(name, kind, wl, db, variant, tgt, trials, per_iter, search, builde
         mod=wl, target=tgt, space_generator=space(variant),
         search_strategy=_search(search, trials), task_name=name, num_threads=1)
     t0 = time.perf_counter()
-    seed = _template_seed(wl, variant, kind, tgt, builder)
+    seed = None if seeded else _template_seed(wl, variant, kind, tgt, builder)
     seed_ms = seed.measure(db, runner, tgt) if seed is not None else None
     if seed_ms is not None:
         bar.set_postfix_str(f"template {seed_ms:.3f} ms")

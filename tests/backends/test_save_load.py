@@ -154,3 +154,40 @@ def test_cross_target_is_saved_with_its_strategy_cross_compiler(tvm_backend, tmp
     assert path.suffix == (".so" if shutil.which("aarch64-linux-gnu-gcc") else ".tar")
     with pytest.raises(tvm_backend.LoadError, match="cannot be loaded for execution"):
         tvm_backend.load(tmp_path / "arm")
+
+
+def test_killed_save_leaves_the_old_module(tvm_backend, saved, tmp_path):
+    """A save killed before its renames (the process SIGKILLs itself at the first one) leaves
+    the old pair of files, which still loads and computes what it did."""
+    d, _, _ = saved
+    stem, _ = _copy(saved, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.glob("m.*")}
+    script = textwrap.dedent(f"""
+        import os, signal, torch, backends.tvm as bt
+        from tests.backends.models import SmallCNN
+        gm = torch.fx.symbolic_trace(SmallCNN())
+        cm = bt.compile(gm, "host", example_inputs=[torch.rand(1, 3, 12, 12)],
+                        dynamic_batch=False)
+        os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
+        cm.save({str(stem)!r})
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + sys.path))
+    out = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == -9, out.stderr[-2000:]
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("m.*")} == before
+    io = torch.load(d / "io.pt")
+    assert torch.equal(tvm_backend.load(stem)(io["x"])[0], io["y"][0])
+
+
+def test_failed_save_leaves_no_partial_files(tvm_backend, saved, tmp_path, monkeypatch):
+    _, _, cm = saved
+
+    def broken(path, **kw):
+        Path(path).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cm._lib, "export_library", broken, raising=False)
+    with pytest.raises(OSError, match="disk full"):
+        cm.save(tmp_path / "m")
+    assert list(tmp_path.iterdir()) == []

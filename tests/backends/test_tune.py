@@ -169,10 +169,10 @@ def test_equal_shapes_share_one_record(tvm_backend, tmp_path):
 
 @pytest.mark.skipif(not host_has("avx2"), reason="tuning space uses the AVX2 / VNNI intrinsic")
 def test_public_flow_on_a_quantized_model_with_dynamic_batch(tvm_backend, tmp_path):
-    """``quantize -> tune -> compile -> save -> load`` on the graph users get (a symbolic
-    batch, no example inputs): tuning runs at batch 1 (it failed in the template seed with
-    ``Cannot convert from type Array[ir.Var] to Array<IntImm>``), compile applies the records
-    at batch 1, the saved module loads and stays bit-exact."""
+    """``quantize -> tune (2 trials) -> compile -> save -> load in a fresh process`` on the
+    graph users get (a symbolic batch, no example inputs): tuning runs at batch 1 (it failed
+    in the template seed with ``Cannot convert from type Array[ir.Var] to Array<IntImm>``),
+    compile applies the records at batch 1, the saved module loads and stays bit-exact."""
     import ptqpasses
     from tools.digits import DigitsCNN
 
@@ -180,7 +180,7 @@ def test_public_flow_on_a_quantized_model_with_dynamic_batch(tvm_backend, tmp_pa
     model = DigitsCNN().eval()
     calib = [(torch.randn(4, 1, 8, 8),) for _ in range(2)]
     qgraph = ptqpasses.quantize(model, calib[0], calib, progress=False)
-    first = tvm_backend.tune(qgraph, "host", trials=1, database=tmp_path / "db",
+    first = tvm_backend.tune(qgraph, "host", trials=2, database=tmp_path / "db",
                              progress=False)
     assert first.tasks and all(t.trials > 0 or t.best_ms is not None for t in first.tasks)
     cm = tvm_backend.compile(qgraph, "host", database=tmp_path / "db")
@@ -188,7 +188,15 @@ def test_public_flow_on_a_quantized_model_with_dynamic_batch(tvm_backend, tmp_pa
     x = torch.randn(1, 1, 8, 8)
     assert_exact(cm(x), qgraph(x), "tuned, batch 1")
     cm.save(tmp_path / "m")
-    assert_exact(tvm_backend.load(tmp_path / "m")(x), qgraph(x), "tuned, saved and loaded")
+    torch.save({"x": x, "y": qgraph(x)}, tmp_path / "io.pt")
+    code = ("import sys, torch, backends.tvm as bt; io = torch.load(sys.argv[1]); "
+            "assert torch.equal(bt.load(sys.argv[2])(io['x']), io['y']); print('OK')")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root)] + sys.path)}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "io.pt"),
+                          str(tmp_path / "m")], capture_output=True, text=True, env=env,
+                         cwd=root, timeout=300)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]
     with pytest.raises(ValueError, match="static shapes"):
         tvm_backend.tune(qgraph, "host", trials=1, database=tmp_path / "db", batch=None,
                          progress=False)
