@@ -1,15 +1,11 @@
 """The fixed intrinsic replaces TVM's broken ``dot_16x4_vnni`` (what MetaSchedule looks up).
 
-Slow (importing TVM's intrinsic registry takes ~50 s here): runs with PTQ_SLOW_TESTS=1.
+Slow (importing TVM's intrinsic registry takes ~50 s on one core), still in the default run.
 """
-
-import os
 
 import pytest
 
-pytestmark = pytest.mark.skipif(not os.environ.get("PTQ_SLOW_TESTS"),
-                                reason="imports TVM's tensor-intrinsic registry (~50 s); "
-                                       "set PTQ_SLOW_TESTS=1")
+pytestmark = pytest.mark.slow
 
 
 def test_override_tvm_vnni_builds_for_llvm22():

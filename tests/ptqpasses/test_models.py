@@ -18,6 +18,7 @@ def _count(gm, target):
 
 @pytest.mark.slow
 def test_resnet18_per_channel_end_to_end():
+    torch.manual_seed(0)
     m = randomize_bn_stats(resnet18(num_classes=10), seed=1).eval()
     data = [(torch.randn(4, 3, 64, 64),) for _ in range(3)]
     q = ptqpasses.quantize(m, data[0], data, progress=False)
@@ -27,15 +28,19 @@ def test_resnet18_per_channel_end_to_end():
     assert _count(q, aten.conv2d.default) == 0
     assert all(c.integer for c in ptqpasses.coverage(q))
     x = torch.randn(3, 3, 64, 64)  # other batch size than calibration
+    # thresholds: measured with seeds 0/1/2 (2026-12-06): 36.0 / 31.8 / 34.3 dB on x, 32.4 /
+    # 30.4 / 36.7 dB in the report; ~4 dB below the lowest (the seed is fixed: the margin is
+    # for float kernels that differ between CPUs, not for luck)
     with torch.no_grad():
-        assert sqnr(m(x), q(x)) > 15.0
+        assert sqnr(m(x), q(x)) > 28.0
     rep = ptqpasses.report(q, m, data[:1])
-    assert len(rep.nodes) == 31 and rep.output_sqnr_db > 15.0
+    assert len(rep.nodes) == 31 and rep.output_sqnr_db > 27.0
     assert "| node | op |" in rep.to_markdown()
 
 
 @pytest.mark.slow
 def test_bert_encoder_end_to_end():
+    torch.manual_seed(0)
     m = bert_encoder(take_embeddings=True).eval()
     data = [(torch.randn(4, 16, 64),) for _ in range(4)]
     q = ptqpasses.quantize(m, data[0], data, dynamic_dims={0: {1: "seq"}}, progress=False)
@@ -45,8 +50,8 @@ def test_bert_encoder_end_to_end():
     assert floats <= {"aten.layer_norm.default", "aten.softmax.int", "aten.gelu.default",
                       "aten.mul.Tensor", "aten.embedding.default"}
     x = torch.randn(3, 11, 64)  # other batch and sequence length
-    with torch.no_grad():
-        assert sqnr(m(x), q(x)) > 25.0
+    with torch.no_grad():  # measured 33.7 / 33.6 / 33.0 dB with seeds 0/1/2 (2026-12-06)
+        assert sqnr(m(x), q(x)) > 31.0
 
 
 @pytest.mark.slow
@@ -65,5 +70,9 @@ def test_mobilenet_v2_real_weights_top1_agreement():
     db = sqnr(ref, out)
     print(f"\nMobileNetV2 int8 (per-channel weights): top-1 agreement {agreement:.1%}, "
           f"output SQNR {db:.1f} dB on 60 held-out crops")
-    assert agreement >= 0.80
-    assert db > 12.0
+    # measured with the same code (commit 32e8bca and now): 93.3% / 18.6 dB on AMD Zen 3
+    # (the README's row), 86.7% (52 of 60) / 18.6 dB on an Intel Xeon (AVX-512, 2026-12-06):
+    # calibration runs the fp32 model, whose float kernels differ between CPUs, and MobileNetV2
+    # has close calls among these crops. Thresholds: two crops below the lowest, 1 dB below.
+    assert agreement >= 0.83
+    assert db > 17.6
