@@ -34,10 +34,15 @@ def load_object(spec: str) -> Any:
 
 
 def load_model(spec: str) -> torch.nn.Module:
-    """A module instance, or a zero-argument factory returning one."""
+    """A module instance, or a zero-argument factory returning one. A factory is called under
+    ``torch.manual_seed(0)`` (the caller's random state kept), so that every ``ptq`` command
+    builds a randomly initialised model with the same weights: a recipe binds the weights it
+    was made from (``ptq quantize`` then ``ptq compile --recipe``)."""
     obj = load_object(spec)
     if isinstance(obj, type) or (callable(obj) and not isinstance(obj, torch.nn.Module)):
-        obj = obj()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            obj = obj()
     if not isinstance(obj, torch.nn.Module):
         raise UsageError(f"{spec!r} is a {type(obj).__name__}, not an nn.Module or a factory of one")
     return obj.eval()

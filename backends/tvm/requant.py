@@ -53,13 +53,22 @@ def quantize_relax(bb, x, scale: float, zp: int, qmin: int, qmax: int, dtype: st
     """``clamp(rne(x / scale) + zp, qmin, qmax)`` in float32; a true division, as the spec;
     NaN reads as 0.0."""
     y = x if _dtype(x) == "float32" else _emit(bb, relax.op.astype(x, "float32"))
-    zero = relax.const(np.float32(0), "float32")
-    y = _emit(bb, relax.op.where(relax.op.isnan(y), zero, y))
+    y = bb.emit_te(_nan_to_zero, y, primfunc_name_hint="nan_to_zero")
     y = _emit(bb, relax.op.divide(y, relax.const(np.float32(scale), "float32")))
     y = _emit(bb, relax.op.round(y))
     y = _emit(bb, relax.op.add(y, relax.const(np.float32(zp), "float32")))
     y = _emit(bb, relax.op.clip(y, float(qmin), float(qmax)))
     return _emit(bb, relax.op.astype(y, dtype))
+
+
+def _nan_to_zero(x):
+    # a TE select, not relax where(isnan(x), 0, x): that legalizes to a bool buffer cast to
+    # int64, which TVM's vectorizer scalarized (quantize islands lost their vcvttps2dq)
+    from tvm import te
+
+    return te.compute(x.shape, lambda *i: tirx.Select(tirx.isnan(x(*i)),
+                                                      tirx.const(0, "float32"), x(*i)),
+                      name="nan_to_zero")
 
 
 def dequantize_relax(bb, q, scale, zp):

@@ -59,8 +59,9 @@ def _channel_view(m: torch.Tensor, ndim: int, axis: int) -> torch.Tensor:
 def quantize(
     x: torch.Tensor, scale: float, zero_point: int, qmin: int, qmax: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """``clamp(rne(x / scale) + zero_point, qmin, qmax)`` in float32; NaN reads as 0.0 (so
-    becomes the zero point, clamped), +-inf saturate to ``qmax`` / ``qmin``."""
+    """``clamp(rne(x / scale) + zero_point, qmin, qmax)`` in float32 (NaN reads as 0.0).
+
+    So NaN becomes the zero point (clamped); +-inf saturate to ``qmax`` / ``qmin``."""
     s = torch.tensor(scale, dtype=torch.float32)
     x = x.to(torch.float32)
     x = torch.where(torch.isnan(x), 0.0, x)

@@ -239,3 +239,20 @@ def test_lowered_linear_matches_qdq_within_one_lsb(k, n, seq, shift):
     scale = meta.get_qparams(next(n for n in q.graph.nodes if n.target is ptq.linear.default)).scale
     x = torch.randn(*shape) + shift
     assert (q(x) - qdq(x)).abs().max() <= scale * 1.0001
+
+
+def test_accumulation_that_may_overflow_int32_is_refused_naming_the_node():
+    """``|bias| + 255 * sum|w_q|`` past 2^31 (K = 70,000 equal weights: 255 * 127 * 70,000):
+    convert refuses the node, not a backend later."""
+    model = torch.nn.Linear(70_000, 2).eval()
+    with torch.no_grad():
+        model.weight.fill_(0.01)
+    data = [(torch.rand(2, 70_000),)]
+    with pytest.raises(Exception, match=r"node 'linear': channel 0's int32 accumulation may "
+                                        r"overflow .* >= 2\^31"):
+        ptqpasses.quantize(model, data[0], data, progress=False)
+    small = torch.nn.Linear(60_000, 2).eval()  # 255 * 127 * 60,000 < 2^31: accepted
+    with torch.no_grad():
+        small.weight.fill_(0.01)
+    data = [(torch.rand(2, 60_000),)]
+    ptqpasses.quantize(small, data[0], data, progress=False)

@@ -58,7 +58,7 @@ def test_quantize_and_report_commands(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "wrote recipe" in out and "5/5 compute nodes are integer ops" in out
     body = json.loads((tmp_path / "recipe.json").read_text())
-    assert body["format"] == "ptqpasses-recipe/1"
+    assert body["format"] == "ptqpasses-recipe/2"
     assert main(["report", *args, "--batches", "1"]) == 0
     assert "| node | op | float source | SQNR (dB) |" in capsys.readouterr().out
 
