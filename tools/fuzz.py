@@ -684,6 +684,7 @@ def runnable_targets() -> list[str]:
 @dataclasses.dataclass
 class Stats:
     graphs: int = 0
+    distinct: int = 0
     checked: dict = dataclasses.field(default_factory=dict)
     refused: dict = dataclasses.field(default_factory=dict)
     island_mismatch: list = dataclasses.field(default_factory=list)
@@ -692,7 +693,7 @@ class Stats:
     seconds: float = 0.0
 
     def summary(self) -> str:
-        lines = [f"graphs drawn: {self.graphs} in {self.seconds:.0f} s "
+        lines = [f"graphs drawn: {self.graphs} ({self.distinct} distinct) in {self.seconds:.0f} s "
                  f"({60 * self.graphs / max(self.seconds, 1e-9):.1f} graphs/min)",
                  "checked per target: " + (", ".join(f"{t} {n}" for t, n in self.checked.items())
                                            or "none")]
@@ -737,6 +738,7 @@ class Fuzzer:
         self.progress, self.log = progress, log
         self.stats = Stats(checked={t: 0 for t in self.targets})
         self._failures: dict[str, dict] = {}
+        self._seen: set = set()  # hypothesis may draw one spec twice from other choices
 
     # one example
     def _check(self, spec: ModelSpec, targets: Sequence[str], count: bool) -> None:
@@ -810,6 +812,9 @@ class Fuzzer:
                     return
                 i = self.stats.graphs
                 self.stats.graphs += 1
+                if spec not in self._seen:
+                    self._seen.add(spec)
+                    self.stats.distinct += 1
                 targets = self.targets if self.all_targets else [
                     self.targets[i % len(self.targets)]]
                 try:
