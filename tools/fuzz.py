@@ -467,7 +467,8 @@ def _common_vector_layer(draw, op: str, d: int) -> Layer:
 EXCLUDABLE = {
     "dead-tiny": "dead channels with ~1e-9 weights are drawn with exactly 0 weights instead: "
                  "lowering saturates their int32 bias (issue 15), so compile fails or the "
-                 "int32 accumulator wraps",
+                 "int32 accumulator wraps (tiny input and weight scales can saturate a bias "
+                 "too; those stay in)",
 }
 
 
