@@ -1,4 +1,4 @@
-"""The ``ptq`` command: quantize, report, compile, tune, demo and bench."""
+"""The ``ptq`` command: quantize, report, compile, tune, demo, bench, profile and fuzz."""
 
 from __future__ import annotations
 
@@ -130,6 +130,14 @@ def cmd_bench(args) -> int:
     return run_bench(args)
 
 
+def cmd_fuzz(args) -> int:
+    try:
+        from tools.fuzz import run
+    except ImportError as e:  # hypothesis comes with the test extra
+        raise UsageError(f"ptq fuzz needs hypothesis ({e}): pip install -e '.[test]'") from None
+    return run(args)
+
+
 def cmd_profile(args) -> int:
     from tools.profile import run
     return run(args)
@@ -146,6 +154,7 @@ EXAMPLES = {
     "bench": ("ptq bench --models resnet18 minilm --peers eager compile ort-int8 tvm-int8 "
               "--runs 30 --threads 1 2 --out bench-out"),
     "profile": "ptq profile --model minilm --config recipe --json minilm-profile.json",
+    "fuzz": "ptq fuzz --graphs 2000 --budget 5400 --seed 0 --out fuzz.json",
 }
 
 
@@ -199,6 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
             "alone, grouped by kind", cmd_profile)
     from tools.profile import add_arguments as add_profile_arguments
     add_profile_arguments(p)
+    p = add("fuzz", "random small models: quantize, compile for the targets that run here, "
+            "outputs bit-exact against the torch integer graph (failures shrunk)", cmd_fuzz)
+    try:
+        from tools.fuzz import add_arguments as add_fuzz_arguments
+    except ImportError:  # without hypothesis, cmd_fuzz says what to install
+        add_fuzz_arguments = None
+    if add_fuzz_arguments is not None:
+        add_fuzz_arguments(p)
     return parser
 
 

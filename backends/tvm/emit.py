@@ -242,6 +242,8 @@ class Emitter:
         key = "getitem" if node.target is _getitem else getattr(node.target, "__name__", None)
         if key == "layer_norm.default":
             return self._layer_norm(node)
+        if key == "batch_norm.default":
+            return self._batch_norm(node)
         if key in ("softmax.int", "_softmax.default"):
             y = self._softmax(node)
             if y is not None:
@@ -290,6 +292,34 @@ class Emitter:
         if flat:
             y = bb.emit(op.reshape(y, shape))
         return y
+
+    def _batch_norm(self, node: fx.Node):
+        """``aten.batch_norm`` in inference: a batch norm ``FoldBatchNorm`` could not fold.
+
+        TVM's converter sends ``batch_norm.default`` to its ``_native_batch_norm_legit_no_training``
+        handler, which reads that op's argument positions (momentum, eps) from this one's
+        (training, momentum): it normalised with the batch's own statistics and eps = 0.1.
+        Here, as ATen's CPU kernel: ``x * a + b`` per channel (axis 1), ``a = weight / sqrt(var
+        + eps)``, ``b = bias - mean * a``, the constants computed in float32 at emit time.
+        """
+        a = bind_args(node)
+        if a["training"]:
+            raise EmitError("batch_norm with training=True (put the model in eval mode)")
+        x = self.env[node.args[0]]
+        channels = int(x.ty.shape.values[1])
+
+        def const(name: str, fill: float) -> torch.Tensor:
+            if a[name] is None:
+                return torch.full((channels,), fill)
+            return torch.from_numpy(self.numpy(a[name])).float()
+
+        alpha = const("weight", 1.0) * (1 / torch.sqrt(const("running_var", 1.0) + a["eps"]))
+        beta = const("bias", 0.0) - const("running_mean", 0.0) * alpha
+        shape = [channels] + [1] * (x.ty.ndim - 2)
+        op, bb = relax.op, self.bb
+        scale = relax.const(alpha.reshape(shape).numpy())
+        shift = relax.const(beta.reshape(shape).numpy())
+        return bb.emit(op.add(op.multiply(x, scale), shift))
 
     def _softmax(self, node: fx.Node):
         """``aten.softmax`` / ``aten._softmax`` on float32 with ``kernels/softmax.py`` (a

@@ -180,3 +180,28 @@ def test_softmax_kernel_matches_torch(tvm_backend):
             torch.testing.assert_close(g, w, equal_nan=True, **SOFTMAX_TOLERANCE,
                                        msg=lambda m: f"softmax output {i} batch {n}: {m}")
         assert torch.isnan(cm(xin)[0][:, 2]).all()  # the fully -inf row
+
+
+def test_unfolded_batch_norm_uses_running_statistics(tvm_backend):
+    """A batch norm FoldBatchNorm cannot fold (after a pool, a linear) stays a float
+    ``aten.batch_norm``; TVM's converter read its arguments at the positions of
+    ``_native_batch_norm_legit_no_training`` (batch statistics, eps = momentum). Found by
+    ``tools/fuzz.py``: Linear(1, 1) -> BatchNorm1d(1) gave 0.081 for -0.0076. Tolerance: 2 ulps
+    of the largest output (x * a + b may be contracted to an fma)."""
+    for shape in ((4, 3), (2, 3, 5, 5)):
+        b = GraphBuilder()
+        x = b.input("x")
+        g = torch.Generator().manual_seed(len(shape))
+        stats = [torch.rand(3, generator=g) + 0.5, torch.randn(3, generator=g),
+                 torch.randn(3, generator=g), torch.rand(3, generator=g) + 0.2]
+        w, bias, mean, var = (b.const(t) for t in stats)
+        gm = b.build(b.call(aten.batch_norm.default, x, w, bias, mean, var, False, 0.1, 1e-5,
+                            False))
+        xin = torch.randn(*shape, generator=g) * 3
+        cm = tvm_backend.compile(gm, "host", example_inputs=[xin])
+        for n in (1, 5):
+            xb = torch.randn(n, *shape[1:], generator=g) * 3
+            want = torch.nn.functional.batch_norm(xb, stats[2], stats[3], stats[0], stats[1],
+                                                  eps=1e-5)
+            got = cm(xb)
+            torch.testing.assert_close(got, want, rtol=0, atol=2 * want.abs().max().item() * 2**-23)

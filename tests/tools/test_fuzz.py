@@ -1,0 +1,100 @@
+"""tools/fuzz.py: a short fuzz run is clean and checks real graphs on several targets, and the
+fuzzer reports (and shrinks) a mismatch, an unclear exception and a refusal as it should."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ptqpasses
+from backends.tvm.runtime import CompiledModule
+from tools import fuzz
+from tools.fuzz import Fuzzer, ModelSpec, layer
+
+
+def test_short_fuzz_run_is_clean():
+    """~60 s of graphs, cycling over every target that runs here. Excluded: ``dead-tiny``
+    (lowering saturates the bias of a ~1e-9-weight channel, issue 15; see the strict xfail
+    below, which turns into an XPASS when that is fixed)."""
+    f = Fuzzer(graphs=200, budget=60, seed=15, progress=False, exclude=["dead-tiny"],
+               shrink_budget=60)
+    stats = f.run()
+    assert not stats.failures, stats.summary()
+    checked = {t: n for t, n in stats.checked.items() if n}
+    # On one Emerald Rapids core: ~25 graphs a minute; the floor is far below that but
+    # cannot be met by a run that checks nothing.
+    assert sum(checked.values()) >= 8 and len(checked) >= min(2, len(f.targets)), stats.summary()
+
+
+@pytest.mark.xfail(strict=True, reason="issue 15: lowering saturates the int32 bias of a dead "
+                   "channel (weights ~1e-9), compile then overflows")
+def test_dead_channel_with_tiny_weights():
+    spec = ModelSpec(shape=(1, 1, 1), layers=(layer(
+        "conv", act=None, bias=True, bn=False, cout=1, dead=(0,), dead_mode="tiny", groups=1,
+        k=1, pad=0, stride=1, wexp=0),), example_batch=1, test_batch=2)
+    q, x = fuzz.quantize_spec(spec)
+    fuzz.check_on_target(q, x, fuzz.reference(q, x), fuzz.runnable_targets()[0])
+
+
+@pytest.mark.xfail(strict=True, reason="issue 15: tiny input and weight scales saturate the "
+                   "int32 bias; TVM's int32 accumulator wraps, the reference's does not")
+def test_tiny_scales_saturate_the_bias():
+    """Shrunk by the long fuzz run (seed 0): every target gives 0.0, the reference -0.0683."""
+    spec = ModelSpec(shape=(1, 3), layers=(layer("linear", act=None, bias=True, dout=1,
+                                                 wexp=-2),),
+                     example_batch=1, test_batch=2, input_scale=1e-4)
+    q, x = fuzz.quantize_spec(spec)
+    fuzz.check_on_target(q, x, fuzz.reference(q, x), fuzz.runnable_targets()[0])
+
+
+def test_fuzzer_reports_and_shrinks_a_mismatch(monkeypatch):
+    """A compiled module whose outputs are off by one output step must be a failure, shrunk
+    to a one-layer model."""
+    call = CompiledModule.__call__
+
+    def off_by_one(self, *args):
+        y = call(self, *args)
+        return y + 1.0 if isinstance(y, torch.Tensor) else tuple(t + 1.0 for t in y)
+
+    monkeypatch.setattr(CompiledModule, "__call__", off_by_one)
+    logged = []
+    f = Fuzzer(graphs=5, budget=60, seed=1, targets=[fuzz.runnable_targets()[0]],
+               progress=False, shrink_budget=40, log=logged.append, exclude=["dead-tiny"])
+    stats = f.run()
+    mismatches = [e for e in stats.failures if e["stage"] == "mismatch"]
+    assert mismatches and mismatches[0]["shrunk"], stats.summary()
+    assert "minimal model" in "".join(logged)
+    assert mismatches[0]["spec_json"]["layers"] and len(mismatches[0]["spec_json"]["layers"]) <= 2
+
+
+def test_refusals_and_unclear_errors(monkeypatch):
+    """A documented error from quantize is a refusal counted by its first line; an
+    AttributeError is a failure."""
+    spec = ModelSpec(shape=(3,), layers=(layer("linear", act=None, bias=True, dout=2, wexp=0),))
+
+    def refuse(*a, **k):
+        raise ptqpasses.CaptureError("could not capture FuzzModel\nmore")
+
+    monkeypatch.setattr(ptqpasses, "quantize", refuse)
+    f = Fuzzer(graphs=1, budget=10, targets=["x86-avx2"], progress=False)
+    f._check(spec, ["x86-avx2"], count=True)
+    assert f.stats.refused == {"CaptureError: could not capture FuzzModel": 1}
+
+    def crash(*a, **k):
+        raise AttributeError("'NoneType' object has no attribute 'meta'")
+
+    monkeypatch.setattr(ptqpasses, "quantize", crash)
+    with pytest.raises(fuzz.FuzzFailure, match="quantize.*AttributeError"):
+        f._check(spec, ["x86-avx2"], count=True)
+
+
+def test_spec_rebuilds_and_describes():
+    spec = ModelSpec(shape=(2, 5, 5), layers=(
+        layer("conv", act="relu", bias=True, bn=True, cout=4, groups=2, k=3, pad=1, stride=2,
+              wexp=0), layer("to_seq"), layer("attention", dk=3, dv=2, scale=0.5,
+                                                   softmax=True)))
+    y = spec.build()(torch.randn(3, 2, 5, 5))
+    assert y.shape == (3, 9, 2)
+    text = spec.describe()
+    assert "attention(dk=3" in text and "-> (9, 2)" in text
+    assert torch.equal(spec.build()(torch.ones(1, 2, 5, 5)), spec.build()(torch.ones(1, 2, 5, 5)))
