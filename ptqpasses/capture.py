@@ -129,13 +129,74 @@ def _explain(model: torch.nn.Module, e: Exception) -> str:
     return f"could not capture {type(model).__name__} with torch.export: {type(e).__name__}: {first}{where}{hint}"
 
 
+_aten = torch.ops.aten
+#: Ops that return their input's values (in inference): erased at capture, so that passes
+#: see the real producer (GPT-2's ``detach_`` left an observer that saw no data).
+_IDENTITIES = {_aten.detach.default, _aten.detach_.default, _aten.clone.default,
+               _aten.alias.default, _aten.lift_fresh_copy.default, _aten.contiguous.default}
+
+
+def _is_identity(node: fx.Node) -> bool:
+    if node.op != "call_function" or not node.args or not isinstance(node.args[0], fx.Node):
+        return False
+    t = node.target
+    if t in _IDENTITIES:
+        return True
+    if t is _aten.dropout.default:  # dropout(x, p, train): identity unless training
+        train = node.args[2] if len(node.args) > 2 else node.kwargs.get("train", False)
+        return train is False
+    if t in (_aten.to.device, _aten.to.dtype, _aten.to.dtype_layout, _aten._to_copy.default):
+        src, out = node.args[0].meta.get("val"), node.meta.get("val")
+        return (isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor)
+                and src.dtype == out.dtype and src.device == out.device)
+    return False
+
+
+def _explicit_padding(gm: fx.GraphModule, node: fx.Node) -> None:
+    """``conv2d(padding="same" | "valid")`` -> ``conv2d`` with explicit padding; where "same"
+    needs an odd total (PyTorch puts the extra row / column last), a ``constant_pad_nd``
+    first. Passes and backends then see one conv op."""
+    x, w = node.args[0], node.args[1]
+    bias = node.args[2] if len(node.args) > 2 else None
+    stride = list(node.args[3]) if len(node.args) > 3 else [1, 1]
+    mode = node.args[4] if len(node.args) > 4 else "valid"
+    dilation = list(node.args[5]) if len(node.args) > 5 else [1, 1]
+    groups = node.args[6] if len(node.args) > 6 else 1
+    wval = w.meta.get("val") if isinstance(w, fx.Node) else None
+    if wval is None:
+        return
+    pads = [0, 0]
+    extra = [0, 0]
+    if mode == "same":
+        totals = [d * (k - 1) for d, k in zip(dilation, wval.shape[2:])]
+        pads = [t // 2 for t in totals]
+        extra = [t - 2 * (t // 2) for t in totals]
+    with gm.graph.inserting_before(node):
+        if any(extra):  # [left, right, top, bottom] for the last two dims
+            x = gm.graph.call_function(_aten.constant_pad_nd.default, (
+                x, [pads[1], pads[1] + extra[1], pads[0], pads[0] + extra[0]], 0.0))
+            pads = [0, 0]
+        conv = gm.graph.call_function(_aten.conv2d.default,
+                                      (x, w, bias, stride, pads, dilation, groups))
+    conv.meta.update(node.meta)
+    node.replace_all_uses_with(conv)
+    gm.graph.erase_node(node)
+
+
 def _cleanup(gm: fx.GraphModule) -> fx.GraphModule:
-    """Drops export's guard-check call, which later passes would see as an unknown module."""
+    """Drops export's guard-check call, which later passes would see as an unknown module,
+    and the identities of inference (``detach_``, ``clone``, ``contiguous``, eval dropout,
+    ``to`` the same device and dtype)."""
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
             gm.graph.erase_node(node)
             if hasattr(gm, "_guards_fn"):
                 delattr(gm, "_guards_fn")
+        elif _is_identity(node):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+        elif node.op == "call_function" and node.target is _aten.conv2d.padding:
+            _explicit_padding(gm, node)
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -244,6 +244,8 @@ class Emitter:
             return self._layer_norm(node)
         if key == "batch_norm.default":
             return self._batch_norm(node)
+        if key == "scaled_dot_product_attention.default":
+            return self._sdpa(node)
         if key in ("softmax.int", "_softmax.default"):
             y = self._softmax(node)
             if y is not None:
@@ -321,6 +323,39 @@ class Emitter:
         shift = relax.const(beta.reshape(shape).numpy())
         return bb.emit(op.add(op.multiply(x, scale), shift))
 
+    def _sdpa(self, node: fx.Node):
+        """``aten.scaled_dot_product_attention`` in float32, as PyTorch's math reference:
+        ``softmax(q @ k^T * scale + mask) @ v`` with a boolean mask (False: -inf, what
+        ``transformers`` encoders build), an additive float mask, or ``is_causal`` (key j seen
+        from query i where j <= i). TVM's converter took float masks only; the softmax is
+        ``kernels/softmax.py``'s. Within float tolerance of ATen (its CPU kernel blocks the
+        sums differently)."""
+        a = bind_args(node)
+        if a.get("enable_gqa"):
+            raise EmitError("scaled_dot_product_attention with enable_gqa=True")
+        if a["dropout_p"]:
+            raise EmitError(f"scaled_dot_product_attention with dropout_p={a['dropout_p']} "
+                            "(put the model in eval mode)")
+        bb, op = self.bb, relax.op
+        q, k, v = (self.env[a[n]] for n in ("query", "key", "value"))
+        ndim = q.ty.ndim
+        order = list(range(ndim - 2)) + [ndim - 1, ndim - 2]
+        scale = a["scale"] if a["scale"] is not None else \
+            1.0 / float(np.sqrt(int(q.ty.shape.values[-1])))
+        s = bb.emit(op.multiply(op.matmul(q, bb.emit(op.permute_dims(k, order))),
+                                relax.const(np.float32(scale))))
+        mask = a["attn_mask"]
+        if mask is not None:
+            m = self.env[mask]
+            if m.ty.dtype == "bool":
+                s = bb.emit(op.where(m, s, relax.const(np.float32(-np.inf))))
+            else:
+                s = bb.emit(op.add(s, m))
+        if a["is_causal"]:
+            s = bb.emit_te(_causal, s, primfunc_name_hint="causal_mask")
+        p = bb.emit_te(softmax_k.softmax_last_axis, s, primfunc_name_hint="softmax")
+        return bb.emit(op.matmul(p, v))
+
     def _softmax(self, node: fx.Node):
         """``aten.softmax`` / ``aten._softmax`` on float32 with ``kernels/softmax.py`` (a
         vectorizable ``exp``, see its docstring for the accuracy against ATen); a dim other than
@@ -347,6 +382,16 @@ class Emitter:
 
 
 _getitem = operator.getitem
+
+
+def _causal(s):
+    """Scores ``[..., L, S]`` with key ``j > i`` set to -inf (``is_causal``: ``tril`` of L x S)."""
+    from tvm import te
+
+    def f(*i):
+        return tirx.Select(i[-1] > i[-2], tirx.const(-np.inf, "float32"), s(*i))
+
+    return te.compute(s.shape, f, name="causal")
 
 _CONSTANT_ARGS = ("weight", "bias", "multiplier", "scales", "zero_points", "table")
 

@@ -62,7 +62,7 @@ class Annotate(Pass):
                 if scheme is None:
                     _float(node, f"kept in float by {why}")
                     continue
-                problem = _unsupported(gm, node)
+                problem = _non_float(node) or _unsupported(gm, node)
                 if problem:
                     _float(node, problem)
                     continue
@@ -132,6 +132,17 @@ def _activation_inputs(node: fx.Node) -> list[fx.Node]:
                        aten.bmm.default):
         return [a for a in node.args[:2] if isinstance(a, fx.Node)]
     return [node.args[0]]
+
+
+def _non_float(node: fx.Node) -> str:
+    """Why ``node`` computes on integer or boolean tensors (ids, masks, position arithmetic),
+    which pass through untouched, or "" when its tensors are float."""
+    for n in [node, *_activation_inputs(node)]:
+        val = n.meta.get("val") if isinstance(n, fx.Node) else None
+        if isinstance(val, torch.Tensor) and not val.is_floating_point():
+            which = "its output" if n is node else f"input {n.name!r}"
+            return f"{which} is a {str(val.dtype).replace('torch.', '')} tensor (left as is)"
+    return ""
 
 
 def _unsupported(gm: fx.GraphModule, node: fx.Node) -> str:

@@ -1,0 +1,123 @@
+"""Classes of real model code (issue 14), each quantized, compiled and checked against the
+torch integer graph on another batch size: attention with boolean / additive / causal masks
+(what ``transformers`` encoders and decoders build), and integer tensors (position ids
+computed from input ids) that must pass through untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ptqpasses
+from backends import tvm as ptq_tvm
+
+
+class _Attention(nn.Module):
+    """One attention block; the mask is an input (``bool``: True attends) or causal."""
+
+    def __init__(self, mode: str, d: int = 32, heads: int = 4):
+        super().__init__()
+        self.mode, self.heads = mode, heads
+        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x, mask=None):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        if self.mode == "bool":
+            attn_mask = mask[:, None, None, :]  # [B, 1, 1, T]: padding mask, as BERT's
+        elif self.mode == "float":
+            attn_mask = (1.0 - mask[:, None, None, :].float()) * -1e4
+        else:
+            attn_mask = None
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           is_causal=self.mode == "causal")
+        return self.out(y.transpose(1, 2).reshape(b, t, d))
+
+
+def _mask(b: int, t: int, g: torch.Generator) -> torch.Tensor:
+    lengths = torch.randint(1, t + 1, (b,), generator=g)
+    return torch.arange(t)[None, :] < lengths[:, None]
+
+
+@pytest.mark.parametrize("mode", ["bool", "float", "causal"])
+def test_attention_masks_compile_and_match(mode):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    model = _Attention(mode).eval()
+    calib = [(torch.randn(4, 6, 32, generator=g), _mask(4, 6, g)) for _ in range(2)]
+    if mode == "causal":
+        calib = [(x,) for x, _ in calib]
+    q = ptqpasses.quantize(model, calib[0], calib, progress=False)
+    cm = ptq_tvm.compile(q, target="host")
+    x = torch.randn(3, 6, 32, generator=g)
+    args = (x,) if mode == "causal" else (x, _mask(3, 6, g))
+    want, got = q(*args), cm(*args)
+    # float islands (softmax, the masked scores): within float32 rounding of ATen's kernel
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        ref = model(*args)
+    assert 10 * torch.log10(ref.pow(2).mean() / (ref - got).pow(2).mean()) > 25
+
+
+class _PositionIds(nn.Module):
+    """RoBERTa's position ids: ``cumsum`` of the non-padding mask, integer arithmetic on the
+    input ids, then embeddings and a linear (float)."""
+
+    def __init__(self, vocab: int = 50, d: int = 16, pad: int = 1):
+        super().__init__()
+        self.pad = pad
+        self.tok, self.pos = nn.Embedding(vocab, d), nn.Embedding(vocab + 2, d)
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, ids):
+        mask = ids.ne(self.pad).int()
+        positions = (torch.cumsum(mask, dim=1).type_as(mask) * mask).long() + self.pad
+        return self.fc(torch.relu(self.tok(ids) + self.pos(positions)))
+
+
+def test_integer_tensors_pass_through_untouched():
+    torch.manual_seed(0)
+    model = _PositionIds().eval()
+    g = torch.Generator().manual_seed(2)
+    calib = [(torch.randint(0, 50, (4, 7), generator=g),) for _ in range(2)]
+    q = ptqpasses.quantize(model, calib[0], calib, progress=False)
+    floats = {c.node: c.reason for c in ptqpasses.coverage(q) if not c.integer}
+    assert any("int32 tensor (left as is)" in r or "int64 tensor (left as is)" in r
+               for r in floats.values()), floats
+    assert any("linear" in c.op for c in ptqpasses.coverage(q) if c.integer)
+    cm = ptq_tvm.compile(q, target="host")
+    ids = torch.randint(0, 50, (3, 7), generator=g)
+    torch.testing.assert_close(cm(ids), q(ids), rtol=0, atol=0)
+
+
+class _Identities(nn.Module):
+    """No-ops of real model code: ``detach``, ``clone``, ``contiguous``, eval dropout, ``to``
+    the same device, and a ``padding="same"`` conv with an even and an odd total."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding="same")
+        self.b = nn.Conv2d(8, 8, (2, 4), padding="same")  # totals 1 and 3: padded first
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, x):
+        y = self.drop(torch.relu(self.a(x.detach())).clone().contiguous())
+        return self.b(y.to(x.device)).mean((2, 3))
+
+
+def test_identities_are_erased_and_same_padding_is_explicit():
+    torch.manual_seed(0)
+    model = _Identities().eval()
+    calib = [(torch.randn(4, 3, 9, 9),) for _ in range(2)]
+    q = ptqpasses.quantize(model, calib[0], calib, progress=False)
+    ops = {str(n.target) for n in q.graph.nodes if n.op == "call_function"}
+    assert not {o for o in ops if any(s in o for s in ("detach", "clone", "dropout", "to."))}
+    assert sum("conv2d" in c.op for c in ptqpasses.coverage(q) if c.integer) == 2
+    x = torch.randn(3, 3, 9, 9)
+    with torch.no_grad():
+        ref = model(x)
+    got = ptq_tvm.compile(q, target="host")(x)
+    assert torch.equal(got, q(x))
+    assert 10 * torch.log10(ref.pow(2).mean() / (ref - got).pow(2).mean()) > 25
