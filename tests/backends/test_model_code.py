@@ -83,9 +83,11 @@ def test_integer_tensors_pass_through_untouched():
     g = torch.Generator().manual_seed(2)
     calib = [(torch.randint(0, 50, (4, 7), generator=g),) for _ in range(2)]
     q = ptqpasses.quantize(model, calib[0], calib, progress=False)
-    floats = {c.node: c.reason for c in ptqpasses.coverage(q) if not c.integer}
-    assert any("int32 tensor (left as is)" in r or "int64 tensor (left as is)" in r
-               for r in floats.values()), floats
+    # the integer arithmetic stays as is (it is never observed: that raised CalibrationError
+    # "observed a torch.int32 tensor"); the embeddings are float ops
+    assert not any("ptq" in str(n.target) and "int" in str(n.args[0].meta.get("val", ""))
+                   for n in q.graph.nodes if n.op == "call_function" and n.args
+                   and isinstance(n.args[0], torch.fx.Node) and "quantize" in str(n.target))
     assert any("linear" in c.op for c in ptqpasses.coverage(q) if c.integer)
     cm = ptq_tvm.compile(q, target="host")
     ids = torch.randint(0, 50, (3, 7), generator=g)

@@ -66,6 +66,8 @@ def schedule_glue(func: tirx.PrimFunc, target: Target) -> Optional[tirx.PrimFunc
     Raises whatever TVM's schedule primitives raise on a function they cannot transform; the
     pipeline (``ApplyGlueSchedules``) keeps the function as it was then.
     """
+    if any(str(getattr(p, "dtype", "")) == "bool" for p in func.params):
+        return None  # (vectorized bool stores fail in TVM's codegen: masks stay scalar)
     sch = _column_reduction(func)
     if sch is None:
         sch = dlight.cpu.Reduction().apply(func, target, False)
