@@ -7,6 +7,8 @@ side tables keyed by node name).
 
 from __future__ import annotations
 
+import re
+
 import dataclasses
 from dataclasses import dataclass
 from typing import Optional
@@ -131,6 +133,35 @@ def source(node: fx.Node) -> str:
 
 def set_source(node: fx.Node, name: str) -> None:
     node.meta[SOURCE] = name
+
+
+_FRAME = re.compile(r'File "([^"]+)", line (\d+)')
+
+#: fx meta keys that say where in the user's code a node comes from (torch.export sets them).
+LOCATION_KEYS = ("nn_module_stack", "stack_trace")
+
+
+def copy_location(dst: fx.Node, src: fx.Node) -> None:
+    """``dst`` (a node a pass made) comes from where ``src`` came from."""
+    for key in LOCATION_KEYS:
+        if key in src.meta and key not in dst.meta:
+            dst.meta[key] = src.meta[key]
+
+
+def location(node: fx.Node) -> str:
+    """Where in the user's model a node comes from: the innermost module path and the last
+    source line outside torch, e.g. ``encoder.layer.3.attention.self.query
+    (modeling_bert.py:212)``; "" when the graph does not say (a hand-built graph)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [path for path, _ in stack.values() if path]
+    module = paths[-1].removeprefix("L__self__.").removeprefix("L__self__") if paths else ""
+    line = ""
+    for frame in reversed(_FRAME.findall(node.meta.get("stack_trace") or "")):
+        file, lineno = frame
+        if "/torch/" not in file:
+            line = f"{file.rsplit('/', 1)[-1]}:{lineno}"
+            break
+    return f"{module} ({line})" if module and line else module or line
 
 
 def float_reason(node: fx.Node) -> Optional[str]:

@@ -23,6 +23,7 @@ class CoverageEntry:
     op: str
     integer: bool
     reason: str = ""
+    where: str = ""  # module path and source line in the user's model (meta.location)
 
 
 def _is_ptq(node: fx.Node) -> bool:
@@ -41,9 +42,11 @@ def coverage(qgraph: fx.GraphModule) -> list[CoverageEntry]:
             continue
         if _is_ptq(node):
             if _ptq_name(node) not in _CONVERSIONS:
-                out.append(CoverageEntry(node.name, f"ptq.{_ptq_name(node)}", True))
+                out.append(CoverageEntry(node.name, f"ptq.{_ptq_name(node)}", True,
+                                         where=meta.location(node)))
         elif meta.float_reason(node) is not None:
-            out.append(CoverageEntry(node.name, str(node.target), False, meta.float_reason(node)))
+            out.append(CoverageEntry(node.name, str(node.target), False, meta.float_reason(node),
+                                     meta.location(node)))
     return out
 
 
@@ -103,8 +106,9 @@ class Report:
         lines += [f"| {r.node} | {r.op} | {r.source} | {r.sqnr_db:.2f} |" for r in self.nodes]
         floats = [c for c in self.coverage if not c.integer]
         if floats:
-            lines += ["", "Nodes left in float:", "", "| node | op | reason |", "|---|---|---|"]
-            lines += [f"| {c.node} | {c.op} | {c.reason} |" for c in floats]
+            lines += ["", "Nodes left in float:", "", "| node | op | where | reason |",
+                      "|---|---|---|---|"]
+            lines += [f"| {c.node} | {c.op} | {c.where} | {c.reason} |" for c in floats]
         return "\n".join(lines)
 
     __str__ = to_markdown

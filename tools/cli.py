@@ -61,7 +61,8 @@ def cmd_quantize(args) -> int:
           "compute nodes are integer ops")
     for c in cov:
         if not c.integer:
-            print(f"  float: {c.node} ({c.op}): {c.reason}")
+            at = f" at {c.where}" if c.where else ""
+            print(f"  float: {c.node} ({c.op}){at}: {c.reason}")
     return 0
 
 

@@ -217,10 +217,10 @@ class Emitter:
         except EmitError as e:
             if str(e).startswith("node "):
                 raise
-            raise EmitError(f"node {node.name!r} ({_op_name(node)}): {e}") from e
+            raise EmitError(f"node {node.name!r} ({_op_name(node)}){_at(node)}: {e}") from e
         except Exception as e:  # noqa: BLE001  (re-raised with the node named)
             raise EmitError(
-                f"node {node.name!r} ({_op_name(node)}) could not be emitted: "
+                f"node {node.name!r} ({_op_name(node)}){_at(node)} could not be emitted: "
                 f"{type(e).__name__}: {e}") from e
 
     def _sym_size(self, node: fx.Node):
@@ -394,6 +394,14 @@ def _causal(s):
     return te.compute(s.shape, f, name="causal")
 
 _CONSTANT_ARGS = ("weight", "bias", "multiplier", "scales", "zero_points", "table")
+
+
+def _at(node: fx.Node) -> str:
+    """`` at <module path> (<file>:<line>)`` of the user's model, when the graph says."""
+    from ptqpasses.meta import location
+
+    where = location(node)
+    return f" at {where}" if where else ""
 
 
 def _op_name(node: fx.Node) -> str:

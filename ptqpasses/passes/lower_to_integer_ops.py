@@ -287,6 +287,7 @@ class LowerToIntegerOps(Pass):
             if new is not q:
                 meta.set_qparams(new, out)
                 meta.set_source(new, meta.source(q))
+                meta.copy_location(new, op)
                 meta.set_qspec(new, spec)
                 q.replace_all_uses_with(new)
                 gm.graph.erase_node(q)

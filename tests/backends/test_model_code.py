@@ -123,3 +123,25 @@ def test_identities_are_erased_and_same_padding_is_explicit():
     got = ptq_tvm.compile(q, target="host")(x)
     assert torch.equal(got, q(x))
     assert 10 * torch.log10(ref.pow(2).mean() / (ref - got).pow(2).mean()) > 25
+
+
+class _Blocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+                                      for _ in range(2)])
+
+    def forward(self, x):
+        return torch.special.i0(self.layers(x))  # (an op TVM has no converter for)
+
+
+def test_reports_and_errors_name_the_module_and_line():
+    torch.manual_seed(0)
+    calib = [(torch.randn(4, 8),)]
+    q = ptqpasses.quantize(_Blocks().eval(), calib[0], calib, progress=False)
+    where = {c.node: c.where for c in ptqpasses.coverage(q)}
+    line = f"{__file__.rsplit('/', 1)[-1]}:"
+    assert where["linear_default_1"].startswith("layers.1.0 (") and line in where["linear_default_1"]
+    assert where["layer_norm"].startswith("layers.0.1 (")
+    with pytest.raises(ptq_tvm.EmitError, match=r"node 'special_i0' .* at .*test_model_code.py:"):
+        ptq_tvm.compile(q, target="host")
