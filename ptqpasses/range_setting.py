@@ -98,7 +98,7 @@ class EntropyObserver(HistogramObserver):
             return self.lo, self.hi
         width = (self.hi - self.lo) / self.BINS
         zero_bin = (0.0 - self.lo) / width
-        hist = self.hist
+        hist = _without_zero_spike(self.hist, zero_bin)
         best, best_kl = (self.lo, self.hi), float("inf")
         for f in _FRACTIONS.flip(0).tolist():
             i0 = int(round(zero_bin - zero_bin * f))
@@ -115,6 +115,23 @@ class EntropyObserver(HistogramObserver):
         if self.batches == 0:
             raise CalibrationError(f"node {self.node_name!r} saw no data during calibration")
         return qparams_from_range(*self._search(spec), spec)
+
+
+def _without_zero_spike(hist: torch.Tensor, zero_bin: float) -> torch.Tensor:
+    """``hist`` with the bin holding 0.0 no higher than its neighbours' mean.
+
+    Exact zeros (a ReLU's, a ReLU6's: often most of the tensor) are represented exactly by the
+    zero point at every range, but a spike in one bin makes every candidate with more bins
+    than levels look lossy (its chunk spreads the spike over its neighbours), so the KL
+    search fell to the narrowest candidate: MobileNetV2's ReLU6 outputs clipped to 1.44 where
+    the values reach 6 (48% top-1 agreement, 5.2 dB)."""
+    i = min(max(int(zero_bin), 0), hist.numel() - 1)
+    around = [hist[j] for j in (i - 1, i + 1) if 0 <= j < hist.numel()]
+    if not around:
+        return hist
+    out = hist.clone()
+    out[i] = torch.minimum(out[i], torch.stack(around).mean())
+    return out
 
 
 def _kl_after_quantization(hist: torch.Tensor, i0: int, i1: int, levels: int) -> float:
