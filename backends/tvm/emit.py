@@ -244,7 +244,7 @@ class Emitter:
             return self._layer_norm(node)
         if key == "batch_norm.default":
             return self._batch_norm(node)
-        if key == "scaled_dot_product_attention.default":
+        if key == "scaled_dot_product_attention.default" and _needs_own_sdpa(node):
             return self._sdpa(node)
         if key in ("softmax.int", "_softmax.default"):
             y = self._softmax(node)
@@ -327,9 +327,9 @@ class Emitter:
         """``aten.scaled_dot_product_attention`` in float32, as PyTorch's math reference:
         ``softmax(q @ k^T * scale + mask) @ v`` with a boolean mask (False: -inf, what
         ``transformers`` encoders build), an additive float mask, or ``is_causal`` (key j seen
-        from query i where j <= i). TVM's converter took float masks only; the softmax is
-        ``kernels/softmax.py``'s. Within float tolerance of ATen (its CPU kernel blocks the
-        sums differently)."""
+        from query i where j <= i). Used where TVM's converter cannot (``_needs_own_sdpa``);
+        the softmax is ``kernels/softmax.py``'s. Within float tolerance of ATen (its CPU
+        kernel blocks the sums differently)."""
         a = bind_args(node)
         if a.get("enable_gqa"):
             raise EmitError("scaled_dot_product_attention with enable_gqa=True")
@@ -382,6 +382,16 @@ class Emitter:
 
 
 _getitem = operator.getitem
+
+
+def _needs_own_sdpa(node: fx.Node) -> bool:
+    """A boolean mask or ``is_causal``: TVM's converter takes neither (it stays the path for
+    float and absent masks: its ``nn.attention`` is scheduled, where our matmul + quantize
+    epilogue is left to TVM's default lowering by the glue schedule)."""
+    a = bind_args(node)
+    mask = a["attn_mask"]
+    val = mask.meta.get("val") if isinstance(mask, fx.Node) else None
+    return bool(a["is_causal"]) or (val is not None and val.dtype == torch.bool)
 
 
 def _causal(s):
