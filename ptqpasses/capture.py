@@ -126,14 +126,24 @@ def _explain(model: torch.nn.Module, e: Exception) -> str:
     if "dynamic" in text.lower() or "constraint" in text.lower():
         hint += (" If a dimension was wrongly made dynamic, pass dynamic_batch=False or adjust "
                  "dynamic_dims.")
+    fixes = text.split("Suggested fixes:", 1)[1].strip().splitlines() if \
+        "Suggested fixes:" in text else []
+    fixes = [ln.strip() for ln in fixes if ln.strip()][:4]
+    if fixes:
+        hint += ("\ntorch.export suggests: " + "; ".join(fixes) + " (a dynamic dimension the "
+                 "model bounds, e.g. by its position embeddings: pass "
+                 "dynamic_shapes-like bounds through dynamic_dims, or capture with a static "
+                 "size)")
     return f"could not capture {type(model).__name__} with torch.export: {type(e).__name__}: {first}{where}{hint}"
 
 
 _aten = torch.ops.aten
 #: Ops that return their input's values (in inference): erased at capture, so that passes
 #: see the real producer (GPT-2's ``detach_`` left an observer that saw no data).
-_IDENTITIES = {_aten.detach.default, _aten.detach_.default, _aten.clone.default,
-               _aten.alias.default, _aten.lift_fresh_copy.default, _aten.contiguous.default}
+#: (Not ``contiguous`` / ``clone``: a later ``view`` may rely on the copy's layout, as Swin's
+#: ``transpose -> contiguous -> view`` does.)
+_IDENTITIES = {_aten.detach.default, _aten.detach_.default, _aten.alias.default,
+               _aten.lift_fresh_copy.default}
 
 
 def _is_identity(node: fx.Node) -> bool:
@@ -183,6 +193,20 @@ def _explicit_padding(gm: fx.GraphModule, node: fx.Node) -> None:
     gm.graph.erase_node(node)
 
 
+def _to_dtype(gm: fx.GraphModule, node: fx.Node) -> None:
+    """``to(device, dtype)`` on the tensor's own device -> ``to.dtype``: transformers' masks
+    (``attention_mask.to(device, torch.bool)``); backends convert ``to.dtype``."""
+    src, out = node.args[0].meta.get("val"), node.meta.get("val")
+    if not (isinstance(src, torch.Tensor) and isinstance(out, torch.Tensor)
+            and src.device == out.device):
+        return
+    with gm.graph.inserting_before(node):
+        cast = gm.graph.call_function(_aten.to.dtype, (node.args[0], out.dtype))
+    cast.meta.update(node.meta)
+    node.replace_all_uses_with(cast)
+    gm.graph.erase_node(node)
+
+
 def _cleanup(gm: fx.GraphModule) -> fx.GraphModule:
     """Drops export's guard-check call, which later passes would see as an unknown module,
     and the identities of inference (``detach_``, ``clone``, ``contiguous``, eval dropout,
@@ -197,6 +221,8 @@ def _cleanup(gm: fx.GraphModule) -> fx.GraphModule:
             gm.graph.erase_node(node)
         elif node.op == "call_function" and node.target is _aten.conv2d.padding:
             _explicit_padding(gm, node)
+        elif node.op == "call_function" and node.target is _aten.to.device:
+            _to_dtype(gm, node)
     gm.graph.lint()
     gm.recompile()
     return gm
