@@ -32,6 +32,7 @@ import dataclasses
 import datetime
 import importlib.util
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -122,20 +123,41 @@ def image_inputs(size: int) -> Callable[[int, int, int], tuple]:
 
 
 _TEXT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-             vocab_size=VOCAB, max_position_embeddings=64)
+             vocab_size=VOCAB, max_position_embeddings=128)
 _DECODER = dict(_TEXT, num_key_value_heads=1, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
+def reinit(model: nn.Module) -> nn.Module:
+    """Weights with the scale of a trained CNN: convs N(0, 2/fan_in), linears N(0, 1/fan_in),
+    BatchNorm with non-trivial statistics. transformers' training inits (zero classifier
+    weights, N(0, 0.02) convs) leave some random CNNs with outputs of 0 or 1e-33 (EfficientNet,
+    MobileNetV1, LeViT), where an SQNR means nothing."""
+    from tools.models import randomize_bn_stats
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+                fan_in = m.weight[0].numel()
+                gain = 2.0 if isinstance(m, nn.Conv2d) else 1.0
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * math.sqrt(gain / fan_in))
+                if m.bias is not None:
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    return randomize_bn_stats(model)
+
+
 def _hf(config: str, model: str, output: str, names=("input_ids", "attention_mask"),
-        attn: Optional[str] = "sdpa", **cfg) -> Callable[[], nn.Module]:
-    """A factory: ``transformers.<config>(**cfg)`` -> ``<model>`` -> HFWrapper."""
+        attn: Optional[str] = "sdpa", trained_scale: bool = False,
+        **cfg) -> Callable[[], nn.Module]:
+    """A factory: ``transformers.<config>(**cfg)`` -> ``<model>`` -> HFWrapper (``reinit``
+    with ``trained_scale``)."""
     def make() -> nn.Module:
         tf = _transformers()
         config_obj = getattr(tf, config)(**cfg)
         if attn is not None:
             config_obj._attn_implementation = attn
         kwargs = {"use_cache": False} if output == "logits" and "CausalLM" in model else {}
-        return HFWrapper(getattr(tf, model)(config_obj).eval(), names, output, **kwargs)
+        m = getattr(tf, model)(config_obj)
+        return HFWrapper((reinit(m) if trained_scale else m).eval(), names, output, **kwargs)
     return make
 
 
@@ -156,7 +178,8 @@ _VIT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermed
 
 
 def _image(name, kind, config, model, size=32, output="logits", **cfg) -> Arch:
-    return Arch(name, kind, _hf(config, model, output, names=("pixel_values",), **cfg),
+    return Arch(name, kind, _hf(config, model, output, names=("pixel_values",),
+                                trained_scale=kind in ("cnn", "segmenter"), **cfg),
                 image_inputs(size))
 
 
@@ -202,7 +225,7 @@ def architectures() -> list[Arch]:
         _decoder("gpt2", "GPT2Config", model="GPT2LMHeadModel", drop=("hidden_size",
                  "num_hidden_layers", "num_attention_heads", "intermediate_size",
                  "max_position_embeddings", "num_key_value_heads"),
-                 n_embd=32, n_layer=2, n_head=2, n_positions=64),
+                 n_embd=32, n_layer=2, n_head=2, n_positions=128),
         _decoder("gpt-neo", "GPTNeoConfig", drop=("intermediate_size", "num_key_value_heads",
                  "num_hidden_layers", "num_attention_heads"), num_layers=2, num_heads=2,
                  attention_types=[[["global", "local"], 1]], window_size=4,
@@ -262,7 +285,7 @@ def architectures() -> list[Arch]:
                hidden_sizes=[16, 32, 32, 32], depths=[1, 1, 1, 1], num_labels=10, attn=None),
     ]
     seg = [
-        _image("segformer", "segformer", "SegformerConfig", "SegformerForSemanticSegmentation",
+        _image("segformer", "segmenter", "SegformerConfig", "SegformerForSemanticSegmentation",
                size=64, num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1],
                hidden_sizes=[16, 32], num_attention_heads=[1, 2], decoder_hidden_size=32,
                patch_sizes=[7, 3], strides=[4, 2], mlp_ratios=[2, 2], num_labels=4, attn=None),
@@ -593,7 +616,7 @@ def summary(rows: list[dict]) -> dict:
 
 def failure_classes(rows: list[dict]) -> dict[str, list[str]]:
     """'stage: Type: first line' -> architectures (every failing stage, not only the first;
-    quoted names lose a ``_<number>`` suffix and gain ``*``)."""
+    quoted names lose a ``_<number>`` suffix and gain ``*``), then 'peer p: Type: first line'."""
     out: dict[str, list[str]] = {}
     for r in rows:
         errors = r.get("errors") or ({r["failure"]["stage"]: r["failure"]} if r["failure"] else {})
@@ -601,6 +624,9 @@ def failure_classes(rows: list[dict]) -> dict[str, list[str]]:
             # node names differ by a suffix from model to model: to_3 / to_1 / to -> to*
             message = re.sub(r"'([^'\s]*?)(?:_\d+)?'", r"'\1*'", e["message"])
             out.setdefault(f"{stage}: {e['type']}: {message}", []).append(r["name"])
+        for peer, v in r.get("peers", {}).items():
+            if not v["ok"]:
+                out.setdefault(f"peer {peer}: {v['error']}", []).append(r["name"])
     return out
 
 
