@@ -1,4 +1,4 @@
-"""The ``ptq`` command: quantize, report, compile, tune, demo, bench, profile and fuzz."""
+"""The ``ptq`` command: quantize, report, compile, tune, demo, bench, profile, fuzz and zoo."""
 
 from __future__ import annotations
 
@@ -139,6 +139,11 @@ def cmd_fuzz(args) -> int:
     return run(args)
 
 
+def cmd_zoo(args) -> int:
+    from tools.zoo import run
+    return run(args)
+
+
 def cmd_profile(args) -> int:
     from tools.profile import run
     return run(args)
@@ -156,6 +161,7 @@ EXAMPLES = {
               "--runs 30 --threads 1 2 --out bench-out"),
     "profile": "ptq profile --model minilm --config recipe --json minilm-profile.json",
     "fuzz": "ptq fuzz --graphs 2000 --budget 5400 --seed 0 --out fuzz.json",
+    "zoo": "ptq zoo --models bert,gpt2,vit,resnet --peers pt2e ort --out zoo-out",
 }
 
 
@@ -217,6 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
         add_fuzz_arguments = None
     if add_fuzz_arguments is not None:
         add_fuzz_arguments(p)
+    p = add("zoo", "transformers architectures (small random-init configs) and our own models: "
+            "quantize, coverage, compile, a new batch against the torch integer graph, SQNR",
+            cmd_zoo)
+    from tools.zoo import add_arguments as add_zoo_arguments
+    add_zoo_arguments(p)
     return parser
 
 
