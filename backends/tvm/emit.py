@@ -347,9 +347,14 @@ class Emitter:
         mask = a["attn_mask"]
         if mask is not None:
             m = self.env[mask]
-            if m.ty.dtype == "bool":
+            val = mask.meta.get("val")
+            if m.ty.dtype == "bool" or (val is not None and val.dtype == torch.bool):
+                if m.ty.dtype != "bool":  # (TVM's converters may emit a bool op as int8)
+                    m = bb.emit(op.astype(m, "bool"))
                 s = bb.emit(op.where(m, s, relax.const(np.float32(-np.inf))))
             else:
+                if m.ty.dtype != "float32":
+                    m = bb.emit(op.astype(m, "float32"))
                 s = bb.emit(op.add(s, m))
         if a["is_causal"]:
             s = bb.emit_te(_causal, s, primfunc_name_hint="causal_mask")
