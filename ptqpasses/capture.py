@@ -131,9 +131,8 @@ def _explain(model: torch.nn.Module, e: Exception) -> str:
     fixes = [ln.strip() for ln in fixes if ln.strip()][:4]
     if fixes:
         hint += ("\ntorch.export suggests: " + "; ".join(fixes) + " (a dynamic dimension the "
-                 "model bounds, e.g. by its position embeddings: pass "
-                 "dynamic_shapes-like bounds through dynamic_dims, or capture with a static "
-                 "size)")
+                 "model bounds, e.g. by its position embeddings; dynamic_dims takes no bounds "
+                 "yet: leave that dimension out of dynamic_dims to capture it static)")
     return f"could not capture {type(model).__name__} with torch.export: {type(e).__name__}: {first}{where}{hint}"
 
 
