@@ -76,8 +76,10 @@ def macs(kind: str, shapes: list[tuple]) -> int:
             size *= d
         blocks = w[0] * w[1] if len(w) == 7 else w[0]
         return n_out * size // (blocks * w[-2])
-    if kind in ("conv2d_depthwise", "conv2d_wide"):  # OIHW [O, C/g, R, S]
-        return n_out * w[1] * w[2] * w[3]
+    if kind in ("conv2d_depthwise", "conv2d_wide"):
+        if len(w) == 3:  # NHWC depthwise [R, S, O]: one tap per (r, s) and output channel
+            return n_out * w[0] * w[1]
+        return n_out * w[1] * w[2] * w[3]  # OIHW [O, C/g, R, S]
     if kind == "dense_wide":
         return n_out * x[-1]
     return 0

@@ -22,7 +22,7 @@ HAS_AMX = host_has("amx-int8") and host_has("amx-tile")
 
 #: (c, h, w, o, k, stride, pad, dil, in dtype, x_zp, out dtype, out_zp, bias) — the stem
 #: (C=3: (s, c) folded), 3x3 on 14..7 maps (row tiles, the flat pixel grid), stride 2, 1x1
-#: (im2col), dilation, odd sizes and channel counts.
+#: (im2col), dilation, odd sizes and channel counts, reductions shallower than a tile.
 CONVS = [
     (3, 32, 30, 64, 7, 2, 3, 1, I8, -3, I8, 0, True),
     (64, 14, 14, 64, 3, 1, 1, 1, U8, 130, I8, -2, True),
@@ -31,10 +31,14 @@ CONVS = [
     (96, 7, 7, 80, 3, 1, 1, 1, U8, 0, U8, 3, True),
     (70, 17, 19, 24, 3, 1, 2, 2, U8, 200, I8, 0, True),
     (128, 7, 7, 1000, 1, 1, 0, 1, U8, 9, I8, -5, False),
+    # shallow reductions (MobileNetV2's expand convs: 16, 24 channels), zero-padded to 64
+    (16, 12, 12, 96, 1, 1, 0, 1, U8, 3, I8, 0, True),
+    (24, 9, 9, 32, 1, 1, 0, 1, I8, -7, U8, 2, True),
 ]
 #: (shape after the batch, k, n, in dtype, x_zp, out dtype, out_zp)
 DENSES = [((512,), 512, 1000, I8, 2, I8, 0), ((37, 147), 147, 64, U8, 100, U8, 3),
-          ((64, 768), 768, 768, I8, -1, I8, 2), ((16, 64), 64, 16, U8, 0, I8, 0)]
+          ((64, 768), 768, 768, I8, -1, I8, 2), ((16, 64), 64, 16, U8, 0, I8, 0),
+          ((20, 20), 20, 48, I8, 4, I8, -1)]
 
 
 def _graph(convs=CONVS, denses=DENSES, batch: int = 1, seed: int = 0):

@@ -41,3 +41,8 @@ def test_kinds_and_macs_from_names_and_shapes():
     assert macs("conv2d", [(1, 64, 56, 56), (4, 3, 3, 16, 16, 4), (1, 64, 56, 56)]) == \
         64 * 56 * 56 * 64 * 9
     assert macs("dense", [(1, 128, 384), (24, 96, 16, 4), (1, 128, 384)]) == 128 * 384 * 384
+    # depthwise 3x3: OIHW [O, 1, R, S] and the NHWC kernel's [R, S, O] alike
+    assert macs("conv2d_depthwise", [(1, 32, 28, 28), (32, 1, 3, 3), (1, 32, 28, 28)]) == \
+        32 * 28 * 28 * 9
+    assert macs("conv2d_depthwise", [(1, 28, 28, 32), (3, 3, 32), (1, 28, 28, 32)]) == \
+        32 * 28 * 28 * 9
