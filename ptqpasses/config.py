@@ -37,6 +37,16 @@ class ConfigError(ValueError):
     """A QuantConfig that does not fit the model it is applied to."""
 
 
+#: How much of the graph is integer (``QuantConfig.policy``):
+#: ``"cost"``: conv / linear / matmul compute on integers; their outputs are quantized only
+#: where an integer op reads them (else the op hands its dequantized accumulator to its float
+#: consumers); any other integer-set op (add, mul, cat, pools, mean, tables) is integer only
+#: where an integer op reads its output, so it removes a float <-> integer conversion instead
+#: of adding one. ``"all"``: every op of the integer set is integer with an 8-bit output.
+POLICIES = {"cost": "integer where an integer op reads the result",
+            "all": "every op of the integer set, outputs requantized"}
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """What to quantize and how.
@@ -49,6 +59,7 @@ class QuantConfig:
             -> Scheme or None.
         by_node_regex: regex on fx node names -> Scheme or None.
         keep_float: node names or module paths that stay in float.
+        policy: ``"cost"`` (default) or ``"all"``: see :data:`POLICIES`.
     """
 
     activation: QSpec = DEFAULT_ACTIVATION
@@ -57,8 +68,11 @@ class QuantConfig:
     by_module_type: Mapping[Union[str, type], Override] = field(default_factory=dict)
     by_node_regex: Mapping[str, Override] = field(default_factory=dict)
     keep_float: tuple[str, ...] = ()
+    policy: str = "cost"
 
     def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise ConfigError(f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
         if self.activation.per_channel:
             raise ConfigError("activations are quantized per tensor; per_channel=True is only "
                               "supported for weights")
@@ -121,6 +135,7 @@ class QuantConfig:
             "by_module_type": {_type_key(k): override(v) for k, v in self.by_module_type.items()},
             "by_node_regex": {k: override(v) for k, v in self.by_node_regex.items()},
             "keep_float": list(self.keep_float),
+            "policy": self.policy,
         }
 
     @classmethod
@@ -138,6 +153,8 @@ class QuantConfig:
             by_module_type={k: override(v) for k, v in d.get("by_module_type", {}).items()},
             by_node_regex={k: override(v) for k, v in d.get("by_node_regex", {}).items()},
             keep_float=tuple(d.get("keep_float", ())),
+            # (dicts written before the cost policy existed quantized every op: "all")
+            policy=d.get("policy", "all"),
         )
 
 

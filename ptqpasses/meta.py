@@ -74,7 +74,10 @@ class NodeQuant:
         output: spec of the observed output, or None when not observed here.
         weight: spec of the weight input (conv / linear).
         fused_into: name of the compute node whose clamp absorbs this activation.
-        reason: for role "float", why.
+        reason: for role "float", why; for a float output, which rule decided.
+        float_output: a "compute" node (conv / linear / matmul) whose consumers are all
+            float: it computes on integers and hands its dequantized accumulator
+            ``float32(acc) * s_x * s_w`` straight to them (no output quantization).
     """
 
     role: str
@@ -82,6 +85,7 @@ class NodeQuant:
     weight: Optional[QSpec] = None
     fused_into: Optional[str] = None
     reason: str = ""
+    float_output: bool = False
 
     def replace(self, **kw) -> "NodeQuant":
         return dataclasses.replace(self, **kw)
@@ -99,7 +103,12 @@ class QParams:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
+        return torch.float32 if self.dtype == "float32" else _DTYPES[self.dtype]
+
+
+#: The output "parameters" of a float-output integer op (``NodeQuant.float_output``): scale 1,
+#: so its multiplier is ``s_x * s_w``; no zero point or clamp; float32.
+FLOAT_OUTPUT = QParams(1.0, 0, "float32", 0, 0)
 
 
 def get_qspec(node: fx.Node) -> Optional[NodeQuant]:

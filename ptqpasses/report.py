@@ -42,7 +42,9 @@ def coverage(qgraph: fx.GraphModule) -> list[CoverageEntry]:
             continue
         if _is_ptq(node):
             if _ptq_name(node) not in _CONVERSIONS:
-                out.append(CoverageEntry(node.name, f"ptq.{_ptq_name(node)}", True,
+                spec = meta.get_qspec(node)
+                rule = spec.reason if spec is not None and spec.float_output else ""
+                out.append(CoverageEntry(node.name, f"ptq.{_ptq_name(node)}", True, rule,
                                          where=meta.location(node)))
         elif meta.float_reason(node) is not None:
             out.append(CoverageEntry(node.name, str(node.target), False, meta.float_reason(node),

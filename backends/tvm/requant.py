@@ -19,7 +19,10 @@ def f32(value) -> tirx.PrimExpr:
 
 
 def requant_te(acc, multiplier, out_zp: int, qmin: int, qmax: int, dtype: str):
-    """``clamp(rne(float32(acc) * m) + out_zp, qmin, qmax)`` cast to ``dtype`` (TE scalar)."""
+    """``clamp(rne(float32(acc) * m) + out_zp, qmin, qmax)`` cast to ``dtype`` (TE scalar);
+    ``float32(acc) * m`` for a float32 output (a float-output op)."""
+    if dtype == "float32":
+        return acc.astype("float32") * multiplier
     y = tirx.round(acc.astype("float32") * multiplier) + f32(out_zp)
     y = tirx.min(tirx.max(y, f32(qmin)), f32(qmax))
     return y.astype(dtype)
@@ -35,6 +38,8 @@ def requant_relax(bb, acc, multiplier, out_zp: int, qmin: int, qmax: int, dtype:
         np.float32(multiplier), "float32")
     y = _emit(bb, relax.op.astype(acc, "float32"))
     y = _emit(bb, relax.op.multiply(y, m))
+    if dtype == "float32":  # a float-output op
+        return y
     y = _emit(bb, relax.op.round(y))
     y = _emit(bb, relax.op.add(y, relax.const(np.float32(out_zp), "float32")))
     y = _emit(bb, relax.op.clip(y, float(qmin), float(qmax)))

@@ -36,10 +36,16 @@ def requantize_acc(
     float32 scalar or a float32 tensor broadcastable against ``acc``. ``float32(acc)`` is
     the exact accumulator rounded to float32 (exact for |acc| < 2**24); an accumulator
     beyond int32 occurs only with int16 operands (int64 accumulation, see the module doc).
+
+    ``dtype`` float32 is a float output (an integer op whose consumers are float): the
+    dequantized accumulator ``float32(acc) * m`` with ``m = s_x * s_w``, one float32 multiply;
+    ``out_zp``, ``qmin`` and ``qmax`` are unused (0).
     """
     m = torch.as_tensor(multiplier, dtype=torch.float32)
-    y = _rne(acc.to(torch.int64).to(torch.float32) * m) + out_zp
-    return y.clamp(qmin, qmax).to(dtype)
+    y = acc.to(torch.int64).to(torch.float32) * m
+    if dtype == torch.float32:
+        return y
+    return (_rne(y) + out_zp).clamp(qmin, qmax).to(dtype)
 
 
 def _centered(x: torch.Tensor, zp: int) -> torch.Tensor:

@@ -77,6 +77,8 @@ class Annotate(Pass):
             if node.op == "call_function" and meta.get_qspec(node) is None:
                 _float(node, "input is not quantized" if node.target in SHARE
                        else f"{op_name(node)} is not in the integer operator set")
+        if cfg.policy == "cost":
+            _cost_policy(gm)
         return True
 
     def _annotate_compute(self, gm, node, act: QSpec, weight: QSpec, cfg: QuantConfig):
@@ -95,9 +97,80 @@ class Annotate(Pass):
         meta.set_qspec(node, nq)
 
 
-def _float(node: fx.Node, reason: str) -> None:
+#: Integer ops that can hand a float consumer their dequantized accumulator.
+FLOAT_OUTPUT = {aten.conv2d.default, aten.linear.default, aten.matmul.default,
+                aten.bmm.default}
+
+
+def _cost_policy(gm: fx.GraphModule) -> None:
+    """``QuantConfig.policy == "cost"``: an output is quantized only where an integer op reads
+    it. Walks the graph users first, so every user's decision is final when its producer is
+    decided. A conv / linear / matmul that no integer op reads gets a float output (its
+    integer inputs and weights stay); any other integer-set op (add, mul, cat, pools, mean,
+    tables) that no integer op reads stays float, and no longer asks for its inputs; an
+    observed float or input tensor that no integer op reads is not observed. Every such
+    decision writes its rule into the node's reason (coverage report).
+
+    Before (annotated for "all")::
+
+        %lin = linear(%x)            compute, output uint8
+        %add = add(%lin, %h)         compute, output uint8 (asks %h quantized)
+        %ln = layer_norm(%add)       float
+
+    After::
+
+        %lin: compute, float output   %add: float   %h: not observed
+    """
+    needed: dict[fx.Node, bool] = {}
+    for node in reversed(list(gm.graph.nodes)):
+        q = meta.get_qspec(node)
+        if q is None:
+            continue
+        need = any(_reads_integer(user, node, needed) for user in node.users)
+        if q.role == "compute":
+            fused = next((u for u in node.users if (meta.get_qspec(u) or NodeQuant("")).role
+                          == "fused"), None)
+            if needed.get(fused, False) if fused is not None else need:
+                needed[node] = True
+                continue
+            needed[node] = False
+            if node.target in FLOAT_OUTPUT:
+                meta.set_qspec(node, q.replace(output=None, float_output=True, reason=(
+                    "float output: its consumers are float (cost policy)")))
+                after = f"float, after {node.name!r}'s float output"
+            else:
+                _float(node, f"no integer op reads its output: an integer {op_name(node)} "
+                       "would add a conversion, not remove one (cost policy)", observed=False)
+                after = f"float, after {node.name!r} (float by the cost policy)"
+            if fused is not None:
+                _float(fused, after, observed=False)
+            continue
+        needed[node] = need
+        if q.role == "share" and not need:
+            meta.set_qspec(node, NodeQuant("float", reason="no integer op reads it (cost "
+                                                           "policy)"))
+        elif q.role in ("input", "float") and q.output is not None and not need:
+            meta.set_qspec(node, q.replace(output=None))
+
+
+def _reads_integer(user: fx.Node, node: fx.Node, needed: dict) -> bool:
+    """Whether ``user`` (decided) reads ``node``'s output as an integer tensor."""
+    q = meta.get_qspec(user)
+    if q is None:
+        return False
+    if q.role == "compute":
+        return node in _activation_inputs(user)
+    if q.role in ("share", "fused"):
+        return needed.get(user, False)
+    return False
+
+
+def _float(node: fx.Node, reason: str, observed: bool = True) -> None:
+    """Role "float" with ``reason``; its output stays observed (an integer op reads it) unless
+    ``observed`` is False."""
     old = meta.get_qspec(node)
-    meta.set_qspec(node, NodeQuant("float", output=old.output if old else None, reason=reason))
+    meta.set_qspec(node, NodeQuant("float", output=old.output if old and observed else None,
+                                   reason=reason))
 
 
 def _is_quantized(node) -> bool:

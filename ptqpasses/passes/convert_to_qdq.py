@@ -96,10 +96,24 @@ def _qdq_nodes(gm: fx.GraphModule, x: fx.Node, params: QParams) -> tuple[fx.Node
 
 
 def _replace_with_qdq(gm, obs: fx.Node, x: fx.Node, params: QParams) -> None:
+    """The observer's readers read ``dequantize(quantize(x))``, except float ops reading a
+    float tensor (an input, or a float op's output, that an integer op wants quantized):
+    those read ``x`` itself, so a tensor is not rounded to 8 bits on its way to a float op.
+    (The output of an integer op is an integer tensor for every reader.)"""
     with gm.graph.inserting_before(obs):
         _, dq = _qdq_nodes(gm, x, params)
-    obs.replace_all_uses_with(dq)
+    source = meta.get_qspec(x)
+    if source is not None and source.role in ("float", "input"):
+        obs.replace_all_uses_with(dq, delete_user_cb=lambda u: not _is_float_op(u))
+        obs.replace_all_uses_with(x)
+    else:
+        obs.replace_all_uses_with(dq)
     gm.graph.erase_node(obs)
+
+
+def _is_float_op(user: fx.Node) -> bool:
+    q = meta.get_qspec(user)
+    return q is not None and q.role == "float"
 
 
 def _insert_qdq_after(gm, node: fx.Node, params: QParams) -> None:

@@ -292,6 +292,7 @@ class LowerToIntegerOps(Pass):
                 q.replace_all_uses_with(new)
                 gm.graph.erase_node(q)
             modified = True
+        modified |= _lower_float_outputs(gm, lowering)
         modified |= _fold_quantize_dequantize(gm)
         modified |= _drop_identity_requantize(gm)
         if modified:
@@ -299,6 +300,30 @@ class LowerToIntegerOps(Pass):
             remove_unused_attributes(gm)
         _record_float_reasons(gm)
         return modified
+
+
+def _lower_float_outputs(gm: fx.GraphModule, lowering: _Lowering) -> bool:
+    """Float-output ops (``NodeQuant.float_output``): ``op(dequantize(...))`` read by float
+    consumers becomes the integer op with a float32 output, ``float32(acc) * s_x * s_w``
+    (``meta.FLOAT_OUTPUT``: scale 1)."""
+    modified = False
+    for op in list(gm.graph.nodes):
+        spec = meta.get_qspec(op)
+        if op.op != "call_function" or spec is None or not spec.float_output:
+            continue
+        with gm.graph.inserting_before(op):
+            new = _RULES[COMPUTE[op.target]](lowering, op, None, meta.FLOAT_OUTPUT, op)
+        if isinstance(new, str):
+            meta.set_float_reason(op, f"not lowered: {new}")
+            continue
+        meta.set_source(new, meta.source(op))
+        meta.copy_location(new, op)
+        meta.set_qspec(new, spec)
+        if "val" in op.meta:
+            new.meta["val"] = op.meta["val"]
+        op.replace_all_uses_with(new)
+        modified = True
+    return modified
 
 
 def _fold_quantize_dequantize(gm: fx.GraphModule) -> bool:

@@ -21,6 +21,15 @@ def qdtype(draw):
     return dtype, zp, qmin, qmax
 
 
+@st.composite
+def out_qdtype(draw):
+    """An output's (dtype, zero point, qmin, qmax): :func:`qdtype`, or now and then float32
+    (a float-output conv / linear / matmul: ``float32(acc) * m``, no zero point or clamp)."""
+    if draw(st.integers(0, 3)) == 0:
+        return torch.float32, 0, 0, 0
+    return draw(qdtype())
+
+
 def multiplier(draw) -> float:
     """A float32 multiplier; powers of two make round-half-to-even ties frequent."""
     m = draw(st.one_of(st.sampled_from([0.5, 0.25, 0.125, 1.0]),

@@ -34,18 +34,20 @@ CONVS = [
     # shallow reductions (MobileNetV2's expand convs: 16, 24 channels), zero-padded to 64
     (16, 12, 12, 96, 1, 1, 0, 1, U8, 3, I8, 0, True),
     (24, 9, 9, 32, 1, 1, 0, 1, I8, -7, U8, 2, True),
+    # a float output (float32(acc) * m: the cost policy's conv before a float op)
+    (64, 10, 10, 48, 3, 1, 1, 1, U8, 17, torch.float32, 0, True),
 ]
 #: (shape after the batch, k, n, in dtype, x_zp, out dtype, out_zp)
 DENSES = [((512,), 512, 1000, I8, 2, I8, 0), ((37, 147), 147, 64, U8, 100, U8, 3),
           ((64, 768), 768, 768, I8, -1, I8, 2), ((16, 64), 64, 16, U8, 0, I8, 0),
-          ((20, 20), 20, 48, I8, 4, I8, -1)]
+          ((20, 20), 20, 48, I8, 4, I8, -1), ((6, 96), 96, 40, U8, 9, torch.float32, 0)]
 
 
 def _graph(convs=CONVS, denses=DENSES, batch: int = 1, seed: int = 0):
     b, outs, inputs = GraphBuilder(), [], []
     for i, (c, h, w, o, k, s, p, d, dt, xzp, odt, ozp, bias) in enumerate(convs):
         x = b.input(f"conv_in{i}")
-        lo, hi = (-128, 127) if odt == I8 else (0, 255)
+        lo, hi = {I8: (-128, 127), U8: (0, 255)}.get(odt, (0, 0))
         bias_c = b.const(torch.randint(-20000, 20000, (o,), dtype=torch.int32,
                                        generator=torch.Generator().manual_seed(i))) \
             if bias else None
@@ -56,7 +58,7 @@ def _graph(convs=CONVS, denses=DENSES, batch: int = 1, seed: int = 0):
         inputs.append(int_tensor(seed + i, (batch, c, h, w), dt))
     for i, (shape, k, n_out, dt, xzp, odt, ozp) in enumerate(denses):
         x = b.input(f"dense_in{i}")
-        lo, hi = (-128, 127) if odt == I8 else (0, 255)
+        lo, hi = {I8: (-128, 127), U8: (0, 255)}.get(odt, (0, 0))
         bias_c = b.const(torch.randint(-9000, 9000, (n_out,), dtype=torch.int32,
                                        generator=torch.Generator().manual_seed(i)))
         outs.append(b.call(P.linear.default, x, xzp, b.const(weight(100 + i, (n_out, k))),

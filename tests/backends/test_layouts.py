@@ -23,7 +23,7 @@ def _conv(b, x, seed, c_in, c_out, k=3, stride=1, pad=1, groups=1, x_zp=3, out=(
                                  generator=torch.Generator().manual_seed(seed)))
     m = b.const(multipliers(seed + 1, c_out, 0.002))
     dt, zp = out
-    lo, hi = (-128, 127) if dt == I8 else (0, 255)
+    lo, hi = {I8: (-128, 127), U8: (0, 255)}.get(dt, (0, 0))  # (float32: a float output)
     return b.call(P.conv2d.default, x, x_zp, w, bias, [stride] * 2, [pad] * 2, [1, 1],
                   groups, m, zp, max(lo, zp) if seed % 2 else lo, hi, dt)
 
@@ -87,6 +87,37 @@ def test_nhwc_is_kept_between_integer_ops(tvm_backend, target, input_transposes)
                if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and "ptq.kernel" in f.attrs}
     assert layouts["conv2d"] == layouts["conv2d_depthwise"] == "NHWC", layouts
     assert layouts["max_pool2d"] == layouts["avg_pool2d"] == "NHWC", layouts
+
+
+F32 = torch.float32
+
+
+@pytest.mark.parametrize("target", STRATEGIES + (["x86-amx"] if host_has("amx-int8") else []))
+def test_float_outputs_are_exact(tvm_backend, target):
+    """Float-output ops (``float32(acc) * m``, docs/integer_ops.md) on every CPU strategy this
+    machine runs: 3x3, strided 1x1 and depthwise convs (NHWC inside), a linear and an
+    attention-style matmul, with a dynamic batch."""
+    b = GraphBuilder()
+    x = b.input("x")
+    y = _conv(b, x, 1, 8, 32, out=(U8, 5))
+    outs = [_conv(b, y, 3, 32, 16, out=(F32, 0)),
+            _conv(b, y, 5, 32, 24, k=1, pad=0, stride=2, x_zp=5, out=(F32, 0)),
+            _conv(b, y, 7, 32, 32, groups=32, x_zp=5, out=(F32, 0))]
+    flat = b.call(P.mean.default, y, 5, [2, 3], False, 0.05, 2, 0, 255, U8)
+    w = b.const(weight(9, (20, 32)))
+    bias = b.const(torch.randint(-3000, 3000, (20,), dtype=torch.int32))
+    outs.append(b.call(P.linear.default, flat, 2, w, bias, b.const(multipliers(10, 20, 0.01)),
+                       0, 0, 0, F32))
+    q = b.input("q")
+    outs.append(b.call(P.matmul.default, q, 3, q, 3, 0.001, 0, 0, 0, F32))
+    gm = b.build(tuple(outs))
+    cm = tvm_backend.compile(gm, target, example_inputs=[int_tensor(0, (2, 8, 9, 11), U8),
+                                                         int_tensor(1, (2, 16, 16), U8)])
+    for n, seed in ((2, 0), (3, 5)):
+        xs = [int_tensor(seed, (n, 8, 9, 11), U8), int_tensor(seed + 1, (n, 16, 16), U8)]
+        got, want = cm(*xs), gm(*xs)
+        assert all(g.dtype == torch.float32 for g in want)
+        assert_exact(got, want, f"{target} batch {n}")
 
 
 def test_depthwise_on_nhwc_inputs_is_exact(tvm_backend):

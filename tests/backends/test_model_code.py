@@ -121,7 +121,10 @@ def test_identities_are_erased_and_same_padding_is_explicit():
     with torch.no_grad():
         ref = model(x)
     got = ptq_tvm.compile(q, target="host")(x)
-    assert torch.equal(got, q(x))
+    # (the conv feeding the spatial mean has a float output, the mean stays float: TVM's
+    # float sum may differ from ATen's in the last ulps)
+    want = q(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * float(want.abs().max()))
     assert 10 * torch.log10(ref.pow(2).mean() / (ref - got).pow(2).mean()) > 25
 
 

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from tests.backends.conftest import P, GraphBuilder, assert_exact, kernel_probe
-from tests.backends.strategies import (int_tensor, multiplier, multipliers, qdtype,
-                                       weight)
+from tests.backends.strategies import (int_tensor, multiplier, multipliers, out_qdtype,
+                                       qdtype, weight)
 
 # Every example compiles a module (~1-3 s here), so examples are few and shrinking is off:
 # a failure is reported as drawn, which is already small. Examples are drawn afresh on every
@@ -41,7 +41,7 @@ def _run(tvm_backend, gm, inputs, dynamic_batch=True):
 @st.composite
 def conv_case(draw):
     dtype, zp, _, _ = draw(qdtype())
-    odt, ozp, qmin, qmax = draw(qdtype())
+    odt, ozp, qmin, qmax = draw(out_qdtype())
     kind = draw(st.sampled_from(["dense", "grouped", "depthwise"]))
     groups = {"dense": 1, "grouped": draw(st.integers(2, 3)),
               "depthwise": draw(st.integers(2, 5))}[kind]
@@ -79,7 +79,7 @@ def test_conv2d(tvm_backend, cases):
 @st.composite
 def linear_case(draw):
     dtype, zp, _, _ = draw(qdtype())
-    odt, ozp, qmin, qmax = draw(qdtype())
+    odt, ozp, qmin, qmax = draw(out_qdtype())
     lead = draw(st.sampled_from([[2], [1], [2, 3]]))
     return dict(dtype=dtype, zp=zp, odt=odt, ozp=ozp, qmin=qmin, qmax=qmax, lead=lead,
                 k=draw(st.integers(1, 40)), n=draw(st.integers(1, 40)),
@@ -109,7 +109,7 @@ def test_linear(tvm_backend, cases):
 def matmul_case(draw):
     adt, azp, _, _ = draw(qdtype())
     bdt, bzp, _, _ = draw(qdtype())
-    odt, ozp, qmin, qmax = draw(qdtype())
+    odt, ozp, qmin, qmax = draw(out_qdtype())
     m, k, n = (draw(st.integers(1, 9)) for _ in range(3))
     a_batch, b_batch = draw(st.sampled_from([([2], [2]), ([2, 3], [1, 3]), ([], [2]), ([3], []),
                                              ([2, 1], [1, 2])]))

@@ -9,6 +9,7 @@ from torch import nn
 import ptqpasses
 from ptqpasses import (Annotate, CalibrationError, ConfigError, InsertObservers, QSpec,
                        QuantConfig, Scheme, meta)
+from ptqpasses.report import sqnr
 from ptqpasses.observers import (HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver,
                                  qparams_from_range)
 
@@ -38,14 +39,69 @@ def test_default_roles():
     assert q["conv2d"].weight.per_channel and q["conv2d"].weight.dtype == "int8"
     assert q["relu"].role == "fused" and q["relu"].fused_into == "conv2d"
     assert q["x"].role == "input" and q["x"].output.dtype == "uint8"
+    # the head's only consumer is the graph output: integer inputs, float output
+    assert q["linear"].role == "compute" and q["linear"].output is None
+    assert q["linear"].float_output and "cost policy" in q["linear"].reason
+    _, q = _annotated(QuantConfig(policy="all"))
     assert q["linear"].role == "compute" and q["linear"].output is not None
+    assert not q["linear"].float_output
+
+
+class Block(nn.Module):
+    """A transformer-like block: linear -> residual add -> LayerNorm -> GELU MLP -> add."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn, self.up, self.down = nn.Linear(16, 16), nn.Linear(16, 32), nn.Linear(32, 16)
+        self.ln1, self.ln2 = nn.LayerNorm(16), nn.LayerNorm(16)
+
+    def forward(self, h):
+        h = self.ln1(h + self.attn(h))
+        return self.ln2(h + self.down(nn.functional.gelu(self.up(h))))
+
+
+def test_cost_policy_keeps_float_only_consumers_inputs_float():
+    gm = ptqpasses.capture(Block().eval(), (torch.randn(2, 5, 16),))
+    Annotate(QuantConfig())(gm)
+    q = {n.name: meta.get_qspec(n) for n in gm.graph.nodes}
+    # the residual adds feed LayerNorm only: float, and they no longer ask for their inputs
+    assert q["add"].role == q["add_1"].role == "float"
+    assert "cost policy" in q["add"].reason
+    # so the linears before them hand their accumulators to float consumers
+    assert q["linear"].float_output and q["linear_2"].float_output
+    # GELU feeds an integer linear: a table on integers, its producer's output quantized
+    assert q["gelu"].role == "compute" and q["linear_1"].output is not None
+    assert not q["linear_1"].float_output
+    # tensors only float ops read are not observed; linear inputs are
+    assert q["layer_norm"].output is not None and q["h"].output is not None
+    assert q["layer_norm_1"].output is None
+    # the same block with policy "all": every add integer
+    gm = ptqpasses.capture(Block().eval(), (torch.randn(2, 5, 16),))
+    Annotate(QuantConfig(policy="all"))(gm)
+    assert meta.get_qspec(next(n for n in gm.graph.nodes if n.name == "add")).role == "compute"
+
+
+def test_cost_policy_float_outputs_lower_to_integer_ops_with_float32_results():
+    torch.manual_seed(0)
+    m = Block().eval()
+    data = [(torch.randn(2, 5, 16),) for _ in range(3)]
+    q = ptqpasses.quantize(m, data[0], data, progress=False)
+    lins = [n for n in q.graph.nodes if n.target is torch.ops.ptq.linear.default]
+    assert [n.args[-1] for n in lins] == [torch.float32, torch.uint8, torch.float32]
+    assert all(c.integer for c in ptqpasses.coverage(q) if "linear" in c.op)
+    rules = [c.reason for c in ptqpasses.coverage(q) if c.op == "ptq.linear"]
+    assert rules[0].startswith("float output") and rules[1] == ""  # the report says which rule
+    # the float-output op is the dequantized accumulator: float32(acc) * s_x * s_w
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        assert sqnr(m(x), q(x)) > 25.0
 
 
 def test_overrides_by_name_type_regex_and_keep_float():
     int8 = Scheme(activation=QSpec(dtype="int8", symmetric=True),
                   weight=QSpec(dtype="int8", symmetric=True, per_channel=False))
     _, q = _annotated(QuantConfig(by_module_name={"features.2": None},
-                                  by_module_type={nn.Linear: int8}))
+                                  by_module_type={nn.Linear: int8}, policy="all"))
     assert q["conv2d_1"].role == "float" and "by_module_name 'features.2'" in q["conv2d_1"].reason
     assert q["linear"].weight.per_channel is False
     assert q["linear"].output.dtype == "int8"
@@ -79,7 +135,11 @@ def test_config_dict_round_trip():
     cfg = QuantConfig(by_module_type={nn.Linear: None, "Conv2d": Scheme()},
                       by_node_regex={"a.*": Scheme()}, keep_float=("x",))
     again = QuantConfig.from_dict(cfg.to_dict())
-    assert again.to_dict() == cfg.to_dict()
+    assert again.to_dict() == cfg.to_dict() and again.policy == "cost"
+    # a dict from before the policy existed meant every op integer
+    assert QuantConfig.from_dict({"keep_float": []}).policy == "all"
+    with pytest.raises(ConfigError, match="policy"):
+        QuantConfig(policy="some")
 
 
 def test_observer_qparams():
@@ -173,4 +233,4 @@ def test_calibration_split_across_graphs_merges_to_the_same_qparams():
     merge(a, b)
     qa = [meta.get_qparams(n) for n in a.graph.nodes if n.op == "call_module"]
     qw = [meta.get_qparams(n) for n in whole.graph.nodes if n.op == "call_module"]
-    assert qa == qw and len(qa) == 5
+    assert qa == qw and len(qa) == 4  # x, relu, conv2d_1, mean (the head: float output)

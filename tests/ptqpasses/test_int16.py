@@ -26,7 +26,7 @@ def test_int16_linear_accumulates_past_int32_exactly():
     torch.manual_seed(0)
     m = Wide().eval()
     calib = [(torch.randn(8, 64),) for _ in range(2)]
-    cfg = QuantConfig(by_module_name={"fc1": INT16, "fc2": INT16})
+    cfg = QuantConfig(by_module_name={"fc1": INT16, "fc2": INT16}, policy="all")
     observed = ptqpasses.prepare(m, calib[0], cfg)
     ptqpasses.calibrate(observed, calib, progress=False)
     import copy
@@ -61,8 +61,8 @@ def test_int16_per_node_output_keeps_int8_input():
     torch.manual_seed(0)
     m = Wide().eval()
     calib = [(torch.randn(8, 64),)]
-    q = ptqpasses.quantize(m, calib[0], calib, QuantConfig(by_module_name={"fc2": INT16}),
-                           progress=False)
+    q = ptqpasses.quantize(m, calib[0], calib, QuantConfig(by_module_name={"fc2": INT16},
+                                                           policy="all"), progress=False)
     lin = [n for n in q.graph.nodes if n.target is ptq.linear.default]
     assert ptqpasses.meta.get_qparams(lin[0]).dtype == "uint8"
     assert ptqpasses.meta.get_qparams(lin[1]).dtype == "int16"

@@ -30,7 +30,9 @@ class Block(nn.Module):
 
 
 def _quantize(model, shape, cfg=None, batches=3):
+    """The op-by-op lowering under test: every integer-set op integer (policy "all")."""
     data = [(torch.randn(*shape),) for _ in range(batches)]
+    cfg = cfg or QuantConfig(policy="all")
     gm = ptqpasses.prepare(model.eval(), data[0], cfg)
     ptqpasses.calibrate(gm, data, progress=False)
     qdq = ptqpasses.convert(gm, lower=False)
@@ -111,7 +113,7 @@ def test_elementwise_functions_become_exact_table_lookups():
 
 def test_keep_float_and_asymmetric_weights_are_reported():
     m = Block()
-    cfg = QuantConfig(keep_float=("c3",),
+    cfg = QuantConfig(policy="all", keep_float=("c3",),
                       by_module_name={"fc": Scheme(weight=QSpec(dtype="int8", symmetric=False,
                                                                 per_channel=True))})
     _, q = _quantize(m, (2, 3, 16, 16), cfg)
@@ -121,7 +123,7 @@ def test_keep_float_and_asymmetric_weights_are_reported():
 
 
 def test_int8_activations():
-    cfg = QuantConfig(activation=QSpec(dtype="int8", symmetric=False))
+    cfg = QuantConfig(policy="all", activation=QSpec(dtype="int8", symmetric=False))
     qdq, q = _quantize(Block(), (2, 3, 16, 16), cfg)
     conv = next(n for n in q.graph.nodes if n.target is ptq.conv2d.default)
     assert conv.args[-1] == torch.int8 and conv.args[1] != 0  # asymmetric int8 input
@@ -137,7 +139,7 @@ def test_reduce_range_activations_clamp_every_integer_output(dtype, lo, hi):
     (backends rely on it to prove ``vpmaddubsw`` exact), and the lowered graph still agrees
     with its QDQ simulation; the setting survives the config's dict round trip."""
     act = QSpec(dtype=dtype, reduce_range=True)
-    cfg = QuantConfig(activation=act)
+    cfg = QuantConfig(policy="all", activation=act)
     assert QuantConfig.from_dict(cfg.to_dict()) == cfg
     qdq, q = _quantize(Block(), (2, 3, 16, 16), cfg)
     clamped = [n for n in q.graph.nodes if isinstance(n.target, torch._ops.OpOverload)
@@ -174,9 +176,10 @@ def test_identity_requantize_is_dropped(monkeypatch):
     torch.manual_seed(0)
     calib = [(torch.randn(2, 8, 16),) for _ in range(4)]
     model = _Scores().eval()
-    q = ptqpasses.quantize(model, calib[0], calib, progress=False)
+    cfg = QuantConfig(policy="all")  # (the cost policy keeps the scores' scaling float)
+    q = ptqpasses.quantize(model, calib[0], calib, cfg, progress=False)
     monkeypatch.setattr(lowering, "_drop_identity_requantize", lambda gm: False)
-    kept = ptqpasses.quantize(model, calib[0], calib, progress=False)
+    kept = ptqpasses.quantize(model, calib[0], calib, cfg, progress=False)
     requant = [n for n in kept.graph.nodes if n.target is torch.ops.ptq.requantize.default]
     assert requant and all(abs(n.args[2] - 1.0) < 1e-6 for n in requant), requant
     assert not [n for n in q.graph.nodes if n.target is torch.ops.ptq.requantize.default]
@@ -210,7 +213,7 @@ class OneConv(nn.Module):
 def test_lowered_conv_matches_qdq_within_one_lsb(cpg, opg, groups, k, stride, pad, relu, shift,
                                                   per_channel, act):
     m = OneConv(cpg * groups, opg * groups, k, stride, pad, groups, relu)
-    cfg = QuantConfig(activation=QSpec(dtype=act, observer="minmax"),
+    cfg = QuantConfig(policy="all", activation=QSpec(dtype=act, observer="minmax"),
                       weight=QSpec(dtype="int8", symmetric=True, per_channel=per_channel))
     data = [(torch.randn(2, cpg * groups, 7, 7) + shift,) for _ in range(2)]
     gm = ptqpasses.prepare(m.eval(), data[0], cfg)
@@ -229,7 +232,7 @@ def test_lowered_conv_matches_qdq_within_one_lsb(cpg, opg, groups, k, stride, pa
 def test_lowered_linear_matches_qdq_within_one_lsb(k, n, seq, shift):
     m = nn.Linear(k, n)
     shape = (2, 5, k) if seq else (2, k)
-    cfg = QuantConfig(activation=QSpec(observer="minmax"))
+    cfg = QuantConfig(policy="all", activation=QSpec(observer="minmax"))
     data = [(torch.randn(*shape) + shift,) for _ in range(2)]
     gm = ptqpasses.prepare(m.eval(), data[0], cfg)
     ptqpasses.calibrate(gm, data, progress=False)

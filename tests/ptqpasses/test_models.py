@@ -34,7 +34,7 @@ def test_resnet18_per_channel_end_to_end():
     with torch.no_grad():
         assert sqnr(m(x), q(x)) > 28.0
     rep = ptqpasses.report(q, m, data[:1])
-    assert len(rep.nodes) == 31 and rep.output_sqnr_db > 27.0
+    assert len(rep.nodes) == 30 and rep.output_sqnr_db > 27.0  # (fc: float output, not listed)
     assert "| node | op |" in rep.to_markdown()
 
 
@@ -47,8 +47,9 @@ def test_bert_encoder_end_to_end():
     assert _count(q, ptq.linear.default) == 12 and _count(q, ptq.matmul.default) == 4
     assert _count(q, aten.linear.default) == 0
     floats = {c.op for c in ptqpasses.coverage(q) if not c.integer}
+    # (the residual adds feed LayerNorm only: float by the cost policy)
     assert floats <= {"aten.layer_norm.default", "aten.softmax.int", "aten.gelu.default",
-                      "aten.mul.Tensor", "aten.embedding.default"}
+                      "aten.mul.Tensor", "aten.embedding.default", "aten.add.Tensor"}
     x = torch.randn(3, 11, 64)  # other batch and sequence length
     with torch.no_grad():  # measured 33.7 / 33.6 / 33.0 dB with seeds 0/1/2 (2026-12-06)
         assert sqnr(m(x), q(x)) > 31.0

@@ -10,6 +10,10 @@ import ptqpasses
 from ptqpasses.report import sqnr
 from ptqpasses.sensitivity import AutoMixedPrecision, node_sensitivity, output_sqnr
 
+#: Every op of the integer set integer: the model below breaks that on purpose. (The default
+#: cost policy keeps its masked add float by itself: it feeds a softmax.)
+ALL = ptqpasses.QuantConfig(policy="all")
+
 
 class MaskedScores(nn.Module):
     """A BERT-like additive -1e4 mask: int8 on the masked sum destroys the scores."""
@@ -38,11 +42,22 @@ def test_sensitivity_ranks_the_masked_add_first():
     m = MaskedScores().eval()
     calib = _data(3, 0)
     gm = ptqpasses.capture(m, calib[0])
-    ranking = node_sensitivity(gm, calib, calib)
+    ranking = node_sensitivity(gm, calib, calib, ALL)
     assert ranking[0].node == "add" and ranking[0].op == "add.Tensor"
     assert ranking[0].score < ranking[-1].score - 10
     # the scalar scalings (mask * -1e4, softmax * 4) are integer requantizes too
     assert {r.node for r in ranking} == {"linear", "linear_1", "linear_2", "add", "mul", "mul_1"}
+
+
+def test_the_cost_policy_keeps_the_masked_add_float():
+    torch.manual_seed(0)
+    m = MaskedScores().eval()
+    calib, held = _data(3, 0), _data(2, 1)
+    q = ptqpasses.quantize(m, calib[0], calib, progress=False)
+    assert not [n for n in q.graph.nodes if n.target is torch.ops.ptq.add.default]
+    assert all(c.integer for c in ptqpasses.coverage(q) if c.op.startswith("ptq.linear"))
+    with torch.no_grad():  # (policy "all": below 25 dB, see the next test)
+        assert output_sqnr([m(*b) for b in held], [q(*b) for b in held]) >= 25.0
 
 
 def test_auto_mixed_precision_meets_its_target_and_reports_changes():
@@ -50,7 +65,7 @@ def test_auto_mixed_precision_meets_its_target_and_reports_changes():
     m = MaskedScores().eval()
     calib, held = _data(3, 0), _data(2, 1)
     gm = ptqpasses.capture(m, calib[0])
-    result = AutoMixedPrecision(target=25.0).search(gm, calib, calib)
+    result = AutoMixedPrecision(target=25.0).search(gm, calib, calib, ALL)
     assert result.score_int8 < 25.0 <= result.score and result.met
     assert [r.node for r in result.raised] == ["add"]
     assert result.config.keep_float == ("add",)
@@ -74,7 +89,7 @@ def test_auto_mixed_precision_with_a_metric_drop():
         r, o = torch.cat(ref).argmax(-1), torch.cat(out).argmax(-1)
         return float((r == o).float().mean())
 
-    result = AutoMixedPrecision(metric=agreement, max_drop=0.02).search(gm, calib, calib)
+    result = AutoMixedPrecision(metric=agreement, max_drop=0.02).search(gm, calib, calib, ALL)
     assert result.target == 0.98 and result.met
     assert "add" in result.config.keep_float
 
@@ -84,7 +99,7 @@ def test_report_ranked_markdown_and_png(tmp_path):
     m = MaskedScores().eval()
     calib = _data(2, 0)
     gm = ptqpasses.capture(m, calib[0])
-    result = AutoMixedPrecision(target=25.0).search(gm, calib, calib)
+    result = AutoMixedPrecision(target=25.0).search(gm, calib, calib, ALL)
     q = ptqpasses.quantize(copy.deepcopy(gm), calib[0], calib, result.config, progress=False)
     rep = ptqpasses.report(q, gm, calib)
     text = rep.ranked_markdown(result, title="masked")
@@ -102,7 +117,7 @@ def test_auto_mixed_precision_raising_to_int16_keeps_integer_ops():
     m = MaskedScores().eval()
     calib, held = _data(3, 0), _data(2, 1)
     gm = ptqpasses.capture(m, calib[0])
-    result = AutoMixedPrecision(target=20.0, raise_to="int16").search(gm, calib, calib)
+    result = AutoMixedPrecision(target=20.0, raise_to="int16").search(gm, calib, calib, ALL)
     assert result.met and result.score_int8 < 20.0 and "add" in [r.node for r in result.raised]
     assert result.config.keep_float == ()
     q = ptqpasses.quantize(copy.deepcopy(gm), calib[0], calib, result.config, progress=False)

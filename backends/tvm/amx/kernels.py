@@ -300,7 +300,8 @@ def default_blocking(m_tiles, n_tiles: int) -> Blocking:
 
 @dataclass(frozen=True)
 class Requant:
-    """``clamp(rne(float32(acc) * mult) + out_zp, qmin, qmax)`` cast to ``out_dtype``.
+    """``clamp(rne(float32(acc) * mult) + out_zp, qmin, qmax)`` cast to ``out_dtype``
+    (``float32(acc) * mult`` for a float32 output: a float-output op).
 
     Emitted as ``rne(clamp(float32(acc) * mult, qmin - out_zp, qmax - out_zp)) + out_zp``,
     which is equal for every acc (round is monotone and fixes the integer bounds; adding
@@ -321,6 +322,8 @@ class Requant:
         idt = "int32" if lanes == 1 else f"int32x{lanes}"
         odt = self.out_dtype if lanes == 1 else f"{self.out_dtype}x{lanes}"
         y = T.Cast(fdt, acc) * mult
+        if self.out_dtype == "float32":  # a float-output op: the dequantized accumulator
+            return y
         y = T.min(T.max(y, const(self.qmin - self.out_zp)), const(self.qmax - self.out_zp))
         q = T.Cast(idt, T.round(y))
         if self.out_zp:
