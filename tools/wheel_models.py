@@ -216,8 +216,10 @@ def reference_sentences() -> tuple[tuple[str, ...], tuple[str, ...]]:
             if 8 <= len(s.split()) <= 30 and "--" not in s and \
                     re.fullmatch(r"[A-Za-z ,;'\-()]+[.!?]", s):
                 split[i % 2].append(s)
+    calib = sorted(set(split[0]))
+    held = sorted(set(split[1]) - set(calib))  # topics repeat some sentences
     rng = random.Random(0)
-    return tuple(rng.sample(split[0], 40)), tuple(rng.sample(split[1], 40))
+    return tuple(rng.sample(calib, 40)), tuple(rng.sample(held, 40))
 
 
 def photo_windows(n: int, size: tuple[int, int], split: str, seed: int = 0) -> torch.Tensor:
