@@ -1,4 +1,5 @@
-"""The ``ptq`` command: quantize, report, compile, tune, demo, bench, profile, fuzz and zoo."""
+"""The ``ptq`` command: quantize, report, compile, tune, demo, bench, profile, fuzz, zoo and
+observer-zoo."""
 
 from __future__ import annotations
 
@@ -162,7 +163,13 @@ EXAMPLES = {
     "profile": "ptq profile --model minilm --config recipe --json minilm-profile.json",
     "fuzz": "ptq fuzz --graphs 2000 --budget 5400 --seed 0 --out fuzz.json",
     "zoo": "ptq zoo --models bert,gpt2,vit,resnet --peers pt2e ort --out zoo-out",
+    "observer-zoo": "ptq observer-zoo --out docs/accuracy",
 }
+
+
+def cmd_observer_zoo(args) -> int:
+    from tools.observer_zoo import run_cli
+    return run_cli(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
             cmd_zoo)
     from tools.zoo import add_arguments as add_zoo_arguments
     add_zoo_arguments(p)
+    p = add("observer-zoo", "real-weight models from PyPI wheels with held-out real inputs: "
+            "the default flow with each activation observer, and the static peers (markdown "
+            "and JSON)", cmd_observer_zoo)
+    from tools.observer_zoo import add_arguments as add_observer_zoo_arguments
+    add_observer_zoo_arguments(p)
     return parser
 
 
