@@ -18,7 +18,11 @@ import torch.fx as fx
 
 from ptqpasses.meta import QSpec
 
-DEFAULT_ACTIVATION = QSpec(dtype="uint8", symmetric=False, observer="histogram")
+#: The default activation observer is MSE: on the observer zoo (9 real-weight models, cost
+#: policy) it had the best mean rank and the smallest worst-case gap on the models it was
+#: chosen on, and the smallest worst-case gap on the held-out ones (README, "Which activation
+#: observer"); histogram at the 99.99 percentile, the earlier default, lost 11 dB on MiniLM.
+DEFAULT_ACTIVATION = QSpec(dtype="uint8", symmetric=False, observer="mse")
 DEFAULT_WEIGHT = QSpec(dtype="int8", symmetric=True, per_channel=True, observer="minmax")
 
 

@@ -40,7 +40,7 @@ class QSpec:
     symmetric: bool = False
     per_channel: bool = False
     axis: int = 0
-    observer: str = "histogram"
+    observer: str = "mse"  # (chosen by the observer zoo: README, "Which activation observer")
     percentile: float = 99.99
     reduce_range: bool = False
 

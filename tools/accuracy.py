@@ -234,7 +234,8 @@ def ptqpasses_recipe(task: Task, report_dir: Optional[str] = None):
                                                   observer="minmax"), weight)}
             notes.append(f"int16 activations for {len(names)} linears into the residual adds")
     if r.get("int16_nodes"):
-        wide[("|".join(r["int16_nodes"]))] = Scheme(QSpec(dtype="int16", symmetric=True), weight)
+        wide[("|".join(r["int16_nodes"]))] = Scheme(
+            QSpec(dtype="int16", symmetric=True, observer="histogram"), weight)
         notes.append(f"int16 activations for {', '.join(r['int16_nodes'])}")
     act = QSpec(observer=r.get("observer", "histogram"), reduce_range=r.get("reduce_range", False))
     if act.reduce_range:

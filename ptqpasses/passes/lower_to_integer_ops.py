@@ -309,7 +309,8 @@ def _lower_float_outputs(gm: fx.GraphModule, lowering: _Lowering) -> bool:
     modified = False
     for op in list(gm.graph.nodes):
         spec = meta.get_qspec(op)
-        if op.op != "call_function" or spec is None or not spec.float_output:
+        if (op.op != "call_function" or spec is None or spec.role != "compute"
+                or not spec.float_output):
             continue
         with gm.graph.inserting_before(op):
             new = _RULES[COMPUTE[op.target]](lowering, op, None, meta.FLOAT_OUTPUT, op)
