@@ -283,6 +283,10 @@ class Emitter:
             return self._batch_norm(node)
         if key == "scaled_dot_product_attention.default" and _needs_own_sdpa(node):
             return self._sdpa(node)
+        if key == "repeat.default":
+            y = self._repeat(node)
+            if y is not None:
+                return y
         if key == "slice.Tensor":
             y = self._slice(node)
             if y is not None:
@@ -313,6 +317,25 @@ class Emitter:
             return convert(node)
         finally:
             self.env[x] = xv
+
+    def _repeat(self, node: fx.Node):
+        """``x.repeat(batch, 1, 1)`` with a symbolic count (DeBERTa's relative positions):
+        TVM's ``tile`` takes only ints, so ``reshape -> broadcast_to -> reshape``
+        (``(d0, d1) -> (1, d0, 1, d1) -> (r0, d0, r1, d1) -> (r0*d0, r1*d1)``). None: all
+        counts are ints (TVM's converter)."""
+        x = self.env[node.args[0]]
+        reps = [self.env[r] if isinstance(r, fx.Node) else r for r in node.args[1]]
+        if all(isinstance(r, int) for r in reps):
+            return None
+        shape = list(x.ty.shape.values)
+        shape = [1] * (len(reps) - len(shape)) + shape  # repeat may add leading dims
+        reps = [r if isinstance(r, int) or not isinstance(r, tirx.IntImm) else int(r)
+                for r in reps]
+        inter = [v for d in shape for v in (1, d)]
+        wide = [v for r, d in zip(reps, shape) for v in (r, d)]
+        y = self.bb.emit(relax.op.reshape(x, inter))
+        y = self.bb.emit(relax.op.broadcast_to(y, wide))
+        return self.bb.emit(relax.op.reshape(y, [r * d for r, d in zip(reps, shape)]))
 
     def _slice(self, node: fx.Node):
         """``x[:, :seq]`` of a constant table (BERT's position ids): where torch gave the

@@ -173,3 +173,24 @@ def test_bounded_sequence_slices_and_boolean_masks_compile():
     cm = ptq_tvm.compile(q, target="host")  # was: add of (b, seq) and (1, min(seq, 32))
     ids = torch.randint(0, 50, (3, 12), generator=g)
     torch.testing.assert_close(cm(ids), q(ids), rtol=0, atol=0)
+
+
+class _RepeatByBatch(nn.Module):
+    """DeBERTa's relative positions: ``repeat`` by the (symbolic) batch size."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        rel = torch.arange(x.shape[1])[None, :, None].float().repeat(x.shape[0], 1, 1)
+        return self.fc(x) + rel
+
+
+def test_repeat_by_a_symbolic_count_compiles():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    q = ptqpasses.quantize(_RepeatByBatch().eval(), (x,), [(x,)], progress=False)
+    cm = ptq_tvm.compile(q, target="host")  # was: relax.op.tile takes only int counts
+    x3 = torch.randn(3, 5, 8)
+    torch.testing.assert_close(cm(x3), q(x3), rtol=0, atol=0)
