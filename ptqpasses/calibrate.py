@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Iterable
 
 import torch
@@ -10,6 +11,8 @@ from tqdm.auto import tqdm
 
 from ptqpasses import meta
 from ptqpasses.observers import CalibrationError, Observer
+
+log = logging.getLogger(__name__)
 
 
 def observers(gm: fx.GraphModule) -> list[tuple[fx.Node, Observer]]:
@@ -36,7 +39,7 @@ def calibrate(gm: fx.GraphModule, data: Iterable[Any], *, progress: bool = True)
         progress: show a tqdm progress bar.
 
     Raises:
-        CalibrationError: no batches, NaN/Inf at a node (named), or a graph without observers.
+        CalibrationError: no batches, NaN at a node (named), or a graph without observers.
     """
     obs = observers(gm)
     if not obs:
@@ -70,6 +73,48 @@ def merge(gm: fx.GraphModule, *others: fx.GraphModule) -> fx.GraphModule:
 
 
 def finalize(gm: fx.GraphModule) -> None:
-    """Writes each observer's qparams into its node's meta (after data or a merge)."""
+    """Writes each observer's qparams into its node's meta (after data or a merge). A value
+    that held Inf (a mask's -inf, MPNet's ``log(0)`` of relative positions, clamped later) has
+    no int8 range: it stays float, and so do the compute ops that asked for it quantized,
+    with the reason in the coverage report and a warning."""
+    changed = False
     for node, ob in observers(gm):
-        meta.set_qparams(node, ob.qparams(meta.get_qspec(node).output))
+        if ob.infinite:
+            _leave_float(gm, node, ob)
+            changed = True
+        else:
+            meta.set_qparams(node, ob.qparams(meta.get_qspec(node).output))
+    if changed:
+        gm.graph.lint()
+        gm.recompile()
+
+
+def _leave_float(gm: fx.GraphModule, obs: fx.Node, ob: Observer) -> None:
+    name = meta.observed_node(obs)
+    why = (f"input {name!r} held Inf in {ob.infinite} calibration batch(es) (no int8 range; "
+           "left float)")
+    src = obs.args[0]
+    sq = meta.get_qspec(src)
+    users, todo = [], list(obs.users)
+    if sq is not None and sq.role in ("compute", "fused"):  # its own output: no int8 range
+        users.append(src)
+    while todo:  # the ops that asked for the value quantized, through shape ops
+        u = todo.pop()
+        q = meta.get_qspec(u)
+        if q is not None and q.role == "share":
+            meta.set_qspec(u, q.replace(role="float", reason="input is not quantized"))
+            todo.extend(u.users)
+        elif q is not None and q.role in ("compute", "fused"):
+            users.append(u)
+    for u in users:
+        q = meta.get_qspec(u)
+        meta.set_qspec(u, q.replace(role="float", weight=None, fused_into=None, reason=why))
+        for f in u.users:  # an activation fused into it stays its own float op
+            fq = meta.get_qspec(f)
+            if fq is not None and fq.role == "fused" and fq.fused_into == u.name:
+                meta.set_qspec(f, fq.replace(role="float", fused_into=None, reason=why))
+    log.warning("calibrate: node %r held Inf during calibration: left float (%s)", name,
+                ", ".join(repr(u.name) for u in users) + " made float" if users
+                else "no integer op used it")
+    obs.replace_all_uses_with(obs.args[0])
+    gm.graph.erase_node(obs)

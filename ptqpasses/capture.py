@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import logging
 import re
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.fx as fx
 from torch.export import Dim, ExportedProgram
+
+log = logging.getLogger(__name__)
 
 
 class CaptureError(RuntimeError):
@@ -20,6 +23,10 @@ class CaptureError(RuntimeError):
 #: ``weights_digest``). Passes that rewrite weights (SmoothQuant, bias correction) keep it, so
 #: a recipe names the model weights it was derived from.
 WEIGHTS_KEY = "ptq.weights_sha256"
+
+#: ``GraphModule.meta`` key: the bounds capture gave dynamic dimensions that the model bounds
+#: itself (torch.export's suggested fixes, applied): ``{name: (min, max)}``.
+DIM_BOUNDS_KEY = "ptq.dynamic_dim_bounds"
 
 
 def weights_digest(gm: fx.GraphModule) -> str:
@@ -42,7 +49,7 @@ def capture(
     example_inputs: Sequence[Any] = (),
     *,
     dynamic_batch: bool = True,
-    dynamic_dims: Optional[Mapping[int, Mapping[int, str]]] = None,
+    dynamic_dims: Optional[Mapping[int, Mapping[int, str | Dim]]] = None,
 ) -> fx.GraphModule:
     """Returns an ATen-level GraphModule of ``model`` (what torch.compile backends see).
 
@@ -53,8 +60,17 @@ def capture(
             again).
         example_inputs: positional example inputs (a tuple).
         dynamic_batch: make dimension 0 of every tensor input one shared symbolic size.
-        dynamic_dims: more symbolic dimensions, ``{input_index: {dim: name}}``; equal names
-            are one symbol (e.g. ``{0: {1: "seq"}, 1: {1: "seq"}}`` for ids and mask).
+        dynamic_dims: more symbolic dimensions, ``{input_index: {dim: name or Dim}}``; equal
+            names are one symbol (e.g. ``{0: {1: "seq"}, 1: {1: "seq"}}`` for ids and mask).
+            A ``torch.export.Dim("seq", min=2, max=512)`` gives the dimension bounds; a plain
+            name is unbounded.
+
+    Where the model itself bounds a dynamic dimension (absolute position embeddings bound
+    the sequence by their table size), torch.export refuses the unbounded one and suggests
+    a bound; capture applies suggested bounds and relations between named dimensions (never
+    one that would make a dimension you asked to be dynamic a constant), logs a warning
+    naming them, and records them in ``gm.meta[DIM_BOUNDS_KEY]`` (``{name: (min, max)}``).
+    Pass a bounded ``Dim`` to choose the bound yourself.
     """
     if isinstance(model, ExportedProgram):
         return _with_digest(_cleanup(model.module()))
@@ -69,11 +85,97 @@ def capture(
     model.eval()
     example_inputs = _avoid_size_one_batch(example_inputs) if dynamic_batch else example_inputs
     shapes = _dynamic_shapes(example_inputs, dynamic_batch, dynamic_dims or {})
+    bounds: dict[str, tuple] = {}
+    first = None
+    for _ in range(_REFINE_TRIES):
+        try:
+            ep = torch.export.export(model, example_inputs, dynamic_shapes=shapes, strict=False)
+            break
+        except Exception as e:  # torch raises many unrelated types here
+            first = first or e
+            refined = _suggested_bounds(e, shapes)
+            if refined is None:
+                raise CaptureError(_explain(model, e)) from e
+            shapes, changed = refined
+            bounds.update(changed)
+    else:
+        raise CaptureError(_explain(model, first)) from first
+    if bounds:
+        log.warning("capture: %s bounds its dynamic dimensions; applied torch.export's "
+                    "suggested fix: %s (pass dynamic_dims with a bounded torch.export.Dim to "
+                    "choose the bounds)", type(model).__name__,
+                    ", ".join(_bound_text(name, lo, hi) for name, (lo, hi) in bounds.items()))
+    gm = _cleanup(ep.module())
+    if bounds:
+        gm.meta[DIM_BOUNDS_KEY] = bounds
+    return _with_digest(gm)
+
+
+def _bound_text(name: str, lo: Optional[int], hi: Optional[int]) -> str:
+    lo_text = f"{lo} <= " if lo and lo > 2 else ""  # export's own minimum is 2
+    return f"{lo_text}{name} <= {hi}" if hi is not None else f"{name} >= {lo}"
+
+
+def _dims(shapes) -> dict[str, Any]:
+    """Every named Dim of a dynamic_shapes spec (derived ones included), by name."""
+    out: dict[str, Any] = {}
+    for spec in shapes or ():
+        for d in (spec or {}).values():
+            if d is not None and not isinstance(d, int):
+                out.setdefault(d.__name__, d)
+    return out
+
+
+_FIX = re.compile(r"^\s*(\w+ = \S.*)$")
+_NOT_EQUAL = re.compile(r"values of (\w+) = .* in the specified range (\w+) <= (\d+) satisfy "
+                        r"the generated guard .* != (\d+)")
+#: Exports capture tries at most: each may bound a dimension further.
+_REFINE_TRIES = 3
+
+
+def _suggested_fixes(text: str) -> list[str]:
+    """The ``name = Dim(...)`` / ``name = expr`` lines after "Suggested fixes:" in ``text``;
+    for a guard ``seq != 128`` at the bound ``seq <= 128`` (GPT-Neo, after the first bound),
+    for which torch suggests nothing, ``seq = Dim('seq', max=127)``."""
+    if "Suggested fixes:" not in text:
+        m = _NOT_EQUAL.search(text)
+        if m and m.group(1) == m.group(2) and m.group(3) == m.group(4):
+            return [f"{m.group(1)} = Dim('{m.group(1)}', max={int(m.group(3)) - 1})"]
+        return []
+    fixes = []
+    for line in text.split("Suggested fixes:", 1)[1].strip().splitlines():
+        m = _FIX.match(line)
+        if not m:
+            break
+        fixes.append(m.group(1).strip())
+    return fixes
+
+
+def _suggested_bounds(e: Exception, shapes) -> Optional[tuple[tuple, dict[str, tuple]]]:
+    """(``shapes`` with torch.export's suggested fixes applied, ``{name: (min, max)}`` of the
+    dims they changed), or None where ``e`` suggests none, or one that makes a dynamic
+    dimension static (that would silently drop what the user asked for)."""
+    fixes = _suggested_fixes(str(e))
+    if not fixes:
+        return None
+    from torch.export.dynamic_shapes import refine_dynamic_shapes_from_suggested_fixes
     try:
-        ep = torch.export.export(model, example_inputs, dynamic_shapes=shapes, strict=False)
-    except Exception as e:  # torch raises many unrelated types here
-        raise CaptureError(_explain(model, e)) from e
-    return _with_digest(_cleanup(ep.module()))
+        refined = refine_dynamic_shapes_from_suggested_fixes(
+            "Suggested fixes:\n" + "\n".join(fixes), shapes)
+    except Exception:  # an unparsable suggestion: report the original error
+        return None
+    before, after = _dims(shapes), _dims(refined)
+    if set(after) != set(before) or any(isinstance(d, int) for spec in refined or ()
+                                        for d in (spec or {}).values()):
+        return None
+    changed = {}
+    for name, d in after.items():
+        lo, hi = getattr(d, "min", None), getattr(d, "max", None)
+        old = before[name]
+        if (lo, hi) != (getattr(old, "min", None), getattr(old, "max", None)) or \
+                type(d) is not type(old):
+            changed[name] = (lo, hi)
+    return (tuple(refined), changed) if changed else None
 
 
 def _is_aten_graph(gm: fx.GraphModule) -> bool:
@@ -86,10 +188,21 @@ def _avoid_size_one_batch(inputs: tuple) -> tuple:
                  and x.shape[0] == 1 else x for x in inputs)
 
 
-def _dynamic_shapes(inputs: tuple, batch: bool, extra: Mapping[int, Mapping[int, str]]):
-    dims: dict[str, Dim] = {}
+def _dynamic_shapes(inputs: tuple, batch: bool, extra: Mapping[int, Mapping[int, str | Dim]]):
+    dims: dict[str, Any] = {}
+    for spec in extra.values():  # bounded Dims first: a plain name then means the same Dim
+        for d in spec.values():
+            if isinstance(d, str):
+                continue
+            if not hasattr(d, "__name__"):
+                raise TypeError(f"dynamic_dims values are names or torch.export.Dim, got {d!r}")
+            old = dims.setdefault(d.__name__, d)
+            if (old.min, old.max) != (d.min, d.max):
+                raise ValueError(f"dynamic_dims gives dimension {d.__name__!r} two different "
+                                 f"bounds: {old.min}..{old.max} and {d.min}..{d.max}")
 
-    def dim(name: str) -> Dim:
+    def dim(name: str | Any) -> Any:
+        name = name if isinstance(name, str) else name.__name__
         return dims.setdefault(name, Dim(name))
 
     for i in extra:
@@ -126,13 +239,12 @@ def _explain(model: torch.nn.Module, e: Exception) -> str:
     if "dynamic" in text.lower() or "constraint" in text.lower():
         hint += (" If a dimension was wrongly made dynamic, pass dynamic_batch=False or adjust "
                  "dynamic_dims.")
-    fixes = text.split("Suggested fixes:", 1)[1].strip().splitlines() if \
-        "Suggested fixes:" in text else []
-    fixes = [ln.strip() for ln in fixes if ln.strip()][:4]
+    fixes = _suggested_fixes(text)[:4]
     if fixes:
-        hint += ("\ntorch.export suggests: " + "; ".join(fixes) + " (a dynamic dimension the "
-                 "model bounds, e.g. by its position embeddings; dynamic_dims takes no bounds "
-                 "yet: leave that dimension out of dynamic_dims to capture it static)")
+        hint += ("\ntorch.export suggests: " + "; ".join(fixes) + " (capture applies suggested "
+                 "bounds itself, but not one that makes a dynamic dimension a constant: leave "
+                 "that dimension out of dynamic_dims to capture it static, or give it a "
+                 "bounded torch.export.Dim)")
     return f"could not capture {type(model).__name__} with torch.export: {type(e).__name__}: {first}{where}{hint}"
 
 
@@ -206,10 +318,101 @@ def _to_dtype(gm: fx.GraphModule, node: fx.Node) -> None:
     gm.graph.erase_node(node)
 
 
+def _is_empty(x: Any, dim: int) -> bool:
+    val = x.meta.get("val") if isinstance(x, fx.Node) else None
+    if not isinstance(val, torch.Tensor):
+        return False
+    if val.dim() == 1 and isinstance(val.shape[0], int) and val.shape[0] == 0:
+        return True  # torch.cat skips a legacy 1-D empty tensor of any dtype
+    if val.dim() == 0:
+        return False
+    size = val.shape[dim % val.dim()]
+    return isinstance(size, int) and size == 0
+
+
+def _drop_empty_cat_inputs(gm: fx.GraphModule, node: fx.Node) -> None:
+    """``cat([empty, x])`` -> ``cat([x])`` -> ``x``: GPT-2's empty key/value cache constants
+    (``lifted_tensor``) would otherwise be observed and quantized without a single value."""
+    tensors, dim = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    out = node.meta.get("val")
+    keep = [x for x in tensors if not _is_empty(x, dim)]
+    if len(keep) == len(tensors) or not keep:
+        return
+    if len(keep) == 1:
+        kept = keep[0].meta.get("val")
+        if isinstance(out, torch.Tensor) and isinstance(kept, torch.Tensor) \
+                and kept.dtype == out.dtype:  # cat promotes dtypes; keep it where it does
+            node.replace_all_uses_with(keep[0])
+            gm.graph.erase_node(node)
+            return
+    node.args = (keep, *node.args[1:])
+
+
+def _replace(gm: fx.GraphModule, node: fx.Node, target, args: tuple) -> None:
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(target, args)
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+
+
+def _numpy_t(gm: fx.GraphModule, node: fx.Node) -> None:
+    """``x.T`` (``aten.numpy_T``, Falcon's ``x @ W.T``) -> ``permute`` with the dims reversed."""
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        _replace(gm, node, _aten.permute.default, (node.args[0], list(range(val.dim()))[::-1]))
+
+
+def _constant(gm: fx.GraphModule, node: fx.Node, value: Any, like: torch.Tensor) -> fx.Node:
+    """A 0-d constant of ``like``'s dtype, as a get_attr before ``node``."""
+    i = 0
+    while hasattr(gm, f"_ptq_scalar_{i}"):
+        i += 1
+    t = torch.tensor(value, dtype=like.dtype, device=like.device)
+    gm.register_buffer(f"_ptq_scalar_{i}", t)
+    with gm.graph.inserting_before(node):
+        c = gm.graph.get_attr(f"_ptq_scalar_{i}")
+    c.meta["val"] = t
+    return c
+
+
+def _where_scalar(gm: fx.GraphModule, node: fx.Node) -> None:
+    """``where(cond, x, 0.0)`` / ``where(cond, 0.0, y)`` (Bloom's masks) -> ``where.self`` with
+    a 0-d constant tensor: one form of ``where`` for passes and backends."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return
+    cond, a, b = node.args[:3]
+    a = a if isinstance(a, fx.Node) else _constant(gm, node, a, val)
+    b = b if isinstance(b, fx.Node) else _constant(gm, node, b, val)
+    _replace(gm, node, _aten.where.self, (cond, a, b))
+
+
+#: Aliases of ops, by the name passes and backends know (``torch.multiply``: ConvBERT).
+_ALIASES = {_aten.multiply.Tensor: _aten.mul.Tensor, _aten.multiply.Scalar: _aten.mul.Scalar,
+            _aten.subtract.Tensor: _aten.sub.Tensor, _aten.divide.Tensor: _aten.div.Tensor}
+
+
+def _alias(gm: fx.GraphModule, node: fx.Node) -> None:
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_function(_ALIASES[node.target], node.args, node.kwargs)
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+
+
+#: Ops written in a form passes and backends know (their meta is kept).
+_REWRITES = {_aten.numpy_T.default: _numpy_t, _aten.where.ScalarOther: _where_scalar,
+             _aten.where.ScalarSelf: _where_scalar, _aten.where.Scalar: _where_scalar,
+             **{op: _alias for op in _ALIASES}}
+
+
 def _cleanup(gm: fx.GraphModule) -> fx.GraphModule:
     """Drops export's guard-check call, which later passes would see as an unknown module,
-    and the identities of inference (``detach_``, ``clone``, ``contiguous``, eval dropout,
-    ``to`` the same device and dtype)."""
+    the identities of inference (``detach_``, eval dropout, ``to`` the same device and
+    dtype) and empty inputs of ``cat``; writes ``conv2d(padding="same")``,
+    ``to(device, dtype)``, ``x.T``, ``where`` with a scalar and op aliases (``multiply``)
+    in the forms passes and backends know."""
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
             gm.graph.erase_node(node)
@@ -222,6 +425,13 @@ def _cleanup(gm: fx.GraphModule) -> fx.GraphModule:
             _explicit_padding(gm, node)
         elif node.op == "call_function" and node.target is _aten.to.device:
             _to_dtype(gm, node)
+        elif node.op == "call_function" and node.target is _aten.cat.default:
+            _drop_empty_cat_inputs(gm, node)
+        elif node.op == "call_function" and node.target in _REWRITES:
+            _REWRITES[node.target](gm, node)
+    for node in list(gm.graph.nodes):  # constants only the dropped cat inputs used
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
     gm.graph.lint()
     gm.recompile()
     return gm

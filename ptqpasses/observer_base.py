@@ -14,7 +14,7 @@ from ptqpasses.meta import QParams, QSpec
 
 
 class CalibrationError(RuntimeError):
-    """Calibration data that cannot give ranges (no batches, NaN or Inf)."""
+    """Calibration data that cannot give ranges (no batches, NaN)."""
 
 
 def qparams_from_range(lo: float, hi: float, spec: QSpec) -> QParams:
@@ -60,17 +60,23 @@ class Observer(nn.Module):
         super().__init__()
         self.node_name = node_name
         self.batches = 0
+        #: Batches in which the value held +-Inf (excluded from the range): a mask's -inf, a
+        #: ``log(0)`` the model clamps later. ``calibrate`` leaves such a value float.
+        self.infinite = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not x.is_floating_point():
             raise CalibrationError(f"node {self.node_name!r}: observed a {x.dtype} tensor; only "
                                    "float activations can be quantized")
         x_ = x.detach().float()
-        if not torch.isfinite(x_).all():
-            bad = "NaN" if torch.isnan(x_).any() else "Inf"
-            raise CalibrationError(f"node {self.node_name!r} produced {bad} during calibration "
-                                   f"(batch {self.batches}); check the calibration data and "
-                                   "the model's float output")
+        finite = torch.isfinite(x_)
+        if not finite.all():
+            if torch.isnan(x_).any():
+                raise CalibrationError(f"node {self.node_name!r} produced NaN during "
+                                       f"calibration (batch {self.batches}); check the "
+                                       "calibration data and the model's float output")
+            self.infinite += 1
+            x_ = x_[finite]
         if x_.numel():
             self.observe(x_)
             self.batches += 1
@@ -87,6 +93,7 @@ class Observer(nn.Module):
             raise TypeError(f"cannot merge {type(other).__name__} into {type(self).__name__}")
         self._merge(other)
         self.batches += other.batches
+        self.infinite += other.infinite
 
     def _merge(self, other: "Observer") -> None:
         raise NotImplementedError

@@ -75,6 +75,9 @@ class Emitter:
         #: (``NCHW`` / ``NHWC``); whether the handler's result is NHWC (``out_nhwc``).
         self.arg_layouts: dict[str, str] = {}
         self.out_nhwc = False
+        #: torch's symbolic input sizes by name (``s0``...): their size in the module (a
+        #: ``tir.Var``, or an int where the input spec made the size static).
+        self.sizes: dict[str, Any] = {}
         self._float = ExportedProgramImporter()
         self._float.env = self.env
         self._float.block_builder = self.bb
@@ -150,6 +153,11 @@ class Emitter:
             # One tir.Var per symbol name, shared by every input that uses it.
             shape = [symbols.setdefault(d, tirx.Var(d, "int64")) if isinstance(d, str)
                      else int(d) for d in spec.shape]
+            val = node.meta.get("val")
+            if isinstance(val, torch.Tensor) and val.dim() == len(shape):
+                for d, size in zip(val.shape, shape):
+                    if not isinstance(d, int):
+                        self.sizes.setdefault(str(d), size)
             var = relax.Var(node.name, relax.TensorType(shape, spec.dtype))
             self.env[node] = var
             params.append(var)
@@ -199,7 +207,7 @@ class Emitter:
             if name is None:
                 for n in node.all_input_nodes:  # TVM's converters read ``env`` themselves
                     self.nchw(n)
-                self.env[node] = self._emit_other(node)
+                self.env[node] = self._pin_shape(node, self._emit_other(node))
                 return
             if name not in ptq_ops.HANDLERS:
                 raise EmitError(f"no emitter for ptq op {name!r}")
@@ -213,6 +221,8 @@ class Emitter:
             args = {k: v if k in _CONSTANT_ARGS and isinstance(v, fx.Node)
                     else self._arg(k, v, wants.get(k)) for k, v in bound.items()}
             value = ptq_ops.HANDLERS[name](self, args)
+            if not self.out_nhwc:
+                value = self._pin_shape(node, value)
             (self.nhwc_env if self.out_nhwc else self.env)[node] = value
         except EmitError as e:
             if str(e).startswith("node "):
@@ -222,6 +232,33 @@ class Emitter:
             raise EmitError(
                 f"node {node.name!r} ({_op_name(node)}){_at(node)} could not be emitted: "
                 f"{type(e).__name__}: {e}") from e
+
+    def _pin_shape(self, node: fx.Node, value):
+        """``value`` with the shape torch recorded for ``node`` where TVM's shape inference
+        lost it (a broadcast of sizes it cannot prove equal): a ``match_cast``, checked at
+        run time, so later ops (``emit_te``) see a shape; and boolean where torch's value is."""
+        val = node.meta.get("val")
+        ty = getattr(value, "ty", None)
+        if not isinstance(val, torch.Tensor) or not isinstance(ty, relax.TensorType):
+            return value
+        if val.dtype == torch.bool and ty.dtype != "bool":
+            # a mask TVM's converters made int (``new_ones(dtype=bool) & ...``); ``where``
+            # and SDPA need it boolean, as torch has it
+            value = self.bb.emit(relax.op.astype(value, "bool"))
+            ty = value.ty
+        want = []
+        for d in val.shape:
+            if isinstance(d, int):
+                want.append(int(d))
+            elif str(d) in self.sizes:
+                want.append(self.sizes[str(d)])
+            else:
+                return value  # an expression of symbols: TVM's own form will do
+        if getattr(ty.shape, "values", None) is not None:
+            return value  # a known shape, in whatever form (casting min(s, 128) to s loops)
+        if ty.ndim not in (-1, len(want)):
+            return value
+        return self.bb.match_cast(value, relax.TensorType(want, ty.dtype))
 
     def _sym_size(self, node: fx.Node):
         """``aten.sym_size.int``: a Python int when the dim is static in the emitted module
@@ -246,6 +283,14 @@ class Emitter:
             return self._batch_norm(node)
         if key == "scaled_dot_product_attention.default" and _needs_own_sdpa(node):
             return self._sdpa(node)
+        if key == "repeat.default":
+            y = self._repeat(node)
+            if y is not None:
+                return y
+        if key == "slice.Tensor":
+            y = self._slice(node)
+            if y is not None:
+                return y
         if key in ("softmax.int", "_softmax.default"):
             y = self._softmax(node)
             if y is not None:
@@ -253,7 +298,62 @@ class Emitter:
         convert = self._float.convert_map.get(key)
         if convert is None:
             raise EmitError(f"no TVM converter for op {_op_name(node)}")
+        if key in _FLOAT_MATH:
+            return self._on_float_input(node, convert)
         return convert(node)
+
+    def _on_float_input(self, node: fx.Node, convert):
+        """A float function of an integer tensor (DeBERTa-v2's ``log`` of relative
+        positions): torch computes it in the output's float dtype; TVM's op refuses ints."""
+        x, val = node.args[0], node.meta.get("val")
+        xv = self.env.get(x) if isinstance(x, fx.Node) else None
+        xty = getattr(xv, "ty", None)
+        if not (isinstance(val, torch.Tensor) and val.is_floating_point()
+                and isinstance(xty, relax.TensorType)
+                and str(xty.dtype).startswith(("int", "uint", "bool"))):
+            return convert(node)
+        self.env[x] = self.bb.emit(relax.op.astype(xv, str(val.dtype).replace("torch.", "")))
+        try:
+            return convert(node)
+        finally:
+            self.env[x] = xv
+
+    def _repeat(self, node: fx.Node):
+        """``x.repeat(batch, 1, 1)`` with a symbolic count (DeBERTa's relative positions):
+        TVM's ``tile`` takes only ints, so ``reshape -> broadcast_to -> reshape``
+        (``(d0, d1) -> (1, d0, 1, d1) -> (r0, d0, r1, d1) -> (r0*d0, r1*d1)``). None: all
+        counts are ints (TVM's converter)."""
+        x = self.env[node.args[0]]
+        reps = [self.env[r] if isinstance(r, fx.Node) else r for r in node.args[1]]
+        if all(isinstance(r, int) for r in reps):
+            return None
+        shape = list(x.ty.shape.values)
+        shape = [1] * (len(reps) - len(shape)) + shape  # repeat may add leading dims
+        reps = [r if isinstance(r, int) or not isinstance(r, tirx.IntImm) else int(r)
+                for r in reps]
+        inter = [v for d in shape for v in (1, d)]
+        wide = [v for r, d in zip(reps, shape) for v in (r, d)]
+        y = self.bb.emit(relax.op.reshape(x, inter))
+        y = self.bb.emit(relax.op.broadcast_to(y, wide))
+        return self.bb.emit(relax.op.reshape(y, [r * d for r, d in zip(reps, shape)]))
+
+    def _slice(self, node: fx.Node):
+        """``x[:, :seq]`` of a constant table (BERT's position ids): where torch gave the
+        result the length of an input's symbolic size (capture bounded that size by the
+        table), the slice is in bounds, and its length is ``seq``, not TVM's
+        ``min(seq, 128)``, which no broadcast with ``seq`` could match. None: TVM's converter."""
+        val = node.meta.get("val")
+        args = list(node.args) + [None] * (5 - len(node.args))
+        x, dim, start, end, step = args[:5]
+        if not isinstance(val, torch.Tensor) or not isinstance(end, fx.Node) \
+                or start not in (None, 0) or step not in (None, 1):
+            return None
+        dim = int(dim or 0) % val.dim()
+        size = val.shape[dim]
+        if isinstance(size, int) or str(size) not in self.sizes:
+            return None
+        return self.bb.emit(relax.op.strided_slice(self.env[x], [dim], [0], [self.env[end]],
+                                                   [1], assume_inbound=True))
 
     def _layer_norm(self, node: fx.Node):
         """``aten.layer_norm`` with float64 row statistics.
@@ -409,6 +509,12 @@ def _causal(s):
     return te.compute(s.shape, f, name="causal")
 
 _CONSTANT_ARGS = ("weight", "bias", "multiplier", "scales", "zero_points", "table")
+
+
+#: Elementwise float functions that torch also applies to integer tensors (in float).
+_FLOAT_MATH = {f"{op}.default" for op in (
+    "log", "log2", "log10", "log1p", "exp", "exp2", "expm1", "sqrt", "rsqrt", "sin", "cos",
+    "tan", "tanh", "sigmoid", "erf", "reciprocal", "atan", "asin", "acos")}
 
 
 def _at(node: fx.Node) -> str:

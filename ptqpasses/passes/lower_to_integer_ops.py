@@ -16,8 +16,9 @@ from ptqpasses.pipeline import Pass, register_pass
 
 aten, ptq = torch.ops.aten, torch.ops.ptq
 ADD_COMMON_BITS = 14  # add: inputs are put on a common scale with integer factors <= 2**14
-_IDENTITY_VIEWS = {aten.dropout.default, aten.clone.default, aten.contiguous.default,
-                   aten.alias.default}
+#: Share ops that are the identity on the integer tensor. Not ``contiguous`` / ``clone``:
+#: a later ``view`` needs their layout (Swin's ``permute -> contiguous -> view``).
+_IDENTITY_VIEWS = {aten.dropout.default, aten.alias.default}
 
 
 def f32(x: float) -> float:
@@ -217,6 +218,8 @@ class _Lowering:
         xq = x.args[0]
         if op.target in _IDENTITY_VIEWS:
             return xq
+        if op.target is aten.view.default:  # the same, on any layout our ops give it
+            return self.call(aten.reshape.default, [xq, *op.args[1:]])
         if op.target in VIEWS:
             return self.call(op.target, [xq, *op.args[1:]])
         if op.target is aten.max_pool2d.default:

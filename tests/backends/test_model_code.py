@@ -148,3 +148,52 @@ def test_reports_and_errors_name_the_module_and_line():
     assert where["layer_norm"].startswith("layers.0.1 (")
     with pytest.raises(ptq_tvm.EmitError, match=r"node 'special_i0' .* at .*test_model_code.py:"):
         ptq_tvm.compile(q, target="host")
+
+
+class _BoundedPositions(nn.Module):
+    """BERT's embeddings: ``position_ids[:, :seq]`` of a table bounds the dynamic sequence
+    (capture applies torch.export's bound), added to the token embeddings; Bloom's boolean
+    mask built with ``new_ones(dtype=bool) & ...`` and ``where(mask, x, 0.0)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.pos = nn.Embedding(50, 16), nn.Embedding(32, 16)
+        self.register_buffer("position_ids", torch.arange(32)[None])
+        self.fc = nn.Linear(16, 8)
+
+    def forward(self, ids):
+        h = self.tok(ids) + self.pos(self.position_ids[:, : ids.shape[1]])
+        keep = ids.new_ones(ids.shape, dtype=torch.bool) & (ids > 2)
+        return torch.where(keep[..., None], self.fc(h), 0.0)
+
+
+def test_bounded_sequence_slices_and_boolean_masks_compile():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    calib = [(torch.randint(0, 50, (2, 8), generator=g),) for _ in range(2)]
+    q = ptqpasses.quantize(_BoundedPositions().eval(), calib[0], calib, progress=False,
+                           dynamic_dims={0: {1: "seq"}})
+    cm = ptq_tvm.compile(q, target="host")  # was: add of (b, seq) and (1, min(seq, 32))
+    ids = torch.randint(0, 50, (3, 12), generator=g)
+    torch.testing.assert_close(cm(ids), q(ids), rtol=0, atol=0)
+
+
+class _RepeatByBatch(nn.Module):
+    """DeBERTa's relative positions: ``repeat`` by the (symbolic) batch size."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        rel = torch.arange(x.shape[1])[None, :, None].float().repeat(x.shape[0], 1, 1)
+        return self.fc(x) + rel
+
+
+def test_repeat_by_a_symbolic_count_compiles():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8)
+    q = ptqpasses.quantize(_RepeatByBatch().eval(), (x,), [(x,)], progress=False)
+    cm = ptq_tvm.compile(q, target="host")  # was: relax.op.tile takes only int counts
+    x3 = torch.randn(3, 5, 8)
+    torch.testing.assert_close(cm(x3), q(x3), rtol=0, atol=0)

@@ -195,18 +195,29 @@ def test_calibration_errors_name_the_node():
                             [(bad,)], progress=False)
 
 
-def test_calibration_inf_inside_the_graph_names_that_node():
-    class Blowup(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(4, 4)
+class LogBucket(nn.Module):
+    """MPNet's relative-position buckets: ``log(0)`` is -inf, scaled, clamped by the model."""
 
-        def forward(self, x):
-            return self.fc(torch.exp(x * 100))
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
 
-    gm = ptqpasses.prepare(Blowup().eval(), (torch.randn(2, 4),))
-    with pytest.raises(CalibrationError, match="node 'exp' produced Inf"):
-        ptqpasses.calibrate(gm, [(torch.full((2, 4), 10.0),)], progress=False)
+    def forward(self, x):
+        n = torch.arange(x.shape[1]).float()
+        bucket = (torch.log(n) / 2.0 * 3.0).clamp(min=0.0)
+        return self.fc(x) + bucket[:, None]
+
+
+def test_calibration_inf_leaves_its_users_float_and_says_why(caplog):
+    m = LogBucket().eval()
+    x = torch.randn(2, 5, 8)
+    with caplog.at_level("WARNING", logger="ptqpasses.calibrate"):
+        q = ptqpasses.quantize(m, (x,), [(x,)] * 2, progress=False)
+    assert "node 'log' held Inf during calibration" in caplog.text
+    cov = {c.node: c for c in ptqpasses.coverage(q)}
+    assert cov["linear_default"].integer  # quantized tensors are finite: fc stays integer
+    assert not cov["div"].integer and "input 'log' held Inf" in cov["div"].reason
+    torch.testing.assert_close(q(x), m(x), atol=0.2, rtol=0.1)
 
 
 def test_calibrate_accepts_a_dataloader_and_insert_observers_is_idempotent():

@@ -4,6 +4,7 @@ from torch import nn
 
 import ptqpasses
 from ptqpasses import CaptureError
+from ptqpasses.capture import DIM_BOUNDS_KEY
 
 
 class DataDependent(nn.Module):
@@ -59,3 +60,86 @@ def test_quantizing_a_captured_graph_leaves_it_untouched():
     assert any(str(n.target).startswith("ptq.") for n in q.graph.nodes)
     assert gm.code == code and len(gm.graph.nodes) == nodes  # batch norm not folded in gm
     torch.testing.assert_close(gm(x), model(x))
+
+
+class PositionTable(nn.Module):
+    """Absolute position embeddings (BERT's): the table size bounds the sequence."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(1, 16, 8))
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(x + self.pos[:, : x.shape[1]])
+
+
+def test_a_sequence_the_model_bounds_gets_the_suggested_bound(caplog):
+    m = PositionTable().eval()
+    with caplog.at_level("WARNING", logger="ptqpasses.capture"):
+        gm = ptqpasses.capture(m, (torch.randn(2, 6, 8),), dynamic_dims={0: {1: "seq"}})
+    assert gm.meta[DIM_BOUNDS_KEY]["seq"][1] == 16
+    assert "seq <= 16" in caplog.text  # the user is told which bound capture chose
+    x = torch.randn(3, 11, 8)
+    torch.testing.assert_close(gm(x), m(x))
+
+
+def test_dynamic_dims_take_bounded_dims():
+    from torch.export import Dim
+    m = PositionTable().eval()
+    gm = ptqpasses.capture(m, (torch.randn(2, 6, 8),),
+                           dynamic_dims={0: {1: Dim("seq", min=2, max=12)}})
+    assert DIM_BOUNDS_KEY not in gm.meta  # the user's bound held
+    x = torch.randn(3, 12, 8)
+    torch.testing.assert_close(gm(x), m(x))
+    with pytest.raises(ValueError, match="two different bounds"):
+        ptqpasses.capture(m, (torch.randn(2, 6, 8), torch.randn(2, 6, 8)),
+                          dynamic_dims={0: {1: Dim("seq", max=12)}, 1: {1: Dim("seq", max=8)}})
+
+
+class EmptyCache(nn.Module):
+    """GPT-2's attention: ``cat`` of an empty key cache (a constant made in forward) and k."""
+
+    def __init__(self):
+        super().__init__()
+        self.k, self.out = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        past = torch.tensor([])  # torch.export lifts it: a get_attr with no elements
+        return self.out(torch.cat([past, self.k(x)], dim=-2))
+
+
+def test_empty_cat_inputs_are_dropped_and_never_calibrated():
+    m = EmptyCache().eval()
+    x = torch.randn(2, 5, 8)
+    gm = ptqpasses.capture(m, (x,))
+    assert not any(n.target is torch.ops.aten.cat.default for n in gm.graph.nodes)
+    assert not any(n.op == "get_attr" and not n.users for n in gm.graph.nodes)
+    q = ptqpasses.quantize(m, (x,), [(torch.randn(2, 5, 8),) for _ in range(2)], progress=False)
+    assert [c.integer for c in ptqpasses.coverage(q)] == [True, True]
+    torch.testing.assert_close(q(x), m(x), atol=0.1, rtol=0.1)
+
+
+class TransposeAndMask(nn.Module):
+    """Falcon's ``x @ W.T`` (``aten.numpy_T``) and Bloom's ``where(mask, x, 0.0)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 8))
+
+    def forward(self, x):
+        y = x @ self.w.T
+        return torch.where(y > 0, y, 0.5), torch.where(y > 1, -1.0, y)
+
+
+def test_numpy_t_and_where_with_a_scalar_become_permute_and_where_self():
+    m = TransposeAndMask().eval()
+    gm = ptqpasses.capture(m, (torch.randn(2, 3, 8),))
+    targets = {n.target for n in gm.graph.nodes}
+    aten = torch.ops.aten
+    assert aten.numpy_T.default not in targets and aten.permute.default in targets
+    assert aten.where.ScalarOther not in targets and aten.where.ScalarSelf not in targets
+    assert aten.where.self in targets
+    x = torch.randn(3, 3, 8)
+    for got, want in zip(gm(x), m(x)):
+        torch.testing.assert_close(got, want)

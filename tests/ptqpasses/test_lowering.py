@@ -259,3 +259,26 @@ def test_accumulation_that_may_overflow_int32_is_refused_naming_the_node():
         small.weight.fill_(0.01)
     data = [(torch.rand(2, 60_000),)]
     ptqpasses.quantize(small, data[0], data, progress=False)
+
+
+class WindowMerge(nn.Module):
+    """Swin's window merge: ``permute -> contiguous -> view`` between two linears."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(32, 4)
+
+    def forward(self, x):  # x: (n, 4, 2, 8)
+        y = self.a(x).permute(0, 2, 1, 3).contiguous()
+        return self.b(y.view(y.shape[0], 2, 32))
+
+
+def test_views_of_a_permuted_integer_tensor_keep_their_layout():
+    m = WindowMerge().eval()
+    x = torch.randn(2, 4, 2, 8)
+    q = ptqpasses.quantize(m, (x,), [(x,)], progress=False)
+    targets = [n.target for n in q.graph.nodes]
+    assert aten.contiguous.default in targets and aten.view.default not in targets
+    assert sum(str(t).startswith("ptq.linear") for t in targets) == 2
+    torch.testing.assert_close(q(torch.randn(3, 4, 2, 8)).shape, torch.Size([3, 2, 4]))
+    torch.testing.assert_close(q(x), m(x), atol=0.1, rtol=0.1)
