@@ -195,7 +195,10 @@ TASKS = {"minilm": minilm_task, "mobilenet": mobilenet_task}
 def ptqpasses_default(task: Task):
     q = ptqpasses.quantize(task.model, task.calib[0], task.calib, progress=False,
                            dynamic_dims=task.dynamic_dims)
-    return q, "uint8 histogram 99.99% activations, int8 per-channel minmax weights"
+    cfg = ptqpasses.QuantConfig()
+    a, w = cfg.activation, cfg.weight
+    return q, (f"{a.dtype} {a.observer} activations, {w.dtype} per-channel {w.observer} "
+               f"weights, policy {cfg.policy!r}")
 
 
 def _keep_float_adds(gm) -> tuple[str, ...]:
