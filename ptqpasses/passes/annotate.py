@@ -128,8 +128,7 @@ def _cost_policy(gm: fx.GraphModule) -> None:
             continue
         need = any(_reads_integer(user, node, needed) for user in node.users)
         if q.role == "compute":
-            fused = next((u for u in node.users if (meta.get_qspec(u) or NodeQuant("")).role
-                          == "fused"), None)
+            fused = next((u for u in node.users if _role(u) == "fused"), None)
             if needed.get(fused, False) if fused is not None else need:
                 needed[node] = True
                 continue
@@ -153,16 +152,17 @@ def _cost_policy(gm: fx.GraphModule) -> None:
             meta.set_qspec(node, q.replace(output=None))
 
 
+def _role(node: fx.Node) -> str:
+    q = meta.get_qspec(node)
+    return "" if q is None else q.role
+
+
 def _reads_integer(user: fx.Node, node: fx.Node, needed: dict) -> bool:
     """Whether ``user`` (decided) reads ``node``'s output as an integer tensor."""
-    q = meta.get_qspec(user)
-    if q is None:
-        return False
-    if q.role == "compute":
+    role = _role(user)
+    if role == "compute":
         return node in _activation_inputs(user)
-    if q.role in ("share", "fused"):
-        return needed.get(user, False)
-    return False
+    return role in ("share", "fused") and needed.get(user, False)
 
 
 def _float(node: fx.Node, reason: str, observed: bool = True) -> None:
