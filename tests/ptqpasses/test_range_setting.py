@@ -1,6 +1,8 @@
 """MSE and entropy range setting: better clipping than min/max, mergeable statistics."""
 
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ptqpasses.meta import QSpec
 from ptqpasses.observers import OBSERVERS, make_observer, weight_qparams
@@ -93,3 +95,19 @@ def test_mse_weight_qparams_per_channel_lower_error():
         q = (torch.round(w / scales[:, None, None, None])).clamp(-127, 127) * scales[:, None, None, None]
         errs[kind] = float(((q - w) ** 2).sum())
     assert errs["mse"] < errs["minmax"]  # heavy tails: clipping pays a little at 8 bits
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2**16), shape=st.sampled_from(["normal", "relu", "outlier", "shifted"]),
+       spec=st.sampled_from([QSpec(dtype="uint8", symmetric=False, observer="mse"),
+                             QSpec(dtype="int8", symmetric=True, observer="mse"),
+                             QSpec(dtype="int16", symmetric=True, observer="mse")]))
+def test_mse_prefix_sum_search_equals_the_bin_by_bin_definition(seed, shape, spec):
+    g = torch.Generator().manual_seed(seed)
+    ob = make_observer(spec, "x")
+    for _ in range(2):
+        x = torch.randn(3000, generator=g) * (1 + seed % 7)
+        x = {"relu": x.relu(), "outlier": torch.cat([x, x.abs().max()[None] * 40]),
+             "shifted": x + 3.0}.get(shape, x)
+        ob(x)
+    assert ob._search(spec) == ob._search_dense(spec)
