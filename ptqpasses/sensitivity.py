@@ -70,6 +70,7 @@ class _Evaluator:
             self.reference = [self.float_gm(*b) for b in self.evals]
         observed = self._observed(config)
         calibrate(observed, self.calib, progress=False)
+        self.observed = observed  # calibrated: qparams on every observer node
         self.stats = {meta.observed_node(n): ob for n, ob in observers(observed)}
         self.compute = [n.name for n in observed.graph.nodes
                         if meta.get_qspec(n) is not None and meta.get_qspec(n).role == "compute"]

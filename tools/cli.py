@@ -41,12 +41,18 @@ def _config(text):
         raise UsageError(f"--config is not a valid QuantConfig JSON: {e}") from None
 
 
-def _calibrated(args):
+def _calibrated(args, guard: bool = False):
+    """(model, inputs, data, config, observed): ``observed`` prepared and calibrated; with
+    ``guard``, on the accuracy guard's plan and on the batches it calibrated with."""
     import ptqpasses
     model = load_model(args.model)
     inputs = example_inputs(args.input)
     data = calibration_batches(args.calib, tuple(inputs[0].shape), args.batch_size)
     config = _config(args.config)
+    if guard:
+        q = ptqpasses.quantize(model, inputs, data, config, progress=False)
+        rep = q.meta[ptqpasses.guard.GUARD_KEY]
+        config, data = rep.config, data[:rep.calibrated]
     observed = ptqpasses.prepare(model, inputs, config)
     ptqpasses.calibrate(observed, data)
     return model, inputs, data, config, observed
@@ -54,7 +60,7 @@ def _calibrated(args):
 
 def cmd_quantize(args) -> int:
     import ptqpasses
-    model, inputs, data, config, observed = _calibrated(args)
+    model, inputs, data, config, observed = _calibrated(args, guard=not args.no_guard)
     path = ptqpasses.save_recipe(observed, args.out, pipeline=ptqpasses.prepare_pipeline(config))
     q = ptqpasses.convert(observed)
     cov = ptqpasses.coverage(q)
@@ -189,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("quantize", "calibrate a model and save its quantization recipe", cmd_quantize)
     _add_model_args(p), _add_calib_args(p)
     p.add_argument("--out", required=True, help="recipe base path (writes .json and .safetensors)")
+    p.add_argument("--no-guard", action="store_true",
+                   help="calibrate on every batch, no accuracy guard (by default the last "
+                        "quarter of the batches judges the result; see ptqpasses.guard)")
     p = add("report", "per-node SQNR and float coverage of the quantized model", cmd_report)
     _add_model_args(p), _add_calib_args(p)
     p.add_argument("--batches", type=int, default=4, help="batches used for the SQNR")

@@ -39,6 +39,7 @@ from typing import Callable, Optional
 import torch
 
 import ptqpasses
+from ptqpasses.guard import GUARD_KEY
 from ptqpasses.report import sqnr
 from tools import models, peers
 from tools import wheel_models as wm
@@ -222,11 +223,25 @@ def run_observer(task: Task, captured, observer: str, percentile: float):
                                  ptqpasses.QuantConfig(activation=act))
     ptqpasses.calibrate(observed, task.calib, progress=False)
     q = ptqpasses.convert(observed)
-    cov = ptqpasses.coverage(q)
-    n_int = sum(c.integer and c.op in ("ptq.conv2d", "ptq.linear", "ptq.matmul",
-                                       "ptq.conv_transpose2d") for c in cov)
     with torch.no_grad():
-        return [q(*b) for b in task.eval], n_int
+        return [q(*b) for b in task.eval], _integer_compute(q)
+
+
+def _integer_compute(q) -> int:
+    return sum(c.integer and c.op in ("ptq.conv2d", "ptq.linear", "ptq.matmul",
+                                      "ptq.conv_transpose2d") for c in ptqpasses.coverage(q))
+
+
+def run_guarded(task: Task, captured):
+    """The plain default ``quantize`` (accuracy guard on): (outputs, integer ops, guard)."""
+    q = ptqpasses.quantize(copy.deepcopy(captured), task.calib[0], task.calib, progress=False)
+    rep = q.meta[GUARD_KEY]
+    guard = {"before_sqnr_db": rep.before.sqnr_db, "after_sqnr_db": rep.after.sqnr_db,
+             "met": rep.met, "seconds": round(rep.elapsed_s, 1),
+             "int16": sum(r.to == "int16" for r in rep.raised),
+             "float": sum(r.to == "float" for r in rep.raised)}
+    with torch.no_grad():
+        return [q(*b) for b in task.eval], _integer_compute(q), {"guard": guard}
 
 
 def dataclasses_replace(obj, **kw):
@@ -264,7 +279,8 @@ def run_ort(task: Task):
 # ----------------------------------------------------------------------------- driver
 
 
-def evaluate(task: Task, observers: list[str], with_peers: bool, progress=None) -> dict:
+def evaluate(task: Task, observers: list[str], with_peers: bool, progress=None,
+             guarded: bool = True) -> dict:
     """One model: fp32 reference, then each observer (and peer); a method that fails is a
     result (its error), not a crash."""
     with torch.no_grad():
@@ -272,15 +288,16 @@ def evaluate(task: Task, observers: list[str], with_peers: bool, progress=None) 
     captured = ptqpasses.capture(task.model, task.calib[0], dynamic_dims=task.dynamic_dims)
     total = _count_compute(captured)
     rows = {}
-    methods = [(o, lambda o=o: run_observer(task, captured, *OBSERVERS[o])) for o in observers]
+    methods = [("default", lambda: run_guarded(task, captured))] if guarded else []
+    methods += [(o, lambda o=o: run_observer(task, captured, *OBSERVERS[o])) for o in observers]
     if with_peers:
         methods += [("pt2e", lambda: run_pt2e(task)), ("ort-static", lambda: run_ort(task))]
     for name, fn in methods:
         t0 = time.perf_counter()
         try:
-            out, n_int = fn()
+            out, n_int, *extra = fn()
             rows[name] = {**task.score(ref, out, task.eval), "int8_compute": n_int,
-                          "seconds": round(time.perf_counter() - t0, 1)}
+                          "seconds": round(time.perf_counter() - t0, 1), **(extra or [{}])[0]}
         except Exception as e:  # noqa: BLE001 - reported in the table
             rows[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
         if progress is not None:
@@ -319,13 +336,17 @@ def _cell(m: dict) -> str:
 
 
 def markdown(meta: dict, results: dict, observers: list[str], with_peers: bool) -> str:
-    cols = observers + (["pt2e", "ort-static"] if with_peers else [])
+    guarded = any("default" in r["methods"] for r in results.values())
+    cols = (["default"] if guarded else []) + observers + \
+        (["pt2e", "ort-static"] if with_peers else [])
     lines = [f"# Observer zoo ({meta['date']}, {meta['cpu']}, commit {meta['commit']})", "",
              "Cells: output SQNR dB / task metric (top-1 agreement with fp32; cos = mean "
              "cosine of sentence embeddings; IoU of text maps; CTC tokens agreeing). "
-             "ptqpasses columns: default `quantize`, only the activation observer changed. "
-             "Peers: int8 convs/linears/matmuls they made int8 of the model's total in "
-             "brackets.", "",
+             "`default`: the plain default `quantize` (MSE, accuracy guard on; in brackets "
+             "the nodes the guard raised to int16 / float and the integer convs/linears/"
+             "matmuls of the model's total). Observer columns: the default flow without the "
+             "guard, only the activation observer changed. Peers: the convs/linears/matmuls "
+             "they made int8 of the model's total in brackets.", "",
              "| model | group | " + " | ".join(cols) + " |",
              "|---|---|" + "---:|" * len(cols)]
     for name, r in results.items():
@@ -335,6 +356,10 @@ def markdown(meta: dict, results: dict, observers: list[str], with_peers: bool) 
             cell = _cell(m)
             if c in ("pt2e", "ort-static") and "error" not in m:
                 cell += f" [{m['int8_compute']}/{r['compute_ops']}]"
+            if c == "default" and "error" not in m:
+                g = m["guard"]
+                cell += (f" [{g['int16']} int16, {g['float']} float; "
+                         f"{m['int8_compute']}/{r['compute_ops']}]")
             cells.append(cell)
         lines.append(f"| {name} | {r['group']} | " + " | ".join(cells) + " |")
     for group in ("tune", "held-out"):
@@ -370,6 +395,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", nargs="*", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--observers", nargs="*", default=list(OBSERVERS), choices=list(OBSERVERS))
     p.add_argument("--no-peers", action="store_true", help="skip PT2E and ONNX Runtime")
+    p.add_argument("--no-default", action="store_true",
+                   help="skip the plain default quantize (guard on) column")
     p.add_argument("--out", default="observer-zoo-out", help="folder for the .md and .json")
 
 
@@ -385,13 +412,14 @@ def run_cli(args) -> int:
             print(f"{name}: wheel not installed, skipped (see tools/wheel_models.py)")
         else:
             tasks.append(t)
-    n = len(tasks) * (len(args.observers) + 2 * with_peers)
+    n = len(tasks) * (len(args.observers) + 2 * with_peers + (not args.no_default))
     results, meta, out = {}, _meta(), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tqdm(total=n, desc="observer zoo", unit="run") as bar:
         for t in tasks:
             bar.set_postfix_str(t.name)
-            results[t.name] = evaluate(t, args.observers, with_peers, bar)
+            results[t.name] = evaluate(t, args.observers, with_peers, bar,
+                                       guarded=not args.no_default)
             text = _write(out, meta, results, args.observers, with_peers)  # after each model
     print(text)
     return 0

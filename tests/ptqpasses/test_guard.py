@@ -1,0 +1,147 @@
+"""The accuracy guard of ``quantize``: judges on held-out calibration batches, raises the most
+damaging nodes (int16, then float) until the floor is met, and says what it did."""
+
+import warnings
+
+import pytest
+import torch
+
+import ptqpasses
+from ptqpasses.guard import GUARD_KEY, Guard, score_outputs
+
+
+class Outliers(torch.nn.Module):
+    """Hidden channel 0 is ``factor`` times the others, and the next layer barely reads it:
+    one per-tensor int8 scale for the hidden state rounds the channels that matter away
+    (the LLM outlier pattern), while int16 (factor ~100) or float (factor ~1000) holds."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.a, self.b, self.c = (torch.nn.Linear(16, 64), torch.nn.Linear(64, 32),
+                                  torch.nn.Linear(32, 16))
+        with torch.no_grad():
+            self.a.weight[0] *= factor
+            self.a.bias[0] = 0
+            self.b.weight[:, 0] /= factor
+
+    def forward(self, x):
+        return self.c(torch.nn.functional.gelu(self.b(self.a(x))))
+
+
+def _case(factor, batches=8, seed=0):
+    torch.manual_seed(seed)
+    model = Outliers(factor).eval()
+    calib = [(torch.randn(16, 16),) for _ in range(batches)]
+    test = [(torch.randn(32, 16),) for _ in range(2)]  # never seen by quantize
+    return model, calib, test
+
+
+def _score(model, q, data):
+    with torch.no_grad():
+        return score_outputs([model(*b) for b in data], [q(*b) for b in data])
+
+
+@pytest.mark.parametrize("factor, to", [(100.0, "int16"), (1000.0, "float")])
+def test_guard_meets_the_floor_on_a_model_built_to_break_int8(factor, to, capsys):
+    model, calib, test = _case(factor)
+    plain = ptqpasses.quantize(model, calib[0], calib, guard=False, progress=False)
+    q = ptqpasses.quantize(model, calib[0], calib, progress=False)
+    rep = q.meta[GUARD_KEY]
+    assert Guard().margin(_score(model, plain, test)) < -5  # plain int8 breaks, far below
+    assert rep.guard.margin(rep.before) < 0 and rep.met and rep.changed
+    assert {r.to for r in rep.raised} == {to}
+    assert Guard().margin(_score(model, q, test)) >= 0  # and it holds on unseen data
+    assert rep.set_aside and rep.batches == 2 and rep.calibrated == 8
+    printed = capsys.readouterr().err
+    assert "Accuracy guard" in printed and f"| {to} |" in printed and "floor met" in printed
+    cov = {c.node: c for c in ptqpasses.coverage(q)}
+    if to == "float":  # coverage names the guard as the reason
+        assert all("accuracy guard" in cov[r.node].reason and not cov[r.node].integer
+                   for r in rep.raised)
+        assert rep.config.keep_float == tuple(r.node for r in rep.raised)
+    else:  # int16: still integer ops, with int16 activations
+        assert rep.config.by_node_regex and rep.config.keep_float == ()
+        int16 = [n for n in q.graph.nodes if n.op == "call_function"
+                 and n.target == torch.ops.ptq.quantize.default and n.args[-1] == torch.int16]
+        assert int16
+    # the plan is reproducible by hand: the same config on the same calibration batches
+    again = ptqpasses.quantize(model, calib[0], calib[:rep.calibrated], rep.config,
+                               guard=False, progress=False)
+    assert torch.equal(again(*test[0]), q(*test[0]))
+
+
+def test_guard_leaves_an_accurate_plan_alone_and_is_quiet(capsys):
+    model, calib, test = _case(1.0)
+    q = ptqpasses.quantize(model, calib[0], calib, progress=False)
+    rep = q.meta[GUARD_KEY]
+    assert rep.met and not rep.changed and rep.evaluations == 0 and rep.after == rep.before
+    assert capsys.readouterr().err == ""
+    ptqpasses.quantize(model, calib[0], calib, progress=True)
+    assert "floor met, plan unchanged" in capsys.readouterr().err
+
+
+def test_guard_false_calibrates_on_every_batch():
+    model, calib, test = _case(1.0)
+    q = ptqpasses.quantize(model, calib[0], calib, guard=False, progress=False)
+    observed = ptqpasses.prepare(model, calib[0])
+    ptqpasses.calibrate(observed, calib, progress=False)
+    assert GUARD_KEY not in q.meta
+    assert torch.equal(q(*test[0]), ptqpasses.convert(observed)(*test[0]))
+
+
+def test_unreachable_floor_keeps_the_best_plan_and_warns(capsys):
+    model, calib, test = _case(100.0)
+    with pytest.warns(UserWarning, match="could not meet its floor"):
+        q = ptqpasses.quantize(model, calib[0], calib, progress=False,
+                               guard=Guard(sqnr_db=200.0, cosine=None, steps=("int16",)))
+    rep = q.meta[GUARD_KEY]
+    assert not rep.met and rep.after.sqnr_db > rep.before.sqnr_db
+    assert "NOT met" in capsys.readouterr().err
+
+
+def test_budget_stops_the_search_and_says_so(capsys):
+    model, calib, _ = _case(1000.0)
+    with pytest.warns(UserWarning):
+        q = ptqpasses.quantize(model, calib[0], calib, progress=False, guard=Guard(budget_s=0))
+    rep = q.meta[GUARD_KEY]
+    assert rep.out_of_budget and not rep.changed and not rep.met
+    assert "stopped at its budget" in capsys.readouterr().err
+
+
+def test_one_batch_is_judged_in_sample_and_the_report_says_so():
+    model, calib, _ = _case(1.0, batches=1)
+    q = ptqpasses.quantize(model, calib[0], calib, progress=False)
+    rep = q.meta[GUARD_KEY]
+    assert not rep.set_aside and rep.calibrated == 1 and "nothing to set aside" in str(rep)
+
+
+def test_score_outputs_cosine_is_per_sample_and_skips_integer_outputs():
+    ref = [(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([3, 4]))]
+    out = [(torch.tensor([[1.0, 0.0], [2.0, 0.0]]), torch.tensor([0, 0]))]
+    s = score_outputs(ref, out)
+    assert s.cosine == pytest.approx(0.0, abs=1e-12)  # sample 1 is orthogonal
+    assert s.sqnr_db == pytest.approx(10 * torch.log10(torch.tensor(5.0 / 8.0)).item())
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(sqnr_db=None, cosine=None), "needs a floor"), (dict(holdout=1.0), "holdout"),
+    (dict(cosine=1.0), "cosine"), (dict(steps=("int4",)), "steps")])
+def test_guard_options_are_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Guard(**kwargs)
+    with pytest.raises(TypeError, match="guard must be"):
+        ptqpasses.quantize(torch.nn.Linear(2, 2), (torch.randn(2, 2),), [], guard="yes")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert Guard(holdout=0.5).split([1, 2, 3, 4]) == ([1, 2], [3, 4], True)
+
+
+def test_refit_calibrates_the_returned_graph_on_every_batch_or_not():
+    model, calib, test = _case(1.0)
+    q = ptqpasses.quantize(model, calib[0], calib, progress=False)
+    plain = ptqpasses.quantize(model, calib[0], calib, guard=False, progress=False)
+    assert q.meta[GUARD_KEY].calibrated == 8 and "refit" in str(q.meta[GUARD_KEY])
+    assert torch.equal(q(*test[0]), plain(*test[0]))  # unchanged plan: the plain result
+    judged = ptqpasses.quantize(model, calib[0], calib, progress=False, guard=Guard(refit=False))
+    six = ptqpasses.quantize(model, calib[0], calib[:6], guard=False, progress=False)
+    assert judged.meta[GUARD_KEY].calibrated == 6 and torch.equal(judged(*test[0]), six(*test[0]))
