@@ -27,11 +27,12 @@ __all__ = [
 ]
 
 # Accuracy (issue 5): recovery passes, sensitivity analysis, automatic mixed precision.
-from ptqpasses.passes import (BiasCorrection, CrossLayerEqualization, SmoothQuant,  # noqa: E402
-                              bias_correction, smooth_quant)
+from ptqpasses.passes import (AdaRound, BiasCorrection, CrossLayerEqualization,  # noqa: E402
+                              SmoothQuant, adaround, bias_correction, smooth_quant)
 from ptqpasses.guard import Guard, GuardReport  # noqa: E402
 from ptqpasses.sensitivity import AutoMixedPrecision, node_sensitivity  # noqa: E402
 
-__all__ += ["AutoMixedPrecision", "BiasCorrection", "CrossLayerEqualization", "Guard",
-            "GuardReport", "SmoothQuant", "bias_correction", "node_sensitivity", "smooth_quant"]
+__all__ += ["AdaRound", "AutoMixedPrecision", "BiasCorrection", "CrossLayerEqualization",
+            "Guard", "GuardReport", "SmoothQuant", "adaround", "bias_correction",
+            "node_sensitivity", "smooth_quant"]
 

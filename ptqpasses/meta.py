@@ -185,6 +185,7 @@ def set_float_reason(node: fx.Node, reason: str) -> None:
 
 BIAS_SHIFT = "ptq.bias_shift"        # conv/linear: E[float out] - E[quantized out] per channel
 INPUT_ABSMAX = "ptq.input_absmax"    # linear: max |x| per input channel over calibration data
+ADAROUND = "ptq.adaround"            # conv/linear: integer weights learned by AdaRound
 
 
 def _put(node: fx.Node, key: str, value) -> None:
@@ -209,3 +210,11 @@ def input_absmax(node: fx.Node) -> Optional[torch.Tensor]:
 
 def set_input_absmax(node: fx.Node, value: Optional[torch.Tensor]) -> None:
     _put(node, INPUT_ABSMAX, value)
+
+
+def adaround_weight(node: fx.Node) -> Optional[torch.Tensor]:
+    return node.meta.get(ADAROUND)
+
+
+def set_adaround_weight(node: fx.Node, value: Optional[torch.Tensor]) -> None:
+    _put(node, ADAROUND, value)

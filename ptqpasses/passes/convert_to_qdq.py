@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -129,7 +130,7 @@ BIAS_BOUND = 2**30
 
 
 def _fit_bias(node: fx.Node, b: torch.Tensor, x_scale: torch.Tensor, scales: torch.Tensor,
-              zps: torch.Tensor) -> torch.Tensor:
+              zps: torch.Tensor, warn: bool = True) -> torch.Tensor:
     """Weight scales raised, per channel, until the channel's int32 bias fits ``BIAS_BOUND``.
 
     A channel whose weights are (nearly) dead but whose bias is not (e.g. a folded batchnorm's
@@ -147,6 +148,8 @@ def _fit_bias(node: fx.Node, b: torch.Tensor, x_scale: torch.Tensor, scales: tor
     if not low.any():
         return scales
     raised = torch.where(low, need * (1 + 2**-16), scales)  # (margin: s_x * s_w in float32)
+    if not warn:
+        return raised
     channels = low.nonzero().flatten().tolist()
     log.warning("node %r: weight scale raised on channel(s) %s (max x%.3g) so that their "
                 "int32 bias fits (the bias is large against input scale x weight scale: "
@@ -169,22 +172,34 @@ def _check_int32(node: fx.Node, b_q: torch.Tensor, w_q: torch.Tensor) -> None:
             f"the node float (QuantConfig.keep_float) or quantize its input to 16 bits")
 
 
+def weight_grid(node: fx.Node, w: torch.Tensor, spec, b: Optional[torch.Tensor] = None,
+                x_scale: Optional[float] = None, warn: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scales and zero points (one per output channel) ConvertToQDQ quantizes the weight
+    ``w`` of ``node`` with: the weight observer's, raised where the int32 bias ``b`` (on the
+    input scale ``x_scale``) would not fit. AdaRound computes its grid with this too."""
+    scales, zps = weight_qparams(w.detach().float(), spec)
+    if scales.numel() == 1:
+        scales, zps = scales.expand(w.shape[0]).clone(), zps.expand(w.shape[0]).clone()
+    if b is not None and x_scale is not None:
+        x_scale = torch.tensor(x_scale, dtype=torch.float64)
+        scales = _fit_bias(node, b.detach().double(), x_scale, scales, zps, warn)
+    return scales, zps
+
+
 def _quantize_weight_and_bias(gm: fx.GraphModule, node: fx.Node, spec) -> None:
     w_node = node.args[1]
     w = get_attr_value(gm, w_node).detach().float()
-    scales, zps = weight_qparams(w, spec)
     qmin, qmax = spec.qrange
     shape = [-1] + [1] * (w.dim() - 1)
-    if scales.numel() == 1:
-        scales, zps = scales.expand(w.shape[0]).clone(), zps.expand(w.shape[0]).clone()
     args = list(node.args)
     b_node = args[2] if len(args) > 2 else None
     x = args[0]
-    x_scale = None
+    x_scale = b = None
     if b_node is not None and _is_dequantize(x):
         x_scale = torch.tensor(meta.get_qparams(x.args[0]).scale, dtype=torch.float64)
         b = get_attr_value(gm, b_node).detach().double()
-        scales = _fit_bias(node, b, x_scale, scales, zps)
+    scales, zps = weight_grid(node, w, spec, b, None if x_scale is None else float(x_scale))
     w_q = (torch.round(w / scales.reshape(shape)) + zps.reshape(shape)).clamp(qmin, qmax)
     w_q = w_q.to(spec.torch_dtype)
     anchor = w_node
