@@ -107,8 +107,32 @@ def register_256() -> str:
 
 
 def override_tvm_vnni() -> str:
-    """Replace TVM's broken ``dot_16x4_vnni`` with the fixed one (slow: imports TVM's registry)."""
-    import tvm.s_tir.tensor_intrin.x86  # noqa: F401  (registers TVM's version first)
+    """Replace TVM's broken ``dot_16x4_vnni`` with the fixed one.
 
+    TVM's x86 intrinsics must be registered first (or a later import of its registry would
+    fail on the duplicate name). Its registry package imports every family's intrinsics
+    (CUDA's alone take ~30 s to parse here), so where that package is not imported yet, only
+    its x86 module is: the package's ``__init__`` is skipped by a stand-in module that lives
+    only during the import. A later ``import tvm.s_tir.tensor_intrin`` runs the real
+    ``__init__``, which finds the x86 module already imported and does not register it again.
+    """
+    import importlib
+    import importlib.util
+    import sys
+    import types
+
+    package = "tvm.s_tir.tensor_intrin"
+    if package in sys.modules:
+        importlib.import_module(package + ".x86")
+    else:
+        spec = importlib.util.find_spec(package)
+        stand_in = types.ModuleType(package)
+        stand_in.__path__ = list(spec.submodule_search_locations)
+        stand_in.__package__ = package
+        sys.modules[package] = stand_in
+        try:
+            importlib.import_module(package + ".x86")
+        finally:
+            del sys.modules[package]
     TensorIntrin.register(TVM_VNNI_INTRIN, vnni_desc, vnni_impl, override=True)
     return TVM_VNNI_INTRIN
