@@ -93,6 +93,8 @@ class Guard:
             best plan found and reports that the budget ran out.
         steps: precision raises tried in order: ``"int16"`` (int16 activations, still an
             integer op) then ``"float"``.
+        rank_samples: held-out samples the damage ranking runs on (one forward pass per
+            compute node each); the candidate plans are scored on every held-out batch.
         refit: once the plan is chosen, calibrate the graph returned on every batch, the
             ones set aside included (as cross-validation refits on all the data); False:
             return the graph that was judged, calibrated without them.
@@ -104,6 +106,7 @@ class Guard:
     budget_s: float = 120.0
     steps: tuple[str, ...] = ("int16", "float")
     refit: bool = True
+    rank_samples: int = 8
 
     def __post_init__(self):
         if self.sqnr_db is None and self.cosine is None:
@@ -112,6 +115,8 @@ class Guard:
             raise ValueError(f"Guard.cosine must be in [-1, 1), got {self.cosine}")
         if not 0.0 < self.holdout < 1.0:
             raise ValueError(f"Guard.holdout must be a fraction in (0, 1), got {self.holdout}")
+        if self.rank_samples < 1:
+            raise ValueError(f"Guard.rank_samples must be >= 1, got {self.rank_samples}")
         bad = [s for s in self.steps if s not in ("int16", "float")]
         if bad or not self.steps:
             raise ValueError(f"Guard.steps must be a non-empty sequence of 'int16' / 'float', "
@@ -232,7 +237,7 @@ def run_guard(guard: Guard, float_gm: fx.GraphModule, config: QuantConfig, batch
         observed = prepare(plan)
         if observers(observed):  # (a plan that raised every node to float observes nothing)
             calibrate(observed, calib, progress=progress)
-        return observed, convert(copy.deepcopy(observed) if refit else observed)
+        return observed, convert(copy.deepcopy(observed))
 
     def measure(gm: fx.GraphModule) -> Score:
         with torch.no_grad():
@@ -243,7 +248,7 @@ def run_guard(guard: Guard, float_gm: fx.GraphModule, config: QuantConfig, batch
     rep = GuardReport(guard, config, len(calib), len(held), set_aside, before, before)
     if guard.margin(before) < 0:
         plan, rep.raised, rep.evaluations, rep.out_of_budget, rep.compute_nodes = _search(
-            guard, float_gm, config, calib, held, start)
+            guard, float_gm, config, calib, held, start, observed, reference)
         if rep.raised:
             cand_observed, candidate = build(plan)
             after = measure(candidate)
@@ -266,10 +271,15 @@ def run_guard(guard: Guard, float_gm: fx.GraphModule, config: QuantConfig, batch
 
 
 def _search(guard: Guard, float_gm: fx.GraphModule, config: QuantConfig, calib: list,
-            held: list, start: float) -> tuple[QuantConfig, list[Raised], int, bool, int]:
+            held: list, start: float, observed: fx.GraphModule, reference: list
+            ) -> tuple[QuantConfig, list[Raised], int, bool, int]:
     """The shortest prefix of the damage ranking whose raise meets the floor."""
     ev = _Evaluator(float_gm, calib, held, config,
-                    lambda ref, out: guard.margin(score_outputs(ref, out)))
+                    lambda ref, out: guard.margin(score_outputs(ref, out)),
+                    observed=observed, reference=reference)
+    few = _first_samples(held, guard.rank_samples)  # the ranking needs only relative damage
+    with torch.no_grad():
+        few_reference = [ev.float_gm(*b) for b in few]
     out_of_time = lambda: time.perf_counter() - start > guard.budget_s  # noqa: E731
     ranking: list[NodeSensitivity] = []
     alone = _Alone(ev.observed)
@@ -277,9 +287,9 @@ def _search(guard: Guard, float_gm: fx.GraphModule, config: QuantConfig, calib: 
         if out_of_time():
             break
         with torch.no_grad():
-            out = [alone.run_with(name, b) for b in ev.evals]
+            out = [alone.run_with(name, b) for b in few]
         ranking.append(NodeSensitivity(name, _op_of(ev.float_gm, name),
-                                       guard.margin(score_outputs(ev.reference, out)),
+                                       guard.margin(score_outputs(few_reference, out)),
                                        ev.output_of[name]))
     ranking.sort(key=lambda r: r.score)
     order = [r.node for r in ranking]
@@ -324,6 +334,25 @@ def _search(guard: Guard, float_gm: fx.GraphModule, config: QuantConfig, calib: 
     raised = [Raised(r.node, r.op, step, r.score, meta.location(nodes[r.node]))
               for r in ranking[:k]]
     return plan, raised, ev.evaluations, out_of_time(), len(ev.compute)
+
+
+def _first_samples(batches: list, n: int) -> list:
+    """At most ``n`` samples of ``batches``: whole batches, the last one cut along dimension
+    0 (the batch dimension every tensor input shares; batches whose tensors disagree on it
+    are kept whole)."""
+    out, left = [], n
+    for b in batches:
+        sizes = {t.shape[0] for t in b if isinstance(t, torch.Tensor) and t.dim() > 0}
+        if len(sizes) != 1:
+            out.append(b)
+            continue
+        size = sizes.pop()
+        out.append(b if size <= left else tuple(
+            t[:left] if isinstance(t, torch.Tensor) and t.dim() > 0 else t for t in b))
+        left -= min(size, left)
+        if left <= 0:
+            break
+    return out
 
 
 def _fake_quant(x: torch.Tensor, p) -> torch.Tensor:

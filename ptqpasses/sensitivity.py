@@ -57,7 +57,10 @@ class _Evaluator:
     """Builds and scores the QDQ graph for a set of float nodes, sharing one calibration."""
 
     def __init__(self, float_gm: fx.GraphModule, calib: Iterable[Any], evals: Iterable[Any],
-                 config: QuantConfig, metric: Metric, raise_to: str = "float"):
+                 config: QuantConfig, metric: Metric, raise_to: str = "float",
+                 observed: Optional[fx.GraphModule] = None, reference: Optional[list] = None):
+        """``observed``: the graph ``config`` prepares, already calibrated on ``calib`` (read,
+        not changed), saving a calibration; ``reference``: the float outputs on ``evals``."""
         if raise_to not in ("float", "int16"):
             raise ValueError(f"raise_to must be 'float' or 'int16', got {raise_to!r}")
         self.raise_to = raise_to
@@ -66,10 +69,13 @@ class _Evaluator:
         self.calib = [_as_args(b) for b in calib]
         self.evals = [_as_args(b) for b in evals]
         self.config, self.metric = config, metric
-        with torch.no_grad():
-            self.reference = [self.float_gm(*b) for b in self.evals]
-        observed = self._observed(config)
-        calibrate(observed, self.calib, progress=False)
+        if reference is None:
+            with torch.no_grad():
+                reference = [self.float_gm(*b) for b in self.evals]
+        self.reference = reference
+        if observed is None:
+            observed = self._observed(config)
+            calibrate(observed, self.calib, progress=False)
         self.observed = observed  # calibrated: qparams on every observer node
         self.stats = {meta.observed_node(n): ob for n, ob in observers(observed)}
         self.compute = [n.name for n in observed.graph.nodes
@@ -79,6 +85,7 @@ class _Evaluator:
             q = meta.get_qspec(n)
             if q is not None and q.role == "fused" and q.fused_into in self.output_of:
                 self.output_of[q.fused_into] = n.name
+        self.inputs_of = {c: _observed_inputs(observed, c) for c in self.compute}
         self.evaluations = 0
 
     def _observed(self, config: QuantConfig) -> fx.GraphModule:
@@ -93,6 +100,10 @@ class _Evaluator:
         if self.raise_to == "int16":
             if not names:
                 return self.config
+            # a node's input is quantized by the spec of the node that produces it: raise
+            # the producers of its observed inputs too (a node's activations, both sides)
+            names = tuple(dict.fromkeys(
+                m for n in names for m in (n, *self.inputs_of.get(n, ()))))
             act = dataclasses.replace(self.config.activation, dtype="int16", symmetric=True)
             pattern = "|".join(re.escape(n) for n in names)
             return dataclasses.replace(self.config, by_node_regex={
@@ -123,6 +134,25 @@ class _Evaluator:
         with torch.no_grad():
             out = [gm(*b) for b in self.evals]
         return float(self.metric(self.reference, out))
+
+
+def _observed_inputs(observed: fx.GraphModule, name: str) -> tuple[str, ...]:
+    """Names of the compute nodes whose observed outputs ``name`` reads (through share-only
+    nodes such as views): the nodes whose output spec quantizes its inputs."""
+    node = next(n for n in observed.graph.nodes if n.name == name)
+    out = []
+    for a in node.all_input_nodes:
+        while a.op != "call_module":
+            q = meta.get_qspec(a)
+            if q is None or q.role != "share" or not a.all_input_nodes:
+                break
+            a = a.all_input_nodes[0]
+        if a.op == "call_module" and meta.observed_node(a) is not None:
+            producer = next(n for n in observed.graph.nodes if n.name == meta.observed_node(a))
+            q = meta.get_qspec(producer)
+            if producer.op == "call_function" and q is not None and q.role in ("compute", "fused"):
+                out.append(q.fused_into if q.role == "fused" else producer.name)
+    return tuple(out)
 
 
 @dataclass

@@ -310,6 +310,18 @@ def minilm_tokenize(texts: list[str], batch: int, length: int | None = None) -> 
     return out
 
 
+class SentenceEmbedding(nn.Module):
+    """An encoder and sentence-transformers' mean pooling: ``(ids, mask) -> [B, H]``, the
+    model a sentence-embedding user deploys (its output is the embedding itself)."""
+
+    def __init__(self, encoder: nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return mean_pool(self.encoder(ids, mask), mask)
+
+
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Sentence embedding: the mean of the hidden states [B, S, H] over unmasked tokens."""
     m = mask[..., None].to(hidden.dtype)

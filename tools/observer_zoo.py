@@ -14,8 +14,11 @@ The models are split in two: the default is chosen on the **tune** half (best me
 output SQNR, then the best worst-case gap to the per-model best) and the choice is checked
 on the **held-out** half, models it was not chosen on (issue 13).
 
-Metrics, per model: ``sqnr_db`` of the output (for embeddings: of the mean-pooled sentence
-embedding) plus one task metric: ``top1`` agreement with fp32 (classifiers; MTCNN: face /
+The sentence encoders are quantized as sentence-transformers deploys them: encoder plus mean
+pooling (:class:`tools.models.SentenceEmbedding`), so the model's output, which the accuracy
+guard judges, is the sentence embedding (not the hidden states of padding tokens).
+
+Metrics, per model: ``sqnr_db`` of the output (for embeddings: the sentence embedding) plus one task metric: ``top1`` agreement with fp32 (classifiers; MTCNN: face /
 no-face), ``cos_mean`` / ``cos_min`` (embeddings), ``iou`` of the text maps thresholded at
 0.3 (detector), ``tokens``: per-step argmax agreement of the CTC output (recognizer).
 """
@@ -82,8 +85,7 @@ def _score_classifier(ref, out, batches, logits=slice(None)) -> dict:
 
 
 def _score_embedding(ref, out, batches) -> dict:
-    e_ref = torch.cat([models.mean_pool(r, b[1]) for r, b in zip(ref, batches)])
-    e_out = torch.cat([models.mean_pool(o, b[1]) for o, b in zip(out, batches)])
+    e_ref, e_out = torch.cat(ref), torch.cat(out)  # the models output the pooled embedding
     cos = torch.nn.functional.cosine_similarity(e_ref, e_out, dim=1)
     return {"sqnr_db": sqnr(e_ref, e_out), "cos_mean": float(cos.mean()),
             "cos_min": float(cos.min())}
@@ -130,6 +132,7 @@ def task_mobilenet():
 
 def _sentence_task(name, group, what, m):
     cal, held = wm.reference_sentences()
+    m = models.SentenceEmbedding(m).eval()  # encoder + mean pooling, as sentence-transformers
     return Task(name, group, what, m, models.minilm_tokenize(list(cal), 10),
                 models.minilm_tokenize(list(held), 10), _score_embedding,
                 {0: {1: "seq"}, 1: {1: "seq"}})

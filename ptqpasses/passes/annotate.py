@@ -98,7 +98,7 @@ class Annotate(Pass):
 
 
 #: Integer ops that can hand a float consumer their dequantized accumulator.
-FLOAT_OUTPUT = {aten.conv2d.default, aten.linear.default, aten.matmul.default,
+FLOAT_OUTPUT_OPS = {aten.conv2d.default, aten.linear.default, aten.matmul.default,
                 aten.bmm.default}
 
 
@@ -133,7 +133,7 @@ def _cost_policy(gm: fx.GraphModule) -> None:
                 needed[node] = True
                 continue
             needed[node] = False
-            if node.target in FLOAT_OUTPUT:
+            if node.target in FLOAT_OUTPUT_OPS:
                 meta.set_qspec(node, q.replace(output=None, float_output=True, reason=(
                     "float output: its consumers are float (cost policy)")))
                 after = f"float, after {node.name!r}'s float output"

@@ -125,7 +125,8 @@ def test_score_outputs_cosine_is_per_sample_and_skips_integer_outputs():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(sqnr_db=None, cosine=None), "needs a floor"), (dict(holdout=1.0), "holdout"),
-    (dict(cosine=1.0), "cosine"), (dict(steps=("int4",)), "steps")])
+    (dict(cosine=1.0), "cosine"), (dict(steps=("int4",)), "steps"),
+    (dict(rank_samples=0), "rank_samples")])
 def test_guard_options_are_checked(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Guard(**kwargs)
@@ -145,3 +146,13 @@ def test_refit_calibrates_the_returned_graph_on_every_batch_or_not():
     judged = ptqpasses.quantize(model, calib[0], calib, progress=False, guard=Guard(refit=False))
     six = ptqpasses.quantize(model, calib[0], calib[:6], guard=False, progress=False)
     assert judged.meta[GUARD_KEY].calibrated == 6 and torch.equal(judged(*test[0]), six(*test[0]))
+
+
+def test_the_ranking_runs_on_the_first_samples_cut_along_the_shared_batch_dimension():
+    from ptqpasses.guard import _first_samples
+    a, b = (torch.randn(4, 3), torch.ones(4, 5)), (torch.randn(4, 3), torch.ones(4, 5))
+    few = _first_samples([a, b], 6)
+    assert [t.shape[0] for bt in few for t in bt] == [4, 4, 2, 2]
+    assert torch.equal(few[1][0], b[0][:2])
+    odd = (torch.randn(4, 3), torch.randn(2))  # tensors disagree on dim 0: kept whole
+    assert _first_samples([odd], 1) == [odd]

