@@ -59,10 +59,6 @@ OBSERVERS = {
     "entropy": ("entropy", 99.99),
 }
 
-COMPUTE = ("aten.conv2d.default", "aten.linear.default", "aten.matmul.default",
-           "aten.conv_transpose2d.input", "aten.bmm.default")
-
-
 @dataclass
 class Task:
     name: str
@@ -214,10 +210,6 @@ TASKS: dict[str, Callable[[], Optional[Task]]] = {
 # ----------------------------------------------------------------------------- methods
 
 
-def _count_compute(gm) -> int:
-    return sum(str(n.target) in COMPUTE for n in gm.graph.nodes if n.op == "call_function")
-
-
 def run_observer(task: Task, captured, observer: str, percentile: float):
     """The default flow with only the activation observer changed; (outputs, integer ops)."""
     act = dataclasses_replace(ptqpasses.QuantConfig().activation, observer=observer,
@@ -254,29 +246,17 @@ def dataclasses_replace(obj, **kw):
 
 def run_pt2e(task: Task):
     q = peers.pt2e_int8(task.model, task.calib, dynamic_dims=task.dynamic_dims)
-    n_int = 0
-    for n in q.graph.nodes:
-        if n.op == "call_function" and str(n.target) in COMPUTE and len(n.args) > 1:
-            w = n.args[1]
-            n_int += hasattr(w, "target") and "dequantize" in str(w.target)
     with torch.no_grad():
-        return [q(*b) for b in task.eval], n_int
+        return [q(*b) for b in task.eval], peers.pt2e_int8_count(q)
 
 
 def run_ort(task: Task):
-    import onnx
-
     folder = Path(tempfile.mkdtemp(prefix="ptq_zoo_ort_"))
     fp32 = peers.export_onnx(task.model, task.calib[0], folder / "model.onnx",
                              dynamic_dims=task.dynamic_dims)
     int8 = peers.ort_int8(fp32, task.calib, static=True)
-    g = onnx.load(str(int8)).graph
-    producer = {o: n.op_type for n in g.node for o in n.output}
-    n_int = sum(n.op_type in ("Conv", "MatMul", "Gemm", "ConvTranspose")
-                and producer.get(n.input[1]) == "DequantizeLinear"
-                and producer.get(n.input[0]) == "DequantizeLinear" for n in g.node)
     sess = peers.OrtModel(int8)
-    return [sess(*b) for b in task.eval], n_int
+    return [sess(*b) for b in task.eval], peers.onnx_int8_count(int8)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -289,7 +269,7 @@ def evaluate(task: Task, observers: list[str], with_peers: bool, progress=None,
     with torch.no_grad():
         ref = [task.model(*b) for b in task.eval]
     captured = ptqpasses.capture(task.model, task.calib[0], dynamic_dims=task.dynamic_dims)
-    total = _count_compute(captured)
+    total = peers.count_compute(captured)
     rows = {}
     methods = [("default", lambda: run_guarded(task, captured))] if guarded else []
     methods += [(o, lambda o=o: run_observer(task, captured, *OBSERVERS[o])) for o in observers]

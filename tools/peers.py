@@ -177,3 +177,45 @@ def ort_int8(fp32: Path, calib: list[tuple], static: bool = True) -> Path:
 ORT_STATIC_NOTE = ("ONNX Runtime quantize_static, QDQ, per-channel s8 weights, u8 activations, "
                    "MinMax")
 ORT_DYNAMIC_NOTE = "ONNX Runtime dynamic int8 (per-channel weights)"
+
+
+# --- coverage: how many convs / linears / matmuls a peer really made int8 ------------------
+
+#: The ATen ops counted as a model's compute (convs, linears, matmuls).
+COMPUTE_OPS = ("aten.conv2d.default", "aten.linear.default", "aten.matmul.default",
+               "aten.conv_transpose2d.input", "aten.bmm.default")
+
+
+def count_compute(gm: torch.fx.GraphModule) -> int:
+    """Convs, linears and matmuls of a captured ATen graph."""
+    return sum(str(n.target) in COMPUTE_OPS for n in gm.graph.nodes if n.op == "call_function")
+
+
+def pt2e_int8_count(q: torch.fx.GraphModule) -> int:
+    """Compute ops of a converted PT2E graph whose weight (second input) is dequantized from
+    int8: the ones that run int8, not the ones the quantizer skipped."""
+    return sum(str(n.target) in COMPUTE_OPS and len(n.args) > 1
+               and "dequantize" in str(getattr(n.args[1], "target", ""))
+               for n in q.graph.nodes if n.op == "call_function")
+
+
+def onnx_int8_count(path: Path) -> int:
+    """Conv / MatMul / Gemm nodes of a QDQ ONNX model with both inputs dequantized."""
+    import onnx
+
+    g = onnx.load(str(path)).graph
+    producer = {o: n.op_type for n in g.node for o in n.output}
+    return sum(n.op_type in ("Conv", "MatMul", "Gemm", "ConvTranspose")
+               and producer.get(n.input[1]) == "DequantizeLinear"
+               and producer.get(n.input[0]) == "DequantizeLinear" for n in g.node)
+
+
+def fx_int8_count(q: torch.nn.Module) -> int:
+    """Quantized conv / linear modules and ops of a torch.ao FX converted model."""
+    mods = sum(type(m).__module__.startswith("torch.ao.nn.quantized")
+               and any(k in type(m).__name__ for k in ("Conv", "Linear"))
+               for m in q.modules())
+    ops = sum(n.op == "call_function" and "quantized" in str(n.target)
+              and any(k in str(n.target) for k in ("conv", "linear", "matmul"))
+              for n in getattr(q, "graph", torch.fx.Graph()).nodes)
+    return mods + ops
