@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Iterable, Optional, Sequence, Union
 
 import torch.fx as fx
 
+from ptqpasses import distributed
 from ptqpasses.calibrate import calibrate
 from ptqpasses.capture import capture
 from ptqpasses.config import QuantConfig
@@ -51,7 +53,8 @@ def quantize(model, example_inputs: Sequence[Any], calibration_data: Iterable[An
     model, and where it falls below the floor (20 dB output SQNR, 0.99 per-sample cosine) the
     most damaging nodes are raised to int16 activations, then float
     (:mod:`ptqpasses.guard`); ``gm.meta["ptq.guard"]`` holds the report. ``guard=False``:
-    calibrate on every batch and convert, nothing checked.
+    calibrate on every batch and convert, nothing checked; inside torch.distributed that
+    calibration merges across the ranks (:mod:`ptqpasses.distributed`), the guard's does not.
     """
     if guard is False or guard is None:
         gm = prepare(model, example_inputs, config, **capture_options)
@@ -62,6 +65,11 @@ def quantize(model, example_inputs: Sequence[Any], calibration_data: Iterable[An
     if not isinstance(guard, Guard):
         raise TypeError(f"quantize: guard must be True, False or a Guard, got "
                         f"{type(guard).__name__}")
+    if distributed.active():
+        warnings.warn("quantize: the accuracy guard calibrates and judges this process's "
+                      "batches only (the ranks may choose different plans); inside "
+                      "torch.distributed use guard=False, or prepare / calibrate / convert",
+                      stacklevel=2)
     config = config or QuantConfig()
     float_gm = capture(model, example_inputs, **capture_options)
 

@@ -9,6 +9,7 @@ import torch
 import torch.fx as fx
 from tqdm.auto import tqdm
 
+from ptqpasses import distributed as dist_
 from ptqpasses import meta
 from ptqpasses.observers import CalibrationError, Observer
 
@@ -29,28 +30,45 @@ def _as_args(batch: Any) -> tuple:
     return tuple(batch)
 
 
-def calibrate(gm: fx.GraphModule, data: Iterable[Any], *, progress: bool = True) -> fx.GraphModule:
+def calibrate(gm: fx.GraphModule, data: Iterable[Any], *, progress: bool = True,
+              distributed: bool = True, group=None) -> fx.GraphModule:
     """Runs ``data`` through ``gm`` (with observers) and records qparams on observer nodes.
 
     Args:
         gm: a graph after InsertObservers.
         data: an iterable of input tuples (or single tensors), e.g. a DataLoader; a
             DataLoader yielding ``(inputs, labels)`` pairs should be mapped to inputs first.
-        progress: show a tqdm progress bar.
+        progress: show a tqdm progress bar (on rank 0 only, under torch.distributed).
+        distributed: inside an initialized torch.distributed process group, ``data`` is this
+            rank's shard: every observer's statistics are merged across the ranks, and every
+            rank gets the qparams of one process calibrating on all the shards (exact but
+            for moving averages; see :mod:`ptqpasses.distributed`). Every rank of ``group``
+            must call it. False: this process's data alone.
+        group: the process group (default: the world).
 
     Raises:
-        CalibrationError: no batches, NaN at a node (named), or a graph without observers.
+        CalibrationError: no batches (on any rank), NaN at a node (named), or a graph
+            without observers.
     """
     obs = observers(gm)
     if not obs:
         raise CalibrationError("the graph has no observers: run Annotate and InsertObservers "
                                "(or ptqpasses.prepare) before calibrate")
+    sync = distributed and dist_.active(group)
     total = len(data) if hasattr(data, "__len__") else None
-    n = 0
+    n, failure = 0, None
+    show = progress and (not sync or dist_.rank(group) == 0)
     with torch.no_grad():
-        for batch in tqdm(data, total=total, desc="calibrate", unit="batch", disable=not progress):
-            gm(*_as_args(batch))
-            n += 1
+        try:
+            for batch in tqdm(data, total=total, desc="calibrate", unit="batch", disable=not show):
+                gm(*_as_args(batch))
+                n += 1
+        except Exception as e:  # the other ranks must hear of it, not wait for this one
+            if not sync:
+                raise
+            failure = e
+    if sync:
+        n = dist_.merge_observers([ob for _, ob in obs], n, failure, group)
     if n == 0:
         raise CalibrationError("calibration data yielded zero batches")
     finalize(gm)
@@ -59,7 +77,8 @@ def calibrate(gm: fx.GraphModule, data: Iterable[Any], *, progress: bool = True)
 
 def merge(gm: fx.GraphModule, *others: fx.GraphModule) -> fx.GraphModule:
     """Merges the observer statistics of ``others`` (copies of ``gm`` calibrated elsewhere,
-    e.g. in other processes on other shards of the data) into ``gm`` and records qparams."""
+    e.g. in other processes on other shards of the data) into ``gm`` and records qparams.
+    Inside torch.distributed, :func:`calibrate` does this with collectives."""
     mine = observers(gm)
     for other in others:
         theirs = {meta.observed_node(n): ob for n, ob in observers(other)}

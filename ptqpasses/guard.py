@@ -236,7 +236,7 @@ def run_guard(guard: Guard, float_gm: fx.GraphModule, config: QuantConfig, batch
     def build(plan: QuantConfig) -> tuple[fx.GraphModule, fx.GraphModule]:
         observed = prepare(plan)
         if observers(observed):  # (a plan that raised every node to float observes nothing)
-            calibrate(observed, calib, progress=progress)
+            calibrate(observed, calib, progress=progress, distributed=False)
         return observed, convert(copy.deepcopy(observed))
 
     def measure(gm: fx.GraphModule) -> Score:
@@ -257,7 +257,7 @@ def run_guard(guard: Guard, float_gm: fx.GraphModule, config: QuantConfig, batch
             else:  # the QDQ simulation promised more than the integer graph gives
                 rep.raised = []
     if refit and observers(observed):  # the same observers go on to see the held-out batches
-        calibrate(observed, held, progress=False)
+        calibrate(observed, held, progress=False, distributed=False)
         q, rep.calibrated = convert(observed), len(batches)
     _mark_raised(q, rep.raised, guard, before)
     rep.elapsed_s = time.perf_counter() - start

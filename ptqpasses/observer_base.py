@@ -98,6 +98,31 @@ class Observer(nn.Module):
     def _merge(self, other: "Observer") -> None:
         raise NotImplementedError
 
+    def stats(self) -> list[float]:
+        """What :meth:`merge` combines, as a short list of floats (batches, Inf batches, then
+        the kind's own: a range; a histogram's counts are not in it: they add up apart).
+        ``ptqpasses.distributed`` gathers these from every rank."""
+        return [float(self.batches), float(self.infinite), *self._stats()]
+
+    def load_stats(self, values: list[float]) -> None:
+        """Takes the statistics :meth:`stats` gave (of this observer, or of a merge that
+        includes it: a histogram keeps its counts and moves them onto the merged range)."""
+        self.batches, self.infinite = int(values[0]), int(values[1])
+        self._load_stats(list(values[2:]))
+
+    def empty(self) -> "Observer":
+        """An observer of the same kind and options that has seen nothing."""
+        return type(self)(self.node_name, **self._options())
+
+    def _stats(self) -> list[float]:
+        raise NotImplementedError
+
+    def _load_stats(self, values: list[float]) -> None:
+        raise NotImplementedError
+
+    def _options(self) -> dict:
+        return {}
+
     def qparams(self, spec: QSpec) -> QParams:
         if self.batches == 0:
             raise CalibrationError(f"node {self.node_name!r} saw no data during calibration")
@@ -126,12 +151,19 @@ class MinMaxObserver(Observer):
     def _merge(self, other):
         self.lo, self.hi = min(self.lo, other.lo), max(self.hi, other.hi)
 
+    def _stats(self):
+        return [self.lo, self.hi]
+
+    def _load_stats(self, values):
+        self.lo, self.hi = values
+
 
 class MovingAverageMinMaxObserver(Observer):
     """Exponential moving average of per-batch min and max (``momentum`` per batch).
 
     Merging averages the two estimates weighted by batch count, an approximation of the
-    estimate one process would have made.
+    estimate one process would have made (an average of averages: not equal to one pass
+    over all the batches, which weighs the last ones most).
     """
 
     kind = "moving_average"
@@ -158,51 +190,138 @@ class MovingAverageMinMaxObserver(Observer):
             self.lo = (self.lo * self.batches + other.lo * other.batches) / total
             self.hi = (self.hi * self.batches + other.hi * other.batches) / total
 
+    def _stats(self):
+        return [self.lo, self.hi]
+
+    def _load_stats(self, values):
+        self.lo, self.hi = values
+
+    def _options(self):
+        return {"momentum": self.momentum}
+
 
 class HistogramObserver(Observer):
     """Histogram over a range that grows as needed; the range is clipped at a percentile.
 
     ``percentile`` (e.g. 99.99) keeps that share of the mass on each side: the clipped range
     is ``[q((100 - p) / 100), q(p / 100)]`` of the observed distribution.
+
+    The statistics are exact and do not depend on the order of the data, so calibrating in
+    pieces (other batches, other processes) and merging gives the same counts, bit for bit,
+    as one pass over all of it. They are counts on a fixed grid, ``GRID`` bins of ``2**k``:
+    bin ``j`` holds the values ``x`` with ``floor(x / 2**k) == j`` (computed exactly), and
+    ``k`` is the smallest power (at least ``K_MIN``) at which the observed range ``[vmin,
+    vmax]`` (widened to include 0) fits; a function of that range alone. Widening the range
+    only ever raises ``k``, and a bin of ``2**(k + d)`` is exactly the union of ``2**d``
+    bins of ``2**k`` (``floor(floor(y) / 2**d) == floor(y / 2**d)``), so re-binning loses
+    nothing. The range searches read ``hist``: the counts spread onto ``BINS`` equal bins
+    over ``[lo, hi] = [vmin, vmax]`` (4 to 8 grid bins each), a function of the counts
+    (updated with them).
     """
 
     kind = "histogram"
-    BINS = 2048
+    BINS = 2048       # the histogram the range searches read
+    GRID = 8 * 2048   # exact counts, of which at least half are in the observed range
+    K_MIN = -64       # bins of 2**-64: any narrower range gets the smallest scale (1e-8)
 
     def __init__(self, node_name: str = "", percentile: float = 99.99, **_):
         super().__init__(node_name)
         self.percentile = percentile
+        # (the counts stay out of the state dict, whose names and shapes are part of a
+        # recipe's graph fingerprint; ``hist`` is there, as before the exact counts)
+        self.register_buffer("counts", torch.zeros(self.GRID, dtype=torch.float64),
+                             persistent=False)
         self.register_buffer("hist", torch.zeros(self.BINS, dtype=torch.float64))
-        self.lo, self.hi = 0.0, 0.0
+        self.vmin, self.vmax = math.inf, -math.inf  # the observed range (with 0) so far
+        self.k = self.K_MIN
 
-    def _rebin(self, lo: float, hi: float) -> None:
-        """Moves existing counts into bins over the wider ``[lo, hi]`` (by bin centre)."""
-        if self.hist.sum() > 0:
-            width = (self.hi - self.lo) / self.BINS
-            centres = self.lo + (torch.arange(self.BINS, dtype=torch.float64) + 0.5) * width
-            idx = ((centres - lo) / (hi - lo) * self.BINS).long().clamp(0, self.BINS - 1)
-            new = torch.zeros_like(self.hist)
-            new.index_add_(0, idx, self.hist)
-            self.hist = new
-        self.lo, self.hi = lo, hi
+    @classmethod
+    def _power(cls, vmin: float, vmax: float) -> int:
+        """The smallest ``k >= K_MIN`` with ``[vmin, vmax]`` in ``GRID`` bins of ``2**k``."""
+        span = vmax - vmin
+        k = cls.K_MIN if span <= 0 else max(cls.K_MIN, math.floor(math.log2(span / cls.GRID)) - 1)
+        while math.floor(vmax / 2.0 ** k) - math.floor(vmin / 2.0 ** k) >= cls.GRID:
+            k += 1
+        return k
+
+    @property
+    def first(self) -> int:
+        """Grid index of ``counts[0]``: the bin holding ``vmin``."""
+        return math.floor(self.vmin / 2.0 ** self.k) if self.vmin <= self.vmax else 0
+
+    @property
+    def lo(self) -> float:
+        return self.vmin if self.vmin <= self.vmax else 0.0
+
+    @property
+    def hi(self) -> float:
+        if self.vmin > self.vmax:
+            return 0.0
+        return self.vmax if self.vmax > self.vmin else self.vmin + 1e-8
+
+    def set_counts(self, counts: torch.Tensor) -> None:
+        """Replaces the grid counts (e.g. by the sum over ranks) and updates ``hist``."""
+        self.counts = counts.to(self.counts)
+        self.hist = self._spread()
+
+    def _spread(self) -> torch.Tensor:
+        """``BINS`` counts over ``[lo, hi]``: each grid bin's count split between the (at most
+        two) bins it overlaps, in proportion to the overlap."""
+        lo, hi, dev = self.lo, self.hi, self.counts.device
+        if self.vmin > self.vmax:
+            return torch.zeros(self.BINS, dtype=torch.float64, device=dev)
+        edges = (torch.arange(self.GRID + 1, dtype=torch.float64, device=dev) + self.first) \
+            * 2.0 ** self.k
+        pos = ((edges - lo) / (hi - lo) * self.BINS).clamp(0, self.BINS)
+        a, b = pos[:-1], pos[1:]
+        i = a.floor().clamp(max=self.BINS - 1)
+        cut = torch.minimum(b, i + 1)
+        share = torch.where(b > a, (cut - a) / (b - a), torch.ones_like(a))
+        out = torch.zeros(self.BINS, dtype=torch.float64, device=dev)
+        out.index_add_(0, i.long(), self.counts * share)
+        return out.index_add_(0, (i + 1).clamp(max=self.BINS - 1).long(),
+                              self.counts * (1 - share))
+
+    def _regrid(self, vmin: float, vmax: float) -> None:
+        """Widens the range to include ``[vmin, vmax]``, merging grid bins where the grid
+        coarsens (exact: see the class docstring)."""
+        if vmin > vmax:
+            return  # nothing observed
+        empty = self.vmin > self.vmax
+        old_first, old_k = self.first if not empty else 0, self.k
+        self.vmin, self.vmax = min(vmin, self.vmin), max(vmax, self.vmax)
+        self.k = self._power(self.vmin, self.vmax)
+        if not empty and (old_first, old_k) != (self.first, self.k):
+            full = self.counts > 0
+            j = torch.arange(self.GRID, dtype=torch.float64, device=self.counts.device)[full]
+            idx = torch.floor((j + old_first) / 2.0 ** (self.k - old_k)).long() - self.first
+            self.counts = torch.zeros_like(self.counts).index_add_(0, idx, self.counts[full])
+        self.hist = self._spread()
 
     def observe(self, x):
-        lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
-        if hi == lo:
-            hi = lo + 1e-8
-        if self.hist.sum() == 0:
-            self.lo, self.hi = lo, hi
-        elif lo < self.lo or hi > self.hi:
-            self._rebin(min(lo, self.lo), max(hi, self.hi))
-        self.hist += torch.histc(x.double(), self.BINS, self.lo, self.hi)
+        self._regrid(min(float(x.min()), 0.0), max(float(x.max()), 0.0))
+        # x * 2**-k is exact in float32 for k <= 0 (a power-of-two scale up, to at most
+        # GRID); for k > 0 small values could lose bits below float32's normal range.
+        scaled = (x if self.k <= 0 else x.double()).reshape(-1) * 2.0 ** -self.k
+        idx = scaled.floor_().sub_(self.first).to(torch.int32)
+        self.set_counts(self.counts + torch.bincount(idx, minlength=self.GRID).to(self.counts))
 
     def _merge(self, other):
-        lo, hi = min(self.lo, other.lo), max(self.hi, other.hi)
-        self._rebin(lo, hi)
-        theirs = HistogramObserver(percentile=other.percentile)
-        theirs.hist, theirs.lo, theirs.hi = other.hist.clone(), other.lo, other.hi
-        theirs._rebin(lo, hi)
-        self.hist += theirs.hist
+        theirs = other.empty()
+        theirs.counts, theirs.vmin, theirs.vmax, theirs.k = (other.counts.clone(), other.vmin,
+                                                              other.vmax, other.k)
+        theirs._regrid(self.vmin, self.vmax)
+        self._regrid(other.vmin, other.vmax)
+        self.set_counts(self.counts + theirs.counts.to(self.counts))
+
+    def _stats(self) -> list[float]:
+        return [self.vmin, self.vmax]
+
+    def _load_stats(self, values: list[float]) -> None:
+        self._regrid(*values)  # (the counts add up apart: ptqpasses.distributed)
+
+    def _options(self) -> dict:
+        return {"percentile": self.percentile}
 
     def range(self):
         cdf = torch.cumsum(self.hist, 0) / self.hist.sum()

@@ -1,8 +1,8 @@
 """Range setting by search: MSE-optimal and entropy (KL) clipping.
 
 Both activation observers keep the same mergeable statistics as :class:`HistogramObserver`
-(a histogram over a range that grows as needed), so calibration split across processes
-merges exactly as before; only the step from statistics to a range differs. The range is
+(exact counts on a power-of-two grid over a range that grows as needed), so calibration split
+across processes merges bit for bit; only the step from statistics to a range differs. The range is
 searched for the *spec's* integer grid, so ``qparams(spec)`` does the search (a uint8 and an
 int8 spec of the same tensor get different clipping).
 

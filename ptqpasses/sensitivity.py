@@ -75,7 +75,7 @@ class _Evaluator:
         self.reference = reference
         if observed is None:
             observed = self._observed(config)
-            calibrate(observed, self.calib, progress=False)
+            calibrate(observed, self.calib, progress=False, distributed=False)
         self.observed = observed  # calibrated: qparams on every observer node
         self.stats = {meta.observed_node(n): ob for n, ob in observers(observed)}
         self.compute = [n.name for n in observed.graph.nodes
@@ -125,7 +125,7 @@ class _Evaluator:
             # the same statistics, turned into qparams for this node's (maybe int16) spec
             meta.set_qparams(node, stats.qparams(meta.get_qspec(node).output))
         if missing:  # a value observed only under this assignment: calibrate this graph
-            calibrate(gm, self.calib, progress=False)
+            calibrate(gm, self.calib, progress=False, distributed=False)
         return ConvertToQDQ()(gm).graph_module
 
     def score(self, float_nodes: Iterable[str]) -> float:

@@ -59,8 +59,65 @@ def _calibrated(args, guard: bool = False):
 
 
 def cmd_quantize(args) -> int:
-    import ptqpasses
+    import os
+    if args.nproc < 1:
+        raise UsageError(f"--nproc must be at least 1, got {args.nproc}")
+    if args.nproc > 1:  # this process starts the ranks; each runs _quantize_rank
+        from ptqpasses.distributed import launch
+        inputs = example_inputs(args.input)  # usage errors here, not in N tracebacks
+        calibration_batches(args.calib, tuple(inputs[0].shape), args.batch_size)
+        _config(args.config)
+        launch(_quantize_rank, args.nproc, (args,))
+        return 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # a rank torchrun started
+        import torch.distributed as dist
+        started = not dist.is_initialized()
+        if started:
+            dist.init_process_group("gloo")
+        try:
+            _quantize_rank(args)
+        finally:
+            if started:
+                dist.destroy_process_group()
+        return 0
     model, inputs, data, config, observed = _calibrated(args, guard=not args.no_guard)
+    _write_recipe(args, config, observed)
+    return 0
+
+
+def _quantize_rank(args) -> None:
+    """One rank of ``ptq quantize --nproc N`` (or of ``torchrun ... -m tools.cli quantize``):
+    calibrates on batches ``rank, rank + N, ...`` (a DistributedSampler's interleaving, not
+    padded), merged across the ranks; rank 0 writes the recipe. No accuracy guard: it
+    calibrates and judges in one process."""
+    import zlib
+
+    import torch
+    import torch.distributed as dist
+
+    import ptqpasses
+    from ptqpasses.capture import WEIGHTS_KEY
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = load_model(args.model)
+    inputs = example_inputs(args.input)
+    data = calibration_batches(args.calib, tuple(inputs[0].shape), args.batch_size)
+    config = _config(args.config)
+    observed = ptqpasses.prepare(model, inputs, config)
+    digest = torch.tensor([zlib.crc32(observed.meta[WEIGHTS_KEY].encode())], dtype=torch.int64)
+    digests = [torch.zeros_like(digest) for _ in range(world)]
+    dist.all_gather(digests, digest)
+    if len({int(d) for d in digests}) > 1:
+        raise UsageError(f"{args.model} has other weights on other ranks (a factory that "
+                         "initializes at random without a seed?): load a checkpoint")
+    ptqpasses.calibrate(observed, data[rank::world], progress=rank == 0)
+    if rank == 0:
+        print(f"calibrated on {len(data)} batches in {world} processes (rank r: batches r, "
+              f"r + {world}, ...), without the accuracy guard")
+        _write_recipe(args, config, observed)
+
+
+def _write_recipe(args, config, observed) -> None:
+    import ptqpasses
     path = ptqpasses.save_recipe(observed, args.out, pipeline=ptqpasses.prepare_pipeline(config))
     q = ptqpasses.convert(observed)
     cov = ptqpasses.coverage(q)
@@ -70,7 +127,6 @@ def cmd_quantize(args) -> int:
         if not c.integer:
             at = f" at {c.where}" if c.where else ""
             print(f"  float: {c.node} ({c.op}){at}: {c.reason}")
-    return 0
 
 
 def cmd_report(args) -> int:
@@ -198,6 +254,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-guard", action="store_true",
                    help="calibrate on every batch, no accuracy guard (by default the last "
                         "quarter of the batches judges the result; see ptqpasses.guard)")
+    p.add_argument("--nproc", type=int, default=1, metavar="N",
+                   help="calibrate in N local processes (torch.distributed, gloo), each on "
+                        "every Nth batch, statistics merged: the qparams of one process on "
+                        "all batches (see README, Distributed calibration); no accuracy guard")
     p = add("report", "per-node SQNR and float coverage of the quantized model", cmd_report)
     _add_model_args(p), _add_calib_args(p)
     p.add_argument("--batches", type=int, default=4, help="batches used for the SQNR")

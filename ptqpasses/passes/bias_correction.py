@@ -12,7 +12,8 @@ so the work is split the usual way in this package (analysis on ``node.meta``, t
 
 Layers are corrected in graph order: each layer's error is measured with all earlier layers
 already corrected (all batches move through the QDQ graph together, node by node), so an
-upstream error is never compensated twice.
+upstream error is never compensated twice. Inside torch.distributed each layer's mean is over
+every rank's batches (sums and counts all-reduced before the layer's shift is applied).
 
 It runs between ``calibrate`` and ``convert``::
 
@@ -25,11 +26,12 @@ It runs between ``calibrate`` and ``convert``::
 from __future__ import annotations
 
 import copy
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 import torch.fx as fx
 
+from ptqpasses import distributed as dist_
 from ptqpasses import meta
 from ptqpasses.calibrate import _as_args
 from ptqpasses.graph_utils import add_constant, get_attr_value
@@ -69,30 +71,65 @@ class _ChannelMeans(fx.Interpreter):
             self.counts[n.name] = self.counts.get(n.name, 0) + flat.shape[1]
         return result
 
-    def means(self) -> dict[str, torch.Tensor]:
+    def means(self, reduce: Optional[Callable] = None,
+              channels: Optional[dict[str, int]] = None) -> dict[str, torch.Tensor]:
+        """Per-channel means; with ``reduce`` (a sum over the ranks) of every rank's values
+        (``channels``: the size of each, for a rank without batches)."""
+        if reduce is not None:
+            for name, c in channels.items():
+                both = reduce(torch.cat([torch.zeros(c, dtype=torch.float64)
+                                         + self.sums.get(name, 0.0),
+                                         torch.tensor([float(self.counts.get(name, 0))],
+                                                      dtype=torch.float64)]))
+                self.sums[name], self.counts[name] = both[:-1], int(both[-1])
         return {k: v / self.counts[k] for k, v in self.sums.items()}
 
 
-def _channel_means(gm: fx.GraphModule, names: dict[str, int], data: list[tuple]):
+def _channel_means(gm: fx.GraphModule, names: dict[str, int], data: list[tuple],
+                   reduce: Optional[Callable] = None):
     rec = _ChannelMeans(gm, names)
     with torch.no_grad():
         for args in data:
             rec.run(*args)
-    return rec.means()
+    return rec.means(reduce, _channels(gm) if reduce is not None else None)
 
 
 def _wanted(gm: fx.GraphModule) -> dict[str, int]:
     return {n.name: (1 if n.target is aten.conv2d.default else -1) for n in _layers(gm)}
 
 
-def layer_output_means(observed_gm: fx.GraphModule, data: Iterable[Any]) -> dict[str, torch.Tensor]:
-    """Per-channel output means of each quantized conv/linear, computed in float."""
-    return _channel_means(observed_gm, _wanted(observed_gm), [_as_args(b) for b in data])
+def _channels(gm: fx.GraphModule) -> dict[str, int]:
+    """Output channels of each layer (the weight's dimension 0), in graph order."""
+    out = {}
+    for n in _layers(gm):
+        w = get_attr_value(gm, n.args[1])
+        out[n.name] = int(w.shape[0] if w is not None else
+                          n.meta["val"].shape[1 if n.target is aten.conv2d.default else -1])
+    return out
+
+
+def _reducer(batches: int, distributed: bool, group) -> Optional[Callable]:
+    """A sum over the ranks inside torch.distributed, else None; raises (on every rank)
+    when no rank has a batch."""
+    if not (distributed and dist_.active(group)):
+        return None
+    if dist_.all_reduce(torch.tensor([float(batches)]), "sum", group)[0] == 0:
+        raise ValueError("bias correction: no batches on any rank")
+    return lambda t: dist_.all_reduce(t, "sum", group)
+
+
+def layer_output_means(observed_gm: fx.GraphModule, data: Iterable[Any], *,
+                       distributed: bool = True, group=None) -> dict[str, torch.Tensor]:
+    """Per-channel output means of each quantized conv/linear, computed in float (over
+    every rank's batches inside torch.distributed)."""
+    batches = [_as_args(b) for b in data]
+    return _channel_means(observed_gm, _wanted(observed_gm), batches,
+                          _reducer(len(batches), distributed, group))
 
 
 def record_bias_shift(observed_gm: fx.GraphModule, data: Iterable[Any],
                       reference: Optional[dict[str, torch.Tensor]] = None,
-                      mode: str = "weight") -> int:
+                      mode: str = "weight", *, distributed: bool = True, group=None) -> int:
     """Writes ``E[float] - E[quantized]`` per output channel on each quantized conv/linear.
 
     Args:
@@ -106,6 +143,10 @@ def record_bias_shift(observed_gm: fx.GraphModule, data: Iterable[Any],
             activation clipping causes. Clipping errors are sparse (a few large values), so
             cancelling their mean with a constant adds error everywhere else: on
             MobileNetV2 "output" loses dB, "weight" does not.
+        distributed: inside an initialized torch.distributed process group (``group``),
+            ``data`` is this rank's shard: each mean is over every rank's batches (sums and
+            counts all-reduced, layer by layer), so every rank records the same shifts.
+            Every rank must call it. False: this process's data alone.
 
     Returns the number of layers with a recorded shift.
     """
@@ -114,16 +155,18 @@ def record_bias_shift(observed_gm: fx.GraphModule, data: Iterable[Any],
     if mode not in ("weight", "output"):
         raise ValueError(f"mode must be 'weight' or 'output', got {mode!r}")
     batches = [_as_args(b) for b in data]
+    reduce = _reducer(len(batches), distributed, group)
     wanted = _wanted(observed_gm)
     weights = None
     if mode == "output":
         if reference is None:
-            reference = _channel_means(observed_gm, wanted, batches)
+            reference = _channel_means(observed_gm, wanted, batches, reduce)
     else:
         weights = {n.name: get_attr_value(observed_gm, n.args[1]) for n in _layers(observed_gm)}
         reference = {}
     qdq = ConvertToQDQ()(copy.deepcopy(observed_gm)).graph_module
-    shifts = _sequential_shifts(qdq, batches, reference, wanted, weights)
+    shifts = _sequential_shifts(qdq, batches, reference, wanted, weights, reduce,
+                                _channels(observed_gm))
     for n in _layers(observed_gm):
         if n.name in shifts:
             meta.set_bias_shift(n, shifts[n.name].float())
@@ -143,11 +186,13 @@ def _weight_error(node: fx.Node, x: torch.Tensor, w_err: torch.Tensor) -> torch.
 
 def _sequential_shifts(qdq: fx.GraphModule, batches: list[tuple],
                        reference: dict[str, torch.Tensor], wanted: dict[str, int],
-                       weights: Optional[dict[str, torch.Tensor]] = None):
+                       weights: Optional[dict[str, torch.Tensor]] = None,
+                       reduce: Optional[Callable] = None,
+                       channels: Optional[dict[str, int]] = None):
     """Runs the QDQ graph node by node over all batches at once; at each layer the mean
     error is measured *with every earlier layer already corrected* and cancelled before
     later layers run (correcting all layers from one uncorrected run would compensate
-    upstream errors twice)."""
+    upstream errors twice). ``reduce`` sums each layer's totals over the ranks."""
     interp = fx.Interpreter(qdq)
     envs: list[dict] = [{} for _ in batches]
     remaining = {n: len(n.users) for n in qdq.graph.nodes}
@@ -180,6 +225,11 @@ def _sequential_shifts(qdq: fx.GraphModule, batches: list[tuple],
                     d = dim % y.dim()
                     flat = y.double().movedim(d, 0).reshape(y.shape[d], -1)
                     total, count = total + flat.sum(1), count + flat.shape[1]
+                if reduce is not None:  # every rank reaches every layer, in graph order
+                    both = reduce(torch.cat([
+                        torch.zeros(channels[node.name], dtype=torch.float64) + total,
+                        torch.tensor([float(count)], dtype=torch.float64)]))
+                    total, count = both[:-1], int(both[-1])
                 mean = total / count
                 shift = mean if weights is not None else reference[node.name] - mean
                 shifts[node.name] = shift
@@ -235,17 +285,21 @@ class BiasCorrection(Pass):
 
 
 def bias_correction(observed_gm: fx.GraphModule, data: Iterable[Any], *,
-                    iterations: int = 1, mode: str = "weight") -> fx.GraphModule:
+                    iterations: int = 1, mode: str = "weight", distributed: bool = True,
+                    group=None) -> fx.GraphModule:
     """Empirical bias correction of a calibrated graph, in place (see the module docstring).
 
     Each iteration measures the remaining mean error of every quantized conv/linear
     against the *original* float outputs (layer by layer) and folds it into the bias; a
-    second iteration only picks up the rounding of the corrected int32 biases.
+    second iteration only picks up the rounding of the corrected int32 biases. Inside
+    torch.distributed the means are over every rank's batches (see
+    :func:`record_bias_shift`).
     """
     batches = [_as_args(b) for b in data]
-    reference = layer_output_means(observed_gm, batches) if mode == "output" else None
+    kw = {"distributed": distributed, "group": group}
+    reference = layer_output_means(observed_gm, batches, **kw) if mode == "output" else None
     for _ in range(iterations):
-        if record_bias_shift(observed_gm, batches, reference, mode) == 0:
+        if record_bias_shift(observed_gm, batches, reference, mode, **kw) == 0:
             break
         BiasCorrection()(observed_gm)
     return observed_gm

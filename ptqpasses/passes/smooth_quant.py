@@ -4,6 +4,7 @@ Like bias correction this needs data, split the same way: :func:`record_input_ab
 the float graph on calibration batches and writes ``max |x_j|`` per input channel of every
 linear into ``node.meta["ptq.input_absmax"]``; :class:`SmoothQuant` (option ``alpha``) reads
 it; :func:`smooth_quant(gm, data, alpha)` does both. Run after FoldBatchNorm, before Annotate.
+Inside torch.distributed the maxima are taken over every rank's batches (an all-reduce).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 
+from ptqpasses import distributed as dist_
 from ptqpasses import meta
 from ptqpasses.calibrate import _as_args
 from ptqpasses.graph_utils import (add_constant, first_user_position, get_attr_value, is_call,
@@ -38,19 +40,41 @@ class _AbsMax(fx.Interpreter):
         return super().run_node(n)
 
 
-def record_input_absmax(gm: fx.GraphModule, data: Iterable[Any]) -> int:
+def record_input_absmax(gm: fx.GraphModule, data: Iterable[Any], *, distributed: bool = True,
+                        group=None) -> int:
     """Writes ``max |x_j|`` (per input channel j, over all batches) on every linear node.
+
+    Inside an initialized torch.distributed process group (``group``; ``distributed=False``
+    to stay local) ``data`` is this rank's shard and the maxima are taken over every rank's
+    (an all-reduce: exact), so every rank records the same values. Every rank must call it.
 
     Returns the number of linears recorded.
     """
     rec = _AbsMax(gm)
+    batches = 0
     with torch.no_grad():
         for b in data:
             rec.run(*_as_args(b))
+            batches += 1
+    if distributed and dist_.active(group):
+        linears = [n for n in gm.graph.nodes if is_call(n, aten.linear.default)]
+        mine = [rec.absmax.get(n.name, torch.zeros(_in_features(gm, n))) for n in linears]
+        # every |x| is >= 0, so a rank without batches adds zeros; [0] says any rank had one
+        both = dist_.all_reduce(torch.cat([torch.tensor([float(batches)]), *mine]), "max",
+                                group)
+        rec.absmax = {} if both[0] == 0 else dict(zip(
+            [n.name for n in linears], both[1:].split([m.numel() for m in mine])))
     for n in gm.graph.nodes:
         if n.name in rec.absmax:
             meta.set_input_absmax(n, rec.absmax[n.name])
     return len(rec.absmax)
+
+
+def _in_features(gm: fx.GraphModule, linear: fx.Node) -> int:
+    x = linear.args[0]
+    if isinstance(x, fx.Node) and "val" in x.meta:
+        return int(x.meta["val"].shape[-1])
+    return get_attr_value(gm, linear.args[1]).shape[1]
 
 
 @dataclass(frozen=True)
@@ -183,9 +207,11 @@ class SmoothQuant(Pass):
 
 
 def smooth_quant(gm: fx.GraphModule, data: Iterable[Any], alpha: float = 0.5,
-                 insert_scale: bool = True) -> fx.GraphModule:
-    """Records input ranges on ``data`` and applies :class:`SmoothQuant` (in place)."""
-    record_input_absmax(gm, data)
+                 insert_scale: bool = True, *, distributed: bool = True,
+                 group=None) -> fx.GraphModule:
+    """Records input ranges on ``data`` (merged across the ranks inside torch.distributed)
+    and applies :class:`SmoothQuant` (in place)."""
+    record_input_absmax(gm, data, distributed=distributed, group=group)
     SmoothQuant(alpha=alpha, insert_scale=insert_scale)(gm)
     return gm
 

@@ -35,8 +35,24 @@ def test_mse_minimizes_error_and_entropy_clips_tails():
         db[k], scale[k] = sqnr(x, _fake_quant(x, p)), p.scale
     # MSE minimizes the squared error: no other range does better on the same data
     assert db["mse"] >= max(db.values()) - 1e-9 and db["mse"] > db["minmax"]
-    # entropy (KL) clips the Laplace tails too, at about the same error as min/max
-    assert scale["entropy"] < scale["minmax"] and db["entropy"] > db["minmax"] - 0.5
+    assert scale["entropy"] <= scale["minmax"] and db["entropy"] > db["minmax"] - 0.5
+
+
+def test_entropy_clips_laplace_tails_on_most_samples():
+    """The KL minimum is noisy: on this seed-0 sample one pass over the data keeps the full
+    range (the histogram before the exact one did too; it clipped only when re-binning
+    between two batches blurred it). On most samples it clips, at about min/max's error."""
+    clipped = []
+    for seed in range(4):
+        x = _heavy_tailed(seed=seed)
+        s = QSpec(dtype="int8", symmetric=True, observer="entropy")
+        ob = make_observer(s, "x")
+        ob(x[:100000]), ob(x[100000:])
+        p, mm = ob.qparams(s), _minmax(x, QSpec(dtype="int8", symmetric=True, observer="minmax"))
+        assert p.scale <= mm.scale
+        assert sqnr(x, _fake_quant(x, p)) > sqnr(x, _fake_quant(x, mm)) - 0.5
+        clipped.append(p.scale < mm.scale)
+    assert sum(clipped) >= 3
 
 
 def test_one_sided_relu_output_uint8():
@@ -64,10 +80,10 @@ def test_entropy_on_a_relu_output_with_many_exact_zeros_does_not_collapse():
     assert sqnr(x, _fake_quant(x, p)) > 40  # (measured 44.9 dB; clipped at 2.0: 9.6 dB)
 
 
-def _minmax(x):
-    ob = make_observer(QSpec(observer="minmax"), "m")
+def _minmax(x, spec=QSpec(observer="minmax")):
+    ob = make_observer(spec, "m")
     ob(x)
-    return ob.qparams(QSpec(observer="minmax"))
+    return ob.qparams(spec)
 
 
 def test_merged_statistics_give_the_same_range():
@@ -79,10 +95,9 @@ def test_merged_statistics_give_the_same_range():
         a(x[:100000]), b(x[100000:])
         a.merge(b)
         assert (a.lo, a.hi) == (whole.lo, whole.hi) and a.batches == 2
-        assert torch.isclose(a.hist.sum(), whole.hist.sum())
-        if kind == "mse":  # a smooth objective: the merged histogram gives the same range
-            pa, pw = a.qparams(s), whole.qparams(s)
-            assert abs(pa.scale - pw.scale) / pw.scale < 0.05
+        # exact counts on a grid fixed by the range: the merge is the one-pass histogram
+        assert torch.equal(a.counts, whole.counts) and torch.equal(a.hist, whole.hist)
+        assert a.qparams(s) == whole.qparams(s)
 
 
 def test_mse_weight_qparams_per_channel_lower_error():
