@@ -14,7 +14,8 @@ damage each does alone (the score with only that node quantized, as
 to int16 activations (the node stays an integer op), and, if even every ranked node at int16
 misses the floor, to float (``keep_float``). Candidates are scored on the QDQ graph with one
 shared calibration; the plan chosen is then built for real and measured again, and that
-measurement is what the report gives. The search stops at :attr:`Guard.budget_s` (it keeps
+measurement is what the report gives. The search stops after :attr:`Guard.max_plans` candidate
+plans, or at :attr:`Guard.budget_s` seconds, a safety net (it keeps
 the best plan found so far and says so).
 
 The graph returned is the one the guard measured: calibrated on the batches not set aside.
@@ -89,8 +90,11 @@ class Guard:
         holdout: fraction of the calibration batches set aside to judge the result (at least
             one batch; with a single batch there is nothing to set aside and the guard judges
             on the calibration batch itself, which the report says).
-        budget_s: time the search for a better plan may take; past it the guard keeps the
-            best plan found and reports that the budget ran out.
+        max_plans: candidate plans the search may score (the deterministic limit: the same
+            model and data give the same plan on a busy machine and an idle one).
+        budget_s: wall-clock seconds the search (ranking and plans) may take, a safety net
+            for very large models; past either limit the guard keeps the best plan found
+            and reports which limit stopped it.
         steps: precision raises tried in order: ``"int16"`` (int16 activations, still an
             integer op) then ``"float"``.
         rank_samples: held-out samples the damage ranking runs on (one forward pass per
@@ -103,7 +107,8 @@ class Guard:
     sqnr_db: Optional[float] = 20.0
     cosine: Optional[float] = 0.99
     holdout: float = 0.25
-    budget_s: float = 120.0
+    max_plans: int = 24
+    budget_s: float = 600.0
     steps: tuple[str, ...] = ("int16", "float")
     refit: bool = True
     rank_samples: int = 8
@@ -115,6 +120,8 @@ class Guard:
             raise ValueError(f"Guard.cosine must be in [-1, 1), got {self.cosine}")
         if not 0.0 < self.holdout < 1.0:
             raise ValueError(f"Guard.holdout must be a fraction in (0, 1), got {self.holdout}")
+        if self.max_plans < 1:
+            raise ValueError(f"Guard.max_plans must be >= 1, got {self.max_plans}")
         if self.rank_samples < 1:
             raise ValueError(f"Guard.rank_samples must be >= 1, got {self.rank_samples}")
         bad = [s for s in self.steps if s not in ("int16", "float")]
@@ -206,8 +213,9 @@ class GuardReport:
                          "(refit); the scores above are of the same plan calibrated without "
                          "the held-out ones.")
         if self.out_of_budget:
-            lines.append(f"The search stopped at its budget ({self.guard.budget_s:g} s); the "
-                         "best plan found is kept (raise Guard.budget_s to search further).")
+            lines.append(f"The search stopped at its limit ({self.guard.max_plans} plans, "
+                         f"{self.guard.budget_s:g} s); the best plan found is kept (raise "
+                         "Guard.max_plans / budget_s to search further).")
         if not self.met:
             lines.append("The floor is not met: see ptqpasses.report(...) for per-node SQNR, "
                          "or quantize with a recipe / keep_float for the nodes at fault.")
@@ -248,7 +256,7 @@ def run_guard(guard: Guard, float_gm: fx.GraphModule, config: QuantConfig, batch
     rep = GuardReport(guard, config, len(calib), len(held), set_aside, before, before)
     if guard.margin(before) < 0:
         plan, rep.raised, rep.evaluations, rep.out_of_budget, rep.compute_nodes = _search(
-            guard, float_gm, config, calib, held, start, observed, reference)
+            guard, float_gm, config, calib, held, time.perf_counter(), observed, reference)
         if rep.raised:
             cand_observed, candidate = build(plan)
             after = measure(candidate)
@@ -280,7 +288,11 @@ def _search(guard: Guard, float_gm: fx.GraphModule, config: QuantConfig, calib: 
     few = _first_samples(held, guard.rank_samples)  # the ranking needs only relative damage
     with torch.no_grad():
         few_reference = [ev.float_gm(*b) for b in few]
-    out_of_time = lambda: time.perf_counter() - start > guard.budget_s  # noqa: E731
+
+    def out_of_time() -> bool:
+        return (time.perf_counter() - start > guard.budget_s
+                or ev.evaluations >= guard.max_plans)
+
     ranking: list[NodeSensitivity] = []
     alone = _Alone(ev.observed)
     for name in ev.compute:
@@ -333,7 +345,8 @@ def _search(guard: Guard, float_gm: fx.GraphModule, config: QuantConfig, calib: 
     nodes = {n.name: n for n in ev.float_gm.graph.nodes}
     raised = [Raised(r.node, r.op, step, r.score, meta.location(nodes[r.node]))
               for r in ranking[:k]]
-    return plan, raised, ev.evaluations, out_of_time(), len(ev.compute)
+    limited = len(ranking) < len(ev.compute) or (met is None and out_of_time())
+    return plan, raised, ev.evaluations, limited, len(ev.compute)
 
 
 def _first_samples(batches: list, n: int) -> list:

@@ -105,7 +105,11 @@ def test_budget_stops_the_search_and_says_so(capsys):
         q = ptqpasses.quantize(model, calib[0], calib, progress=False, guard=Guard(budget_s=0))
     rep = q.meta[GUARD_KEY]
     assert rep.out_of_budget and not rep.changed and not rep.met
-    assert "stopped at its budget" in capsys.readouterr().err
+    assert "stopped at its limit" in capsys.readouterr().err
+    with pytest.warns(UserWarning):  # one plan: the search stops before meeting the floor
+        q = ptqpasses.quantize(model, calib[0], calib, progress=False,
+                               guard=Guard(max_plans=1, steps=("int16",)))
+    assert q.meta[GUARD_KEY].evaluations == 1 and q.meta[GUARD_KEY].out_of_budget
 
 
 def test_one_batch_is_judged_in_sample_and_the_report_says_so():
@@ -126,7 +130,7 @@ def test_score_outputs_cosine_is_per_sample_and_skips_integer_outputs():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(sqnr_db=None, cosine=None), "needs a floor"), (dict(holdout=1.0), "holdout"),
     (dict(cosine=1.0), "cosine"), (dict(steps=("int4",)), "steps"),
-    (dict(rank_samples=0), "rank_samples")])
+    (dict(rank_samples=0), "rank_samples"), (dict(max_plans=0), "max_plans")])
 def test_guard_options_are_checked(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Guard(**kwargs)
