@@ -92,6 +92,10 @@ class Guard:
             on the calibration batch itself, which the report says).
         max_plans: candidate plans the search may score (the deterministic limit: the same
             model and data give the same plan on a busy machine and an idle one).
+        sim_margin_db: the margin a plan must have in the QDQ simulation (which runs float
+            kernels between the quantize/dequantize pairs) for the guard to build it; when
+            the built integer graph still misses the floor, the search runs again asking
+            the simulation for that shortfall plus 1 dB more.
         budget_s: wall-clock seconds the search (ranking and plans) may take, a safety net
             for very large models; past either limit the guard keeps the best plan found
             and reports which limit stopped it.
@@ -108,6 +112,7 @@ class Guard:
     cosine: Optional[float] = 0.99
     holdout: float = 0.25
     max_plans: int = 24
+    sim_margin_db: float = 0.5
     budget_s: float = 600.0
     steps: tuple[str, ...] = ("int16", "float")
     refit: bool = True
@@ -254,16 +259,24 @@ def run_guard(guard: Guard, float_gm: fx.GraphModule, config: QuantConfig, batch
     observed, q = build(config)
     before = measure(q)
     rep = GuardReport(guard, config, len(calib), len(held), set_aside, before, before)
-    if guard.margin(before) < 0:
-        plan, rep.raised, rep.evaluations, rep.out_of_budget, rep.compute_nodes = _search(
-            guard, float_gm, config, calib, held, time.perf_counter(), observed, reference)
-        if rep.raised:
-            cand_observed, candidate = build(plan)
-            after = measure(candidate)
-            if guard.margin(after) > guard.margin(before):
-                observed, q, rep.after, rep.config = cand_observed, candidate, after, plan
-            else:  # the QDQ simulation promised more than the integer graph gives
-                rep.raised = []
+    target, start_search, kept = guard.sim_margin_db, time.perf_counter(), []
+    while guard.margin(rep.after) < 0:
+        plan, raised, evaluations, rep.out_of_budget, rep.compute_nodes = _search(
+            guard, float_gm, config, calib, held, start_search, observed, reference, target,
+            guard.max_plans - rep.evaluations)
+        rep.evaluations += evaluations
+        if not raised or any(p == plan for p in kept):
+            break
+        kept.append(plan)
+        cand_observed, candidate = build(plan)
+        after = measure(candidate)
+        if guard.margin(after) > guard.margin(rep.after):
+            observed, q, rep.after, rep.config, rep.raised = (cand_observed, candidate, after,
+                                                              plan, raised)
+        if rep.out_of_budget or guard.margin(after) >= 0:
+            break
+        # the QDQ simulation promised more than the integer graph gave: ask it for more
+        target += 1.0 - guard.margin(after)
     if refit and observers(observed):  # the same observers go on to see the held-out batches
         calibrate(observed, held, progress=False, distributed=False)
         q, rep.calibrated = convert(observed), len(batches)
@@ -279,9 +292,10 @@ def run_guard(guard: Guard, float_gm: fx.GraphModule, config: QuantConfig, batch
 
 
 def _search(guard: Guard, float_gm: fx.GraphModule, config: QuantConfig, calib: list,
-            held: list, start: float, observed: fx.GraphModule, reference: list
-            ) -> tuple[QuantConfig, list[Raised], int, bool, int]:
-    """The shortest prefix of the damage ranking whose raise meets the floor."""
+            held: list, start: float, observed: fx.GraphModule, reference: list,
+            target: float, max_plans: int) -> tuple[QuantConfig, list[Raised], int, bool, int]:
+    """The shortest prefix of the damage ranking whose raise meets the floor by ``target``
+    dB in the QDQ simulation, scoring at most ``max_plans`` plans."""
     ev = _Evaluator(float_gm, calib, held, config,
                     lambda ref, out: guard.margin(score_outputs(ref, out)),
                     observed=observed, reference=reference)
@@ -290,8 +304,7 @@ def _search(guard: Guard, float_gm: fx.GraphModule, config: QuantConfig, calib: 
         few_reference = [ev.float_gm(*b) for b in few]
 
     def out_of_time() -> bool:
-        return (time.perf_counter() - start > guard.budget_s
-                or ev.evaluations >= guard.max_plans)
+        return time.perf_counter() - start > guard.budget_s or ev.evaluations >= max_plans
 
     ranking: list[NodeSensitivity] = []
     alone = _Alone(ev.observed)
@@ -317,10 +330,10 @@ def _search(guard: Guard, float_gm: fx.GraphModule, config: QuantConfig, calib: 
                 tried.append((cache[k], step, k))
             return cache[k]
 
-        lo, hi, k = 0, None, 1  # doubling, then bisection: score(lo) < 0 <= score(hi)
+        lo, hi, k = 0, None, 1  # doubling, then bisection: score(lo) < target <= score(hi)
         while not out_of_time():
             k = min(k, len(order))
-            if score(k) >= 0:
+            if score(k) >= target:
                 hi = k
                 break
             if k == len(order):
@@ -328,7 +341,7 @@ def _search(guard: Guard, float_gm: fx.GraphModule, config: QuantConfig, calib: 
             lo, k = k, 2 * k
         while hi is not None and hi - lo > 1 and not out_of_time():
             mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if score(mid) >= 0 else (mid, hi)
+            lo, hi = (lo, mid) if score(mid) >= target else (mid, hi)
         if hi is not None:
             met = (step, hi)
             break

@@ -214,6 +214,7 @@ def fx_int8_count(q: torch.nn.Module) -> int:
     """Quantized conv / linear modules and ops of a torch.ao FX converted model."""
     mods = sum(type(m).__module__.startswith("torch.ao.nn.quantized")
                and any(k in type(m).__name__ for k in ("Conv", "Linear"))
+               and "Packed" not in type(m).__name__  # (a Linear's packed-weight holder)
                for m in q.modules())
     ops = sum(n.op == "call_function" and "quantized" in str(n.target)
               and any(k in str(n.target) for k in ("conv", "linear", "matmul"))
