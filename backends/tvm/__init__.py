@@ -5,7 +5,7 @@ from backends.tvm.build import build_ir, emit, input_specs  # noqa: F401
 from backends.tvm.compile import compile  # noqa: F401
 from backends.tvm.dynamo import DynamoBackend, GraphStatus, dynamo_backend  # noqa: F401
 from backends.tvm.emit import EmitError, TensorSpec  # noqa: F401
-from backends.tvm.pipeline import STAGES, RelaxPassError  # noqa: F401
+from backends.tvm.pipeline import STAGES, RelaxPassError, SparePtqKernels  # noqa: F401
 from backends.tvm.runtime import CompiledModule, LoadError, load  # noqa: F401
 from backends.tvm.registry import strategy_for  # noqa: F401
 from backends.tvm.targets import TARGETS, NamedTarget, resolve  # noqa: F401

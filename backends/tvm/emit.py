@@ -78,6 +78,14 @@ class Emitter:
         #: torch's symbolic input sizes by name (``s0``...): their size in the module (a
         #: ``tir.Var``, or an int where the input spec made the size static).
         self.sizes: dict[str, Any] = {}
+        #: What the module knows of those sizes: torch's value ranges of the input symbols
+        #: (capture's bounds, ``seq <= 128``), bound on their ``tir.Var`` s; proves
+        #: ``min(seq, 128) == seq`` and that a slice by computed bounds is in range.
+        self.analyzer = tvm.sym.Analyzer()
+        #: 0-d integer tensors computed from sizes (``torch.tensor(min(seq, 128))`` and its
+        #: arithmetic, DeBERTa's attention span): their value as a ``PrimExpr``, which
+        #: ``item`` returns (TVM's converter would read it back as a fresh, unrelated var).
+        self.scalars: dict[fx.Node, Any] = {}
         self._float = ExportedProgramImporter()
         self._float.env = self.env
         self._float.block_builder = self.bb
@@ -158,9 +166,11 @@ class Emitter:
                 for d, size in zip(val.shape, shape):
                     if not isinstance(d, int):
                         self.sizes.setdefault(str(d), size)
+                        self._bind_range(d, size)
             var = relax.Var(node.name, relax.TensorType(shape, spec.dtype))
             self.env[node] = var
             params.append(var)
+        live = _live_nodes(self.gm.graph)
         with self.bb.function("main", params):
             with self.bb.dataflow():
                 outputs = None
@@ -170,12 +180,29 @@ class Emitter:
                     if node.op == "output":
                         outputs = self._outputs(node)
                         break
-                    if not node.users:
-                        continue  # dead code, e.g. torch.export's ``_guards_fn`` call_module
+                    if node not in live:
+                        continue  # dead code: torch.export's ``_guards_fn``, assertions
                     self._emit_node(node)
                 out = self.bb.emit_output(relax.Tuple(outputs))
             self.bb.emit_func_output(out)
         return self.bb.get()
+
+    def _bind_range(self, d, var) -> None:
+        """Bind ``var`` (a ``tir.Var``) to the range torch's shape environment gives the
+        input symbol ``d`` (a ``SymInt``)."""
+        if not isinstance(var, tirx.Var):
+            return
+        try:
+            expr = d.node.expr
+            r = d.node.shape_env.var_to_range[expr]
+            lo, hi = int(r.lower), r.upper
+            hi = int(hi) if hi.is_finite else None
+        except Exception:  # noqa: BLE001  (no shape environment: an unbounded symbol)
+            return
+        if hi is not None and hi >= lo:
+            self.analyzer.bind(var, tvm.ir.Range.from_min_extent(lo, hi - lo + 1))
+        else:
+            self.analyzer.update(var, tvm.sym.ConstIntBound(lo, tvm.sym.ConstIntBound.POS_INF))
 
     def _outputs(self, node: fx.Node) -> list:
         flat = []
@@ -273,10 +300,123 @@ class Emitter:
         size = shape.values[int(dim)]
         return int(size.value) if isinstance(size, tirx.IntImm) else size
 
+    def _prim(self, value):
+        """A size argument (int, or a node's ``PrimExpr``) as an int or ``PrimExpr``; None
+        for anything else."""
+        if isinstance(value, fx.Node):
+            value = self.env.get(value)
+        if isinstance(value, (bool, np.bool_)):
+            return None
+        if isinstance(value, (int, np.integer)):
+            return int(value)
+        if isinstance(value, tirx.IntImm):
+            return int(value.value)
+        if _is_prim(value) and "int" in str(value.ty.dtype):
+            return value
+        return None
+
+    def _sym_min_max(self, node: fx.Node):
+        """``torch.sym_min`` / ``sym_max`` of sizes (DeBERTa's ``min(max(q, k), 128)``, the
+        attention span): the operand the size bounds prove the answer (``seq`` where capture
+        bounded ``seq <= 128``), else TIR's ``min`` / ``max``."""
+        a, b = (self._prim(v) for v in node.args[:2])
+        if a is None or b is None:
+            raise EmitError(f"{_op_name(node)} of {node.args[:2]!r}: only sizes (ints and "
+                            "symbolic sizes) are supported")
+        is_min = node.target is torch.sym_min
+        if isinstance(a, int) and isinstance(b, int):
+            return min(a, b) if is_min else max(a, b)
+        if self.analyzer.can_prove(_as_expr(a) <= _as_expr(b)):
+            return a if is_min else b
+        if self.analyzer.can_prove(_as_expr(b) <= _as_expr(a)):
+            return b if is_min else a
+        return (tirx.min if is_min else tirx.max)(_as_expr(a), _as_expr(b))
+
+    def _scalar_tensor_of(self, value, dtype: str):
+        """A 0-d ``dtype`` tensor holding the size ``value`` (int or ``PrimExpr``)."""
+        if isinstance(value, int):
+            return relax.const(value, dtype)
+        t = self.bb.emit(relax.op.reshape(
+            relax.op.shape_to_tensor(relax.ShapeExpr([_as_expr(value)])), []))
+        return t if dtype == "int64" else self.bb.emit(relax.op.astype(t, dtype))
+
+    def _scalar(self, node: fx.Node, key: str):
+        """Integer arithmetic on a 0-d tensor made of a size (``scalar_tensor(sym_min)``,
+        ``+ - *`` on it, ``item``) computed as a ``PrimExpr`` beside the tensor, so that
+        ``item`` gives back an expression of the input sizes. None: not such a node."""
+        val = node.meta.get("val")
+        if key == "item.default":
+            src = node.args[0]
+            return self.scalars.get(src) if isinstance(src, fx.Node) else None
+        if not isinstance(val, torch.Tensor) or val.dim() != 0 or val.is_floating_point() \
+                or val.dtype == torch.bool:
+            return None
+        dtype = str(val.dtype).replace("torch.", "")
+        if key == "scalar_tensor.default":
+            value = self._prim(node.args[0])
+            if value is None or isinstance(node.args[0], int):
+                return None  # a constant: TVM's converter
+        else:
+            args = [self.scalars.get(a) if isinstance(a, fx.Node) else self._prim(a)
+                    for a in node.args[:2]]
+            if any(a is None for a in args) or not any(
+                    isinstance(a, fx.Node) and a in self.scalars for a in node.args[:2]):
+                return None
+            if node.kwargs.get("alpha", 1) != 1:
+                return None
+            x = [_as_expr(a) for a in args]
+            value = {"neg.default": lambda: -x[0],
+                     "add.Tensor": lambda: x[0] + x[1], "add.Scalar": lambda: x[0] + x[1],
+                     "sub.Tensor": lambda: x[0] - x[1], "sub.Scalar": lambda: x[0] - x[1],
+                     "rsub.Scalar": lambda: x[1] - x[0], "rsub.Tensor": lambda: x[1] - x[0],
+                     "mul.Tensor": lambda: x[0] * x[1], "mul.Scalar": lambda: x[0] * x[1]}[key]()
+            value = self.analyzer.simplify(value)
+            if isinstance(value, tirx.IntImm):
+                value = int(value.value)
+        self.scalars[node] = value
+        return self._scalar_tensor_of(value, dtype)
+
+    def _clamp(self, node: fx.Node):
+        """``clamp`` with a bound computed from sizes (a ``PrimExpr``, DeBERTa's
+        ``att_span * 2 - 1``), which TVM's converter takes only as a number or tensor: the
+        bound becomes a 0-d tensor of ``x``'s dtype. None: TVM's converter."""
+        args = list(node.args) + [None] * (3 - len(node.args))
+        bounds = [args[1] if args[1] is not None else node.kwargs.get("min"),
+                  args[2] if args[2] is not None else node.kwargs.get("max")]
+        prims = [self._prim(b) if isinstance(b, fx.Node) else None for b in bounds]
+        if not any(_is_prim(p) for p in prims):
+            return None
+        x = self.env[node.args[0]]
+        dtype = str(x.ty.dtype)
+        for bound, p, op in zip(bounds, prims, (relax.op.maximum, relax.op.minimum)):
+            if bound is None:
+                continue
+            if p is not None:
+                t = self._scalar_tensor_of(p, "int64")
+                t = t if dtype == "int64" else self.bb.emit(relax.op.astype(t, dtype))
+            elif isinstance(bound, fx.Node):
+                t = self.env[bound]
+            else:
+                t = relax.const(bound, dtype)
+            x = self.bb.emit(op(x, t))
+        return x
+
     def _emit_other(self, node: fx.Node):
         if node.target is torch.ops.aten.sym_size.int:
             return self._sym_size(node)
+        if node.target in _SYM_MIN_MAX:
+            return self._sym_min_max(node)
         key = "getitem" if node.target is _getitem else getattr(node.target, "__name__", None)
+        if key in _SCALAR_KEYS:
+            y = self._scalar(node, key)
+            if y is not None:
+                return y
+        if key == "clamp.default":
+            y = self._clamp(node)
+            if y is not None:
+                return y
+        if key == "im2col.default":
+            return self._im2col(node)
         if key == "layer_norm.default":
             return self._layer_norm(node)
         if key == "batch_norm.default":
@@ -296,11 +436,28 @@ class Emitter:
             if y is not None:
                 return y
         convert = self._float.convert_map.get(key)
+        if convert is None and key is not None and key.split(".")[0].endswith("_"):
+            convert = self._inplace(node, key)
         if convert is None:
             raise EmitError(f"no TVM converter for op {_op_name(node)}")
         if key in _FLOAT_MATH:
             return self._on_float_input(node, convert)
         return convert(node)
+
+    def _inplace(self, node: fx.Node, key: str):
+        """An in-place op TVM has no converter for (``div_``: DeBERTa's ``pos_query_layer /=
+        scale``) as its functional form, where nothing else reads the tensor it writes (it
+        and the views it is made of have no other user, and it is no input or constant).
+        TVM converts ``add_`` / ``mul_`` functionally as well."""
+        name, _, overload = key.partition(".")
+        convert = self._float.convert_map.get(f"{name[:-1]}.{overload}")
+        if convert is None:
+            return None
+        if not _writes_only_its_own(node):
+            raise EmitError("in place, on a tensor that other nodes read (or an input or "
+                            "constant); write it out of place in the model "
+                            f"(x = x.{name[:-1]}(...)), or keep_float the node")
+        return convert
 
     def _on_float_input(self, node: fx.Node, convert):
         """A float function of an integer tensor (DeBERTa-v2's ``log`` of relative
@@ -345,6 +502,10 @@ class Emitter:
         val = node.meta.get("val")
         args = list(node.args) + [None] * (5 - len(node.args))
         x, dim, start, end, step = args[:5]
+        if step in (None, 1) and any(_is_prim(self._prim(v)) for v in (start, end)):
+            y = self._slice_in_bounds(node)
+            if y is not None:
+                return y
         if not isinstance(val, torch.Tensor) or not isinstance(end, fx.Node) \
                 or start not in (None, 0) or step not in (None, 1):
             return None
@@ -354,6 +515,54 @@ class Emitter:
             return None
         return self.bb.emit(relax.op.strided_slice(self.env[x], [dim], [0], [self.env[end]],
                                                    [1], assume_inbound=True))
+
+    def _slice_in_bounds(self, node: fx.Node):
+        """``x[start:end]`` by bounds computed from sizes (DeBERTa's ``rel_embeddings[128 -
+        span : 128 + span]``, whose bounds torch only knows as unbacked ``item`` values): a
+        slice of length ``end - start`` where the size bounds prove ``0 <= start <= end <=
+        x.shape[dim]`` (TVM's converter would clamp both ends, a shape nothing downstream
+        matches). None: not proved (TVM's converter)."""
+        args = list(node.args) + [None] * (4 - len(node.args))
+        x = self.env[node.args[0]]
+        shape = getattr(x.ty.shape, "values", None)
+        if shape is None:
+            return None
+        dim = int(args[1] or 0) % len(shape)
+        start = 0 if args[2] is None else self._prim(args[2])
+        end = shape[dim] if args[3] is None else self._prim(args[3])
+        if start is None or end is None:
+            return None
+        start, end = _as_expr(start), _as_expr(end)
+        prove = self.analyzer.can_prove
+        if not (prove(start >= 0) and prove(start <= end) and prove(end <= shape[dim])):
+            return None
+        y = self.bb.emit(relax.op.strided_slice(x, [dim], [start], [end], [1],
+                                                assume_inbound=True))
+        want = list(shape)
+        want[dim] = self.analyzer.simplify(end - start)
+        return self.bb.match_cast(y, relax.TensorType(want, x.ty.dtype))
+
+    def _im2col(self, node: fx.Node):
+        """``aten.im2col`` (``nn.Unfold``; ConvBERT's span-based dynamic conv): ``[N, C, H,
+        W]`` -> ``[N, C*kh*kw, L]`` (or unbatched ``[C, H, W]`` -> ``[C*kh*kw, L]``), column
+        ``c*kh*kw + i*kw + j`` of block ``l = oh*out_w + ow`` holding ``x[n, c, oh*sh - ph +
+        i*dh, ow*sw - pw + j*dw]``, zero outside the input (as ATen, for any dtype). One TE
+        gather: exact, H and W may be symbolic."""
+        a = bind_args(node)
+        x = self.env[a["self"]]
+        kh, kw = (int(v) for v in a["kernel_size"])
+        dh, dw = (int(v) for v in a["dilation"])
+        ph, pw = (int(v) for v in a["padding"])
+        sh, sw = (int(v) for v in a["stride"])
+        if x.ty.ndim not in (3, 4):
+            raise EmitError(f"im2col of a {x.ty.ndim}-D input (3-D or 4-D)")
+        bb, op = self.bb, relax.op
+        unbatched = x.ty.ndim == 3
+        if unbatched:
+            x = bb.emit(op.expand_dims(x, 0))
+        y = bb.emit_te(_im2col_te, x, (kh, kw), (dh, dw), (ph, pw), (sh, sw),
+                       primfunc_name_hint="im2col")
+        return bb.emit(op.squeeze(y, [0])) if unbatched else y
 
     def _layer_norm(self, node: fx.Node):
         """``aten.layer_norm`` with float64 row statistics.
@@ -488,6 +697,60 @@ class Emitter:
 
 _getitem = operator.getitem
 
+_SYM_MIN_MAX = (torch.sym_min, torch.sym_max)
+
+#: Integer scalar ops ``Emitter._scalar`` computes as ``PrimExpr`` s (with ``item``).
+_SCALAR_KEYS = {"scalar_tensor.default", "item.default", "neg.default", "add.Tensor",
+                "add.Scalar", "sub.Tensor", "sub.Scalar", "rsub.Scalar", "rsub.Tensor",
+                "mul.Tensor", "mul.Scalar"}
+
+
+def _as_expr(value):
+    """An int or ``PrimExpr`` as an int64 ``PrimExpr``."""
+    if isinstance(value, int):
+        return tirx.IntImm("int64", value)
+    return value if str(value.ty.dtype) == "int64" else tirx.Cast("int64", value)
+
+
+def _is_prim(value) -> bool:
+    """Whether ``value`` is a TIR expression (a size), not a Relax tensor or a number."""
+    return isinstance(value, tvm.ir.Expr) and isinstance(getattr(value, "ty", None),
+                                                         tvm.ir.PrimType)
+
+
+#: aten ops whose output is a view of their first input (an in-place op on it writes there).
+_VIEWS = {"view", "_unsafe_view", "reshape", "permute", "transpose", "t", "unsqueeze",
+          "squeeze", "expand", "slice", "select", "alias", "flatten", "unflatten", "narrow",
+          "as_strided", "diagonal", "split", "chunk", "unbind", "getitem", "detach"}
+
+
+def _writes_only_its_own(node: fx.Node) -> bool:
+    """Whether the tensor an in-place ``node`` writes (its first argument) and every tensor
+    that shares its memory (the views it is made of, up to their base) are read by no other
+    node, and the base is computed in the graph (not an input or constant)."""
+    cur = node.args[0]
+    while True:
+        if not isinstance(cur, fx.Node) or len(cur.users) != 1 or cur.op != "call_function":
+            return False
+        op = "getitem" if cur.target is _getitem else \
+            getattr(cur.target, "__name__", "").split(".")[0]
+        if op not in _VIEWS:
+            return True
+        cur = cur.args[0]
+
+
+def _live_nodes(graph: fx.Graph) -> set:
+    """The nodes the graph's output depends on (not: runtime assertions on sizes, such as
+    ``_assert_scalar(ge(sym_size(x), 0))``, and other dead code)."""
+    out = next(n for n in reversed(graph.nodes) if n.op == "output")
+    live, stack = {out}, [out]
+    while stack:
+        for n in stack.pop().all_input_nodes:
+            if n not in live:
+                live.add(n)
+                stack.append(n)
+    return live
+
 
 def _needs_own_sdpa(node: fx.Node) -> bool:
     """A boolean mask or ``is_causal``: TVM's converter takes neither (it stays the path for
@@ -507,6 +770,29 @@ def _causal(s):
         return tirx.Select(i[-1] > i[-2], tirx.const(-np.inf, "float32"), s(*i))
 
     return te.compute(s.shape, f, name="causal")
+
+
+def _im2col_te(x, kernel, dilation, padding, stride):
+    """The TE compute of ``Emitter._im2col`` on a 4-D ``x``."""
+    from tvm import te
+
+    n, c, h, w = x.shape
+    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = kernel, dilation, padding, stride
+    out_h = tirx.floordiv(h + 2 * ph - (dh * (kh - 1) + 1), sh) + 1
+    out_w = tirx.floordiv(w + 2 * pw - (dw * (kw - 1) + 1), sw) + 1
+    zero = tirx.const(0, x.dtype)
+
+    def f(b, col, blk):
+        ch, rest = tirx.floordiv(col, kh * kw), tirx.floormod(col, kh * kw)
+        i, j = tirx.floordiv(rest, kw), tirx.floormod(rest, kw)
+        y = tirx.floordiv(blk, out_w) * sh - ph + i * dh
+        z = tirx.floormod(blk, out_w) * sw - pw + j * dw
+        inside = tirx.all(y >= 0, y < h, z >= 0, z < w)
+        return tirx.if_then_else(inside, x[b, ch, tirx.max(tirx.min(y, h - 1), 0),
+                                           tirx.max(tirx.min(z, w - 1), 0)], zero)
+
+    return te.compute((n, c * kh * kw, out_h * out_w), f, name="im2col")
+
 
 _CONSTANT_ARGS = ("weight", "bias", "multiplier", "scales", "zero_points", "table")
 

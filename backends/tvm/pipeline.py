@@ -99,6 +99,45 @@ def ApplyGlueSchedules(target: tvm.target.Target) -> tvm.transform.Pass:
     return _apply
 
 
+def SparePtqKernels(fold: tvm.transform.Pass) -> tvm.transform.Pass:
+    """``fold`` (Relax ``FoldConstant``) run with the ``ptq.kernel`` PrimFuncs hidden, so a
+    kernel whose inputs all fold to constants is left to run, not evaluated at compile time.
+
+    ``FoldConstant`` evaluates a ``call_tir`` of constants by building its PrimFunc for a plain
+    ``llvm`` target (no ``-mcpu``, no features). Our kernels are built for the strategy's
+    target: AMX tiles, VNNI, AVX2 ``vpmaddwd``. LLVM cannot select or legalize those for a
+    baseline x86-64 and aborts the process (``Cannot select: intrinsic
+    %llvm.x86.tilestored64``; ``Do not know how to split the result of this operator``), an
+    abort TVM cannot catch. DeBERTa-v2 met it: its relative-position embeddings (a LayerNorm
+    of a weight) feed int8 linears, so after folding the LayerNorm and the quantize the
+    linears' inputs are all constants. During the fold each kernel is an ``ExternFunc`` of
+    its name, which ``FoldConstant`` does not build; the PrimFuncs go back after it.
+    """
+
+    @tvm.transform.module_pass(opt_level=0, name="FoldConstantSparingPtqKernels")
+    def _apply(mod: tvm.IRModule, ctx) -> tvm.IRModule:
+        kernels = {gv: func for gv, func in mod.functions_items()
+                   if isinstance(func, tvm.tirx.PrimFunc) and func.attrs
+                   and "ptq.kernel" in func.attrs}
+        if not kernels:
+            return fold(mod)
+        hidden = mod.clone()
+        for gv in kernels:
+            hidden[gv] = relax.ExternFunc(gv.name_hint)
+        out = fold(hidden)
+        for gv, func in kernels.items():
+            out[gv] = func
+        return out
+
+    return _apply
+
+
+def _legalize_passes(stages, target) -> list:
+    """The family's legalize passes, its ``FoldConstant`` sparing the ptq kernels."""
+    return [SparePtqKernels(p) if p.info.name == "FoldConstant" else p
+            for p in stages.legalize_passes(target)]
+
+
 #: Named insertion points of the per-family pipeline, in order, for ``compile(relax_passes=)``.
 #: Each maps to what the module looks like when user passes run there.
 STAGES = {
@@ -109,7 +148,8 @@ STAGES = {
     "after_schedule": "ptq kernels scheduled (fixed template, tensorized intrinsic, or tuned "
                       "record); Relax ops not yet legalized",
     "after_legalize": "every op legalized to TIR, constants folded, ops fused "
-                      "(LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR); "
+                      "(LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR; "
+                      "FoldConstant leaves the ptq kernels alone: ``SparePtqKernels``); "
                       "the glue PrimFuncs are not scheduled yet: ``ApplyGlueSchedules`` runs "
                       "next and skips those marked ``tir.is_scheduled``",
     "after_lowering": "glue PrimFuncs scheduled (CPU), dataflow lowered (ToNonDataflow, "
@@ -204,7 +244,7 @@ def get_pipeline(strategy: Strategy, target: tvm.target.Target,
                 + user.get("before_schedule", [])
                 + [ApplyPtqSchedules(strategy, target, database)]
                 + user.get("after_schedule", [])
-                + stages.legalize_passes(target)
+                + _legalize_passes(stages, target)
                 + user.get("after_legalize", [])
                 + ([ApplyGlueSchedules(target)] if strategy.schedule_glue else [])
                 + stages.dataflow_lower_passes(target)

@@ -205,3 +205,72 @@ def test_unfolded_batch_norm_uses_running_statistics(tvm_backend):
                                                   eps=1e-5)
             got = cm(xb)
             torch.testing.assert_close(got, want, rtol=0, atol=2 * want.abs().max().item() * 2**-23)
+
+
+def test_im2col_is_exact(tvm_backend):
+    """``aten.im2col`` (``nn.Unfold``; ConvBERT's span conv on a float ``[B, C, T, 1]``) is a
+    gather: bit-exact for float32 and int8 with padding, dilation and stride, batched (a
+    dynamic batch, two sizes) and unbatched ``[C, H, W]``. ATen's CPU im2col takes floats
+    only: the int8 reference is the float one of the same values, cast back."""
+    cases = [  # kernel, dilation, padding, stride, input [C, H, W]
+        ((9, 1), (1, 1), (4, 0), (1, 1), (4, 10, 1)),  # ConvBERT's
+        ((3, 2), (2, 1), (1, 2), (2, 1), (3, 9, 7)),
+        ((2, 3), (1, 2), (0, 1), (1, 3), (2, 5, 8)),
+        ((1, 1), (1, 1), (0, 0), (2, 2), (3, 6, 6)),
+    ]
+    gen = torch.Generator().manual_seed(0)
+
+    def tensor(shape, dtype, seed):
+        if dtype == torch.int8:
+            return int_tensor(seed, shape, dtype)
+        return torch.randn(*shape, generator=gen)
+
+    def graph():
+        b = GraphBuilder()
+        xs = [b.input(f"x{i}") for i in range(len(cases))]
+        return b.build(tuple(b.call(aten.im2col.default, x, *(list(v) for v in case[:4]))
+                             for x, case in zip(xs, cases)))
+
+    def reference(gm, xs):
+        if xs[0].dtype == torch.int8:
+            return tuple(y.to(torch.int8) for y in gm(*(x.float() for x in xs)))
+        return gm(*xs)
+
+    for dtype in (torch.float32, torch.int8):
+        gm = graph()
+        batched = [tensor((2, *case[4]), dtype, i) for i, case in enumerate(cases)]
+        cm = tvm_backend.compile(gm, "host", example_inputs=batched)
+        for n in (1, 3):
+            xs = [tensor((n, *case[4]), dtype, 10 * n + i) for i, case in enumerate(cases)]
+            assert_exact(cm(*xs), reference(gm, xs), f"im2col {dtype} batch {n}")
+        unbatched = [tensor(case[4], dtype, 50 + i) for i, case in enumerate(cases)]
+        cm = tvm_backend.compile(gm, "host", example_inputs=unbatched, dynamic_batch=False)
+        assert_exact(cm(*unbatched), reference(gm, unbatched), f"im2col {dtype} unbatched")
+
+
+def test_inplace_ops_are_functional_only_where_nothing_else_reads(tvm_backend):
+    """An in-place op TVM has no converter for (``div_``: DeBERTa's ``pos_query_layer /=
+    scale``) is emitted as its functional form where the tensor it writes (and the views it
+    is made of) has no other reader; otherwise, or on an input, an EmitError names it."""
+    import pytest
+
+    from backends.tvm.emit import EmitError
+
+    four = torch.tensor(4.0)
+    b = GraphBuilder()
+    x = b.input("x")
+    y = b.call(aten.permute.default, b.call(aten.mul.Tensor, x, 2.0), [1, 0])
+    gm = b.build(b.call(aten.div_.Tensor, y, b.const(four)))
+    xin = torch.randn(3, 5)
+    cm = tvm_backend.compile(gm, "host", example_inputs=[xin])
+    assert_exact(cm(xin), gm(xin.clone()), "div_")
+
+    for read_elsewhere in (True, False):
+        b = GraphBuilder()
+        x = b.input("x")
+        y = b.call(aten.mul.Tensor, x, 2.0) if read_elsewhere else x
+        d = b.call(aten.div_.Tensor, y, b.const(four))
+        gm = b.build((d, y) if read_elsewhere else d)
+        with pytest.raises(EmitError,
+                           match=r"node 'div_\w*' \(aten.div_.Tensor\): in place.*other nodes"):
+            tvm_backend.emit(gm, "host", example_inputs=[xin])

@@ -197,3 +197,68 @@ def test_repeat_by_a_symbolic_count_compiles():
     cm = ptq_tvm.compile(q, target="host")  # was: relax.op.tile takes only int counts
     x3 = torch.randn(3, 5, 8)
     torch.testing.assert_close(cm(x3), q(x3), rtol=0, atol=0)
+
+
+class _RelativeSpan(nn.Module):
+    """DeBERTa's relative attention: the span ``torch.tensor(min(seq, 16))`` (a ``sym_min``
+    of sizes, a 0-d tensor, ``item`` s of its arithmetic), a slice of the relative table by
+    those values, an in-place ``/=`` on the projected table, and a gather of the scores by
+    clamped relative positions. ``bounded``: a position table bounds ``seq <= 16`` at capture,
+    which proves ``min(seq, 16) == seq``; else the span is TIR's ``min(seq, 16)``."""
+
+    def __init__(self, bounded: bool, span: int = 16, d: int = 8):
+        super().__init__()
+        self.bounded, self.span = bounded, span
+        self.pos = nn.Embedding(span, d)
+        self.register_buffer("position_ids", torch.arange(span))
+        self.rel = nn.Parameter(torch.randn(2 * span, d))
+        self.fc, self.proj = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        h = self.fc(x) + self.pos(self.position_ids[:t]) if self.bounded else self.fc(x)
+        span = torch.tensor(min(t, self.span))
+        k = self.proj(self.rel[self.span - span: self.span + span])  # [2 * span, d]
+        k /= torch.sqrt(torch.tensor(8.0))
+        rel = torch.arange(t)[:, None] - torch.arange(t)[None, :]
+        idx = torch.clamp(rel + span, 0, span * 2 - 1)
+        return torch.gather(h @ k.transpose(-1, -2), -1, idx.expand(b, t, t))
+
+
+@pytest.mark.parametrize("bounded", [True, False])
+def test_relative_span_of_symbolic_sizes_compiles(bounded):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(4)
+    calib = [(torch.randn(2, 8, 8, generator=g),) for _ in range(2)]
+    q = ptqpasses.quantize(_RelativeSpan(bounded).eval(), calib[0], calib, progress=False,
+                           dynamic_dims={0: {1: "seq"}})
+    cm = ptq_tvm.compile(q, target="host")  # was: no TVM converter for sym_min
+    for shape in ((3, 12), (1, 5)) if bounded else ((3, 20), (1, 5)):
+        x = torch.randn(*shape, 8, generator=g)
+        torch.testing.assert_close(cm(x), q(x), rtol=0, atol=0)
+
+
+class _ConstantInputLinear(nn.Module):
+    """DeBERTa-v2's relative embeddings: a LayerNorm of a parameter feeds int8 linears, whose
+    inputs are then all constants (FoldConstant built such kernels for a featureless
+    ``llvm`` target: an LLVM abort on AMX / AVX-512 VNNI hosts)."""
+
+    def __init__(self, d: int = 16):
+        super().__init__()
+        self.rel = nn.Parameter(torch.randn(32, d))
+        self.norm = nn.LayerNorm(d)
+        self.fc, self.proj = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.fc(x) @ self.proj(self.norm(self.rel)).transpose(0, 1)
+
+
+def test_int8_kernels_on_constant_inputs_compile():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(5)
+    calib = [(torch.randn(2, 6, 16, generator=g),) for _ in range(2)]
+    q = ptqpasses.quantize(_ConstantInputLinear().eval(), calib[0], calib, progress=False)
+    assert sum(n.target is torch.ops.ptq.linear.default for n in q.graph.nodes) == 2
+    cm = ptq_tvm.compile(q, target="host")
+    x = torch.randn(3, 6, 16, generator=g)
+    torch.testing.assert_close(cm(x), q(x), rtol=0, atol=0)

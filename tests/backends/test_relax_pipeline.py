@@ -142,3 +142,46 @@ def test_compile_refuses_an_x86_module_emitted_for_another_packing(qgraph):
     mod = ptq_tvm.emit(qgraph, "host")  # AVX2 (vpmaddwd) and VNNI blocks differ
     with pytest.raises(ValueError, match=f"cannot be compiled for '{other}'.*emit it again"):
         ptq_tvm.compile(mod, other)
+
+
+def test_fold_constant_leaves_ptq_kernels_alone():
+    """Relax ``FoldConstant`` builds a ``call_tir`` of constants for a featureless ``llvm``
+    target, where our AMX / AVX-512 VNNI kernels abort LLVM (DeBERTa-v2's linears on its
+    relative embeddings). In our pipeline it folds the rest and leaves ``ptq.kernel`` calls,
+    whatever the host."""
+    import numpy as np
+    from tvm import te
+
+    from backends.tvm.pipeline import SparePtqKernels
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([4], "int32"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            c = relax.const(np.arange(4, dtype="int32"))
+            twice = bb.emit_te(lambda a: te.compute(a.shape, lambda i: a[i] * 2), c,
+                               primfunc_name_hint="kernel")
+            plus = bb.emit(relax.op.add(c, c))  # legalized to a plain PrimFunc: folded
+            out = bb.emit_output(relax.op.add(relax.op.add(twice, plus), x))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    gv = mod.get_global_var("kernel")
+    mod[gv] = mod[gv].with_attr("ptq.kernel", "linear")
+    mod = relax.transform.LegalizeOps()(mod)
+
+    def calls(m):
+        seen = []
+        relax.analysis.post_order_visit(m["main"], lambda e: seen.append(e.args[0].name_hint)
+                                        if isinstance(e, relax.Call) and getattr(
+                                            e.op, "name", "") == "relax.call_tir" else None)
+        return seen
+
+    assert calls(mod) == ["kernel", "add", "add", "add"]
+    assert calls(relax.transform.FoldConstant()(mod)) == ["add"]  # TVM's: kernel evaluated
+    spared = SparePtqKernels(relax.transform.FoldConstant())(mod)
+    assert calls(spared) == ["kernel", "add", "add"]  # c + c folded, the kernel kept
+    assert spared[gv].same_as(mod[gv])
+    exe = tvm.compile(spared, target="llvm")
+    vm = relax.VirtualMachine(exe, tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(np.ones(4, "int32"))).numpy()
+    np.testing.assert_array_equal(got, np.arange(4) * 4 + 1)
