@@ -345,7 +345,7 @@ def markdown(meta: dict, results: dict, observers: list[str], with_peers: bool) 
                          f"{m['int8_compute']}/{r['compute_ops']}]")
             cells.append(cell)
         lines.append(f"| {name} | {r['group']} | " + " | ".join(cells) + " |")
-    for group in ("tune", "held-out"):
+    for group in ("tune", "held-out") if observers else ():
         lines += ["", f"Ranking on the {group} models (by SQNR):", "",
                   "| observer | mean rank | worst gap to best (dB) | mean SQNR (dB) |",
                   "|---|---:|---:|---:|"]

@@ -25,3 +25,9 @@ def test_zoo_runs_the_guarded_default_and_each_observer_and_ranks_them():
     assert "| tiny | tune | " in text and "[0 int16, 0 float; 2/2]" in text
     assert {x["observer"] for x in oz.rank({"tiny": r}, ["minmax", "mse"], "tune")} == \
         {"minmax", "mse"}
+
+
+def test_zoo_table_with_the_default_alone():
+    r = oz.evaluate(_task(), [], with_peers=False)
+    text = oz.markdown(oz._meta(), {"tiny": r}, [], False)
+    assert "| model | group | default |" in text and "Ranking" not in text
