@@ -257,12 +257,13 @@ def run_guard(guard: Guard, float_gm: fx.GraphModule, config: QuantConfig, batch
             return score_outputs(reference, [gm(*b) for b in held])
 
     observed, q = build(config)
+    base = observed  # calibrated under ``config``: what every search ranks and scores from
     before = measure(q)
     rep = GuardReport(guard, config, len(calib), len(held), set_aside, before, before)
     target, start_search, kept = guard.sim_margin_db, time.perf_counter(), []
     while guard.margin(rep.after) < 0:
         plan, raised, evaluations, rep.out_of_budget, rep.compute_nodes = _search(
-            guard, float_gm, config, calib, held, start_search, observed, reference, target,
+            guard, float_gm, config, calib, held, start_search, base, reference, target,
             guard.max_plans - rep.evaluations)
         rep.evaluations += evaluations
         if not raised or any(p == plan for p in kept):

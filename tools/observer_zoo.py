@@ -291,6 +291,8 @@ def evaluate(task: Task, observers: list[str], with_peers: bool, progress=None,
 def rank(results: dict, observers: list[str], group: str) -> list[dict]:
     """Per observer over the group's models: mean rank by SQNR (1 = best; ties share the
     better rank), worst gap to the per-model best (dB), mean SQNR."""
+    if not observers:
+        return []
     per = {o: {"ranks": [], "gaps": [], "sqnr": []} for o in observers}
     for name, r in results.items():
         if r["group"] != group:

@@ -27,7 +27,10 @@ def test_zoo_runs_the_guarded_default_and_each_observer_and_ranks_them():
         {"minmax", "mse"}
 
 
-def test_zoo_table_with_the_default_alone():
+def test_zoo_table_with_the_default_alone(tmp_path):
     r = oz.evaluate(_task(), [], with_peers=False)
     text = oz.markdown(oz._meta(), {"tiny": r}, [], False)
     assert "| model | group | default |" in text and "Ranking" not in text
+    assert oz.rank({"tiny": r}, [], "tune") == []
+    assert "default" in oz._write(__import__("pathlib").Path(tmp_path), oz._meta(), {"tiny": r},
+                                  [], False)
