@@ -6,7 +6,8 @@ the slice set aside:
 
 * output SQNR (dB) over every float output of every held-out batch, and
 * the smallest per-sample cosine similarity (each output flattened per sample: dimension 0 is
-  the batch), which is what matters for embeddings.
+  the batch), which is what matters for embeddings; outputs with fewer than 16 values per
+  sample (class scores, boxes) are judged by the SQNR alone.
 
 Where either is below its floor (defaults 20 dB / 0.99), the compute nodes are ranked by the
 damage each does alone (the score with only that node quantized, as
@@ -47,6 +48,12 @@ from ptqpasses.sensitivity import NodeSensitivity, _Evaluator, _op_of
 GUARD_KEY = "ptq.guard"  # gm.meta: the GuardReport of the quantize call that made gm
 
 
+#: The per-sample cosine is taken of outputs with at least this many values per sample
+#: (embeddings, hidden states, logits over many classes); for fewer (two class scores, a
+#: box) it is ill-conditioned, and only the SQNR judges them.
+EMBEDDING_MIN_DIM = 16
+
+
 @dataclass(frozen=True)
 class Score:
     """How close the integer graph's outputs are to the float model's."""
@@ -59,7 +66,8 @@ class Score:
 
 
 def score_outputs(reference: list, outputs: list) -> Score:
-    """SQNR over all float outputs and batches, and the smallest per-sample cosine."""
+    """SQNR over all float outputs and batches, and the smallest per-sample cosine of the
+    outputs with at least :data:`EMBEDDING_MIN_DIM` values per sample (1.0 if none)."""
     signal = noise = 0.0
     cos = 1.0
     for ref, out in zip(reference, outputs):
@@ -73,6 +81,8 @@ def score_outputs(reference: list, outputs: list) -> Score:
                 continue
             rows = (r.reshape(r.shape[0], -1), o.reshape(o.shape[0], -1)) if r.dim() >= 2 \
                 else (r.reshape(1, -1), o.reshape(1, -1))
+            if rows[0].shape[1] < EMBEDDING_MIN_DIM:
+                continue  # class scores, boxes: SQNR judges them, a cosine of 2-4 values not
             c = torch.nn.functional.cosine_similarity(*rows, dim=1, eps=1e-30)
             both_zero = (rows[0].abs().sum(1) == 0) & (rows[1].abs().sum(1) == 0)
             c = torch.where(both_zero, torch.ones_like(c), c)

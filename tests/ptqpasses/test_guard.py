@@ -120,11 +120,15 @@ def test_one_batch_is_judged_in_sample_and_the_report_says_so():
 
 
 def test_score_outputs_cosine_is_per_sample_and_skips_integer_outputs():
-    ref = [(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([3, 4]))]
-    out = [(torch.tensor([[1.0, 0.0], [2.0, 0.0]]), torch.tensor([0, 0]))]
+    a, b = torch.zeros(2, 16), torch.zeros(2, 16)
+    a[0, 0], a[1, 1], b[0, 0], b[1, 0] = 1.0, 2.0, 1.0, 2.0
+    ref, out = [(a, torch.tensor([3, 4]))], [(b, torch.tensor([0, 0]))]
     s = score_outputs(ref, out)
     assert s.cosine == pytest.approx(0.0, abs=1e-12)  # sample 1 is orthogonal
     assert s.sqnr_db == pytest.approx(10 * torch.log10(torch.tensor(5.0 / 8.0)).item())
+    # two class scores per sample: no cosine (ill-conditioned), the SQNR still counts
+    few = score_outputs([a[:, :2]], [b[:, :2]])
+    assert few.cosine == 1.0 and few.sqnr_db == pytest.approx(s.sqnr_db)
 
 
 @pytest.mark.parametrize("kwargs, match", [
