@@ -406,7 +406,6 @@ class _Alone(fx.Interpreter):
     def __init__(self, observed: fx.GraphModule):
         super().__init__(observed)
         self.target: Optional[str] = None
-        self.by_name = {n.name: n for n in observed.graph.nodes}
 
     def run_with(self, name: str, args: tuple):
         self.target = name

@@ -85,7 +85,8 @@ class _Evaluator:
             q = meta.get_qspec(n)
             if q is not None and q.role == "fused" and q.fused_into in self.output_of:
                 self.output_of[q.fused_into] = n.name
-        self.inputs_of = {c: _observed_inputs(observed, c) for c in self.compute}
+        by_name = {n.name: n for n in observed.graph.nodes}
+        self.inputs_of = {c: _observed_inputs(by_name, c) for c in self.compute}
         self.evaluations = 0
 
     def _observed(self, config: QuantConfig) -> fx.GraphModule:
@@ -136,10 +137,10 @@ class _Evaluator:
         return float(self.metric(self.reference, out))
 
 
-def _observed_inputs(observed: fx.GraphModule, name: str) -> tuple[str, ...]:
+def _observed_inputs(by_name: dict[str, fx.Node], name: str) -> tuple[str, ...]:
     """Names of the compute nodes whose observed outputs ``name`` reads (through share-only
     nodes such as views): the nodes whose output spec quantizes its inputs."""
-    node = next(n for n in observed.graph.nodes if n.name == name)
+    node = by_name[name]
     out = []
     for a in node.all_input_nodes:
         while a.op != "call_module":
@@ -148,7 +149,7 @@ def _observed_inputs(observed: fx.GraphModule, name: str) -> tuple[str, ...]:
                 break
             a = a.all_input_nodes[0]
         if a.op == "call_module" and meta.observed_node(a) is not None:
-            producer = next(n for n in observed.graph.nodes if n.name == meta.observed_node(a))
+            producer = by_name[meta.observed_node(a)]
             q = meta.get_qspec(producer)
             if producer.op == "call_function" and q is not None and q.role in ("compute", "fused"):
                 out.append(q.fused_into if q.role == "fused" else producer.name)

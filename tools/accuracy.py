@@ -225,17 +225,12 @@ def ptqpasses_default(task: Task):
     return q, (f"{a.dtype} {a.observer} activations, {w.dtype} per-channel {w.observer} "
                f"weights, policy {cfg.policy!r}; accuracy guard raised {raised} "
                f"({rep.before} -> {rep.after} on held-out calibration batches); "
-               f"{_ptq_compute(q)}/{_total(task)} convs/linears/matmuls integer")
+               f"{peers.ptq_integer_count(q)}/{_total(task)} convs/linears/matmuls integer")
 
 
 def _total(task: Task) -> int:
     return peers.count_compute(ptqpasses.capture(task.model, task.calib[0],
                                                  dynamic_dims=task.dynamic_dims))
-
-
-def _ptq_compute(q) -> int:
-    return sum(c.integer and c.op in ("ptq.conv2d", "ptq.linear", "ptq.matmul",
-                                      "ptq.conv_transpose2d") for c in ptqpasses.coverage(q))
 
 
 def _keep_float_adds(gm) -> tuple[str, ...]:

@@ -219,12 +219,7 @@ def run_observer(task: Task, captured, observer: str, percentile: float):
     ptqpasses.calibrate(observed, task.calib, progress=False)
     q = ptqpasses.convert(observed)
     with torch.no_grad():
-        return [q(*b) for b in task.eval], _integer_compute(q)
-
-
-def _integer_compute(q) -> int:
-    return sum(c.integer and c.op in ("ptq.conv2d", "ptq.linear", "ptq.matmul",
-                                      "ptq.conv_transpose2d") for c in ptqpasses.coverage(q))
+        return [q(*b) for b in task.eval], peers.ptq_integer_count(q)
 
 
 def run_guarded(task: Task, captured):
@@ -236,7 +231,7 @@ def run_guarded(task: Task, captured):
              "int16": sum(r.to == "int16" for r in rep.raised),
              "float": sum(r.to == "float" for r in rep.raised)}
     with torch.no_grad():
-        return [q(*b) for b in task.eval], _integer_compute(q), {"guard": guard}
+        return [q(*b) for b in task.eval], peers.ptq_integer_count(q), {"guard": guard}
 
 
 def dataclasses_replace(obj, **kw):

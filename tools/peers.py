@@ -220,3 +220,10 @@ def fx_int8_count(q: torch.nn.Module) -> int:
               and any(k in str(n.target) for k in ("conv", "linear", "matmul"))
               for n in getattr(q, "graph", torch.fx.Graph()).nodes)
     return mods + ops
+
+
+def ptq_integer_count(q: torch.fx.GraphModule) -> int:
+    """Convs / linears / matmuls of a ptqpasses integer graph that run as integer ops."""
+    import ptqpasses
+    return sum(c.integer and c.op in ("ptq.conv2d", "ptq.linear", "ptq.matmul",
+                                      "ptq.conv_transpose2d") for c in ptqpasses.coverage(q))
