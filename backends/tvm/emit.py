@@ -4,7 +4,8 @@
 other node (integer pass-throughs such as view/permute on int8, and float islands such as
 gelu between dequantize and quantize) is handed to the converters of TVM's own
 ``relax.frontend.torch`` importer, which read and write the same node -> value table, except
-``layer_norm`` and float32 ``softmax``, emitted here (``_layer_norm``, ``_softmax``).
+``layer_norm``, float32 ``softmax`` and ``tanh``, emitted here (``_layer_norm``, ``_softmax``,
+``_tanh``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from backends.tvm.strategy import Strategy
 from backends.tvm.fxgraph import bind_args, ptq_name as _ptq_name
 from backends.tvm.kernels import layer_norm as layer_norm_k
 from backends.tvm.kernels import softmax as softmax_k
+from backends.tvm.kernels import tanh as tanh_k
 
 
 @dataclasses.dataclass(frozen=True)
@@ -435,6 +437,10 @@ class Emitter:
             y = self._softmax(node)
             if y is not None:
                 return y
+        if key == "tanh.default":
+            y = self._tanh(node)
+            if y is not None:
+                return y
         convert = self._float.convert_map.get(key)
         if convert is None and key is not None and key.split(".")[0].endswith("_"):
             convert = self._inplace(node, key)
@@ -693,6 +699,14 @@ class Emitter:
         if dim != ndim - 1:
             y = bb.emit(op.permute_dims(y, back))
         return y
+
+    def _tanh(self, node: fx.Node):
+        """float32 ``tanh`` (``kernels/tanh.py``: TVM's own lowering returns 0 for tiny
+        inputs); None for other dtypes (TVM's converter)."""
+        x = self.env[node.args[0]]
+        if getattr(x.ty, "dtype", None) != "float32":
+            return None
+        return self.bb.emit_te(tanh_k.tanh, x, primfunc_name_hint="tanh")
 
 
 _getitem = operator.getitem

@@ -182,6 +182,30 @@ def test_softmax_kernel_matches_torch(tvm_backend):
         assert torch.isnan(cm(xin)[0][:, 2]).all()  # the fully -inf row
 
 
+def test_tanh_kernel_is_accurate_near_zero(tvm_backend):
+    """Float32 tanh is emitted with ``kernels/tanh.py``: TVM's own lowering cancels near 0
+    (``tanh(-4.66e-7)`` came out as ``-2^-21``, found by the fuzzer). Within
+    ``TANH_TOLERANCE`` of ``torch.tanh`` on tiny inputs, across the series / exp cut-over and
+    in saturation; NaN and -0.0 as torch."""
+    from backends.tvm.kernels.tanh import SMALL, TANH_TOLERANCE
+
+    b = GraphBuilder()
+    q = b.input("q")  # int8 [B, 256]
+    outs = tuple(b.call(aten.tanh.default, b.call(P.dequantize.default, q, s, 0))
+                 for s in (1e-9, 2e-6, SMALL / 100, 0.1))
+    extra = b.input("f")  # float32 [B, 4]
+    gm = b.build(outs + (b.call(aten.tanh.default, extra),))
+    codes = torch.arange(-128, 128, dtype=torch.int8).repeat(2, 1)
+    special = torch.tensor([[float("nan"), -0.0, 0.0, -float("inf")]] * 2)
+    mod = tvm_backend.emit(gm, "host", example_inputs=[codes, special])
+    assert any(gv.name_hint.startswith("tanh") for gv in mod.get_global_vars())
+    got, want = tvm_backend.compile(mod)(codes, special), gm(codes, special)
+    for i, (g, w) in enumerate(zip(got, want)):
+        torch.testing.assert_close(g, w, equal_nan=True, **TANH_TOLERANCE,
+                                   msg=lambda m: f"tanh output {i}: {m}")
+    assert torch.equal(torch.signbit(got[-1]), torch.signbit(want[-1]))
+
+
 def test_unfolded_batch_norm_uses_running_statistics(tvm_backend):
     """A batch norm FoldBatchNorm cannot fold (after a pool, a linear) stays a float
     ``aten.batch_norm``; TVM's converter read its arguments at the positions of

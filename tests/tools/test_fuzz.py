@@ -47,6 +47,18 @@ def test_tiny_scales_saturate_the_bias():
     fuzz.check_on_target(q, x, fuzz.reference(q, x), fuzz.runnable_targets()[0])
 
 
+def test_tanh_of_a_tiny_linear_output():
+    """Shrunk by CI's fuzz run (seed 544511068): a float-output linear on inputs ~1e-4, then
+    tanh; TVM's own tanh gave -2^-21 for -4.66e-7 (2% off, beyond the island tolerance)."""
+    spec = ModelSpec(shape=(1,), layers=(layer("linear", act="tanh", bias=False, dout=1,
+                                                 wexp=0),),
+                     example_batch=1, test_batch=2, input_scale=1e-4)
+    q, x = fuzz.quantize_spec(spec)
+    want = fuzz.reference(q, x)
+    for t in fuzz.runnable_targets():
+        fuzz.check_on_target(q, x, want, t)
+
+
 def test_fuzzer_reports_and_shrinks_a_mismatch(monkeypatch):
     """A compiled module whose outputs are off by one output step must be a failure, shrunk
     to a one-layer model."""
