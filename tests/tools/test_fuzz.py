@@ -59,6 +59,25 @@ def test_tanh_of_a_tiny_linear_output():
         fuzz.check_on_target(q, x, want, t)
 
 
+def test_float_output_that_cancels_is_judged_by_its_inputs():
+    """Shrunk by a fuzz run (seed 33): the mean of a layer_norm's 5 outputs is ~1e-8 (it
+    cancels), TVM gave -2.4e-8 where torch gave -1.2e-8: a float32 rounding of values ~1,
+    an island mismatch, not a failure. A float output off by more than ``ISLAND_FLOAT_RTOL``
+    of the float values it was computed from still fails."""
+    spec = ModelSpec(shape=(1, 1), layers=(
+        layer("linear", act=None, bias=False, dout=5, wexp=0), layer("layernorm", affine=False),
+        layer("transpose"), layer("mean")), example_batch=1, test_batch=2, seed=2)
+    q, x = fuzz.quantize_spec(spec)
+    want = fuzz.reference(q, x)
+    mag = fuzz.float_magnitude(q, x)
+    assert 0.1 < mag < 10 and want.abs().max().item() < 1e-6
+    noise = want + 2.0**-24 * torch.sign(want)
+    assert fuzz.compare(noise, want, [None], True, mag).startswith("island: ")
+    assert not fuzz.compare(want + 1e-3 * mag, want, [None], True, mag).startswith("island: ")
+    for t in fuzz.runnable_targets():
+        fuzz.check_on_target(q, x, want, t)
+
+
 def test_fuzzer_reports_and_shrinks_a_mismatch(monkeypatch):
     """A compiled module whose outputs are off by one output step must be a failure, shrunk
     to a one-layer model."""
