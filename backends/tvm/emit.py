@@ -77,6 +77,12 @@ class Emitter:
         #: (``NCHW`` / ``NHWC``); whether the handler's result is NHWC (``out_nhwc``).
         self.arg_layouts: dict[str, str] = {}
         self.out_nhwc = False
+        #: Kernel results whose kernel can take their consumer into its epilogue: value ->
+        #: builder of the fused call (the AMX conv: ``with_residual(ResidualAdd, res,
+        #: res_dtype)``, which ``ptq_ops.add`` calls); ``fused`` lists the nodes folded
+        #: into their producer's epilogue (their producer's plain call is then dead code).
+        self.epilogue_fusions: dict[Any, Any] = {}
+        self.fused: list[str] = []
         #: torch's symbolic input sizes by name (``s0``...): their size in the module (a
         #: ``tir.Var``, or an int where the input spec made the size static).
         self.sizes: dict[str, Any] = {}
@@ -441,6 +447,10 @@ class Emitter:
             y = self._tanh(node)
             if y is not None:
                 return y
+        if key == "conv2d.default":
+            y = self._float_conv(node)
+            if y is not None:
+                return y
         convert = self._float.convert_map.get(key)
         if convert is None and key is not None and key.split(".")[0].endswith("_"):
             convert = self._inplace(node, key)
@@ -700,6 +710,74 @@ class Emitter:
             y = bb.emit(op.permute_dims(y, back))
         return y
 
+    def _float_conv(self, node: fx.Node):
+        """A float32 conv with constant weights (one the accuracy guard kept float) in a form
+        the glue schedule handles; TVM's own ``conv2d`` is left unscheduled (one core:
+        MobileNetV2's 1x1 960 -> 160 on a 7x7 map 15 ms, its 3x3 depthwise on 32 x 112 x 112
+        2.7 ms). 1x1 (stride 1, no padding, groups 1): ``x_nhwc @ w^T + bias``, which meets
+        the column-reduction rule as a float ``linear`` does; depthwise: the sum over the
+        kernel taps of strided slices times per-channel weights (one injective, vectorized
+        kernel after fusion; taps summed in (r, s) order). None: TVM's converter."""
+        args = list(node.args) + [None] * (7 - len(node.args))
+        x, weight, bias, stride, padding, dilation, groups = args
+        xv = self.env.get(x)
+        if (getattr(getattr(xv, "ty", None), "dtype", None) != "float32" or xv.ty.ndim != 4
+                or not isinstance(weight, fx.Node) or weight.op != "get_attr"
+                or (bias is not None and (not isinstance(bias, fx.Node)
+                                          or bias.op != "get_attr"))
+                or not all(isinstance(v, (int, list, tuple, type(None)))
+                           for v in (stride, padding, dilation, groups))):
+            return None
+        w = self.numpy(weight)
+        if w.ndim != 4 or w.dtype != np.float32:
+            return None
+        (sh, sw), (ph, pw), (dh, dw) = (_pair2(stride, 1), _pair2(padding, 0),
+                                        _pair2(dilation, 1))
+        groups = 1 if groups is None else int(groups)
+        b = None if bias is None else relax.const(self.numpy(bias).astype(np.float32))
+        if w.shape[2:] == (1, 1) and groups == 1 and (sh, sw, ph, pw) == (1, 1, 0, 0):
+            return self._pointwise_conv(xv, w, b)
+        c = w.shape[0]
+        if groups > 1 and groups == c and w.shape[1] == 1 and _static_int(xv.ty.shape[1]) == c:
+            return self._depthwise_conv(xv, w, b, (sh, sw), (ph, pw), (dh, dw))
+        return None
+
+    def _depthwise_conv(self, xv, w: np.ndarray, b, stride, padding, dilation):
+        bb, op = self.bb, relax.op
+        (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+        c, _, kh, kw = w.shape
+        n, _, h, wd = xv.ty.shape.values
+        h, wd = _static_int(h), _static_int(wd)
+        if h is None or wd is None:
+            return None
+        oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        ow = (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        xp = xv if (ph, pw) == (0, 0) else bb.emit(op.nn.pad(xv, [0, 0, 0, 0, ph, ph, pw, pw]))
+        acc = None
+        for r in range(kh):
+            for s_ in range(kw):
+                tap = bb.emit(op.strided_slice(
+                    xp, axes=[2, 3], begin=[r * dh, s_ * dw],
+                    end=[r * dh + (oh - 1) * sh + 1, s_ * dw + (ow - 1) * sw + 1],
+                    strides=[sh, sw]))
+                term = bb.emit(op.multiply(tap, relax.const(
+                    np.ascontiguousarray(w[:, 0, r, s_].reshape(1, c, 1, 1)))))
+                acc = term if acc is None else bb.emit(op.add(acc, term))
+        if b is not None:
+            acc = bb.emit(op.add(acc, op.reshape(b, [1, c, 1, 1])))
+        return acc
+
+    def _pointwise_conv(self, xv, w: np.ndarray, b):
+        bb, op = self.bb, relax.op
+        n, c, h, wd = xv.ty.shape.values
+        y = bb.emit(op.permute_dims(xv, [0, 2, 3, 1]))
+        y = bb.emit(op.reshape(y, [-1, int(w.shape[1])]))
+        y = bb.emit(op.matmul(y, relax.const(np.ascontiguousarray(w[:, :, 0, 0].T))))
+        if b is not None:
+            y = bb.emit(op.add(y, b))
+        y = bb.emit(op.reshape(y, [n, h, wd, int(w.shape[0])]))
+        return bb.emit(op.permute_dims(y, [0, 3, 1, 2]))
+
     def _tanh(self, node: fx.Node):
         """float32 ``tanh`` (``kernels/tanh.py``: TVM's own lowering returns 0 for tiny
         inputs); None for other dtypes (TVM's converter)."""
@@ -710,6 +788,18 @@ class Emitter:
 
 
 _getitem = operator.getitem
+
+
+def _pair2(v, default: int) -> tuple:
+    """A conv's stride / padding / dilation argument as two ints."""
+    if v is None:
+        return (default, default)
+    v = list(v) if isinstance(v, (list, tuple)) else [v]
+    return (int(v[0]), int(v[-1]))
+
+
+def _static_int(dim) -> Optional[int]:
+    return int(dim) if isinstance(dim, (int, tirx.IntImm)) else None
 
 _SYM_MIN_MAX = (torch.sym_min, torch.sym_max)
 
@@ -851,6 +941,8 @@ def emit_relax(gm: fx.GraphModule, strategy: Strategy,
     """
     em = Emitter(gm, strategy)
     mod = em.run(inputs)
+    if em.fused:  # the producers' plain calls, replaced by fused ones
+        mod = relax.transform.DeadCodeElimination(["main"])(mod)
     if em.variants:
         mod = mod.with_attr(VARIANTS_ATTR, json.dumps(em.variants))
     return mod

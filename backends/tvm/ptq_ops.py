@@ -330,6 +330,9 @@ def matmul(em, a):
 
 
 def add(em, a):
+    fused = _add_in_epilogue(em, a)
+    if fused is not None:
+        return fused
     r = _requant_args(a)
     a_zp, b_zp, ka, kb = int(a["a_zp"]), int(a["b_zp"]), int(a["a_mult"]), int(a["b_mult"])
     dt = _sum_dtype(abs(ka) * wide_k.max_centered(_dt(a["a"]), a_zp)
@@ -341,6 +344,44 @@ def add(em, a):
     acc = em.bb.emit(relax.op.add(xa, xb))
     return requant_relax(em.bb, acc, float(a["multiplier"]), r["out_zp"], r["qmin"], r["qmax"],
                          r["out_dtype"])
+
+
+def _same_shape(em, x, y) -> bool:
+    """Whether two Relax tensors have the same shape (static dims, or provably equal
+    symbolic ones such as the batch)."""
+    sx, sy = x.ty.shape, y.ty.shape
+    if sx is None or sy is None or len(sx.values) != len(sy.values):
+        return False
+    return all(em.analyzer.can_prove_equal(dx, dy) for dx, dy in zip(sx.values, sy.values))
+
+
+def _add_in_epilogue(em, a):
+    """The add folded into the kernel that produces one of its operands (the AMX conv of a
+    residual block), where that kernel offers it (``em.epilogue_fusions``), the add is that
+    operand's only consumer, both operands are 8-bit tensors of the same shape and layout,
+    and the add's output is 8-bit. None: emit the add on its own."""
+    nodes = bind_args(em.node)
+    if not em.out_nhwc or dtype_name(a["out_dtype"]) not in _EIGHT_BIT:
+        return None
+    for mine, other in (("a", "b"), ("b", "a")):
+        build = em.epilogue_fusions.get(a[mine])
+        node = nodes[mine]
+        if (build is None or not isinstance(node, fx.Node) or len(node.users) != 1
+                or em.arg_layouts.get(mine) != "NHWC" or em.arg_layouts.get(other) != "NHWC"
+                or _dt(a[other]) not in _EIGHT_BIT
+                or not _same_shape(em, a[mine], a[other])):
+            continue
+        spec = dict(a_zp=int(a[f"{mine}_zp"]), a_mult=int(a[f"{mine}_mult"]),
+                    b_zp=int(a[f"{other}_zp"]), b_mult=int(a[f"{other}_mult"]),
+                    multiplier=float(a["multiplier"]), **_requant_args(a))
+        if (abs(spec["a_mult"]) + abs(spec["b_mult"])) * 255 >= 2**31:
+            continue  # (the integer sum must be exact in int32)
+        em.fused.append(em.node.name)
+        if node.name in em.variants:
+            variant, why = em.variants[node.name]
+            em.variants[node.name] = (variant, f"{why}; add {em.node.name!r} in its epilogue")
+        return build(spec, a[other], _dt(a[other]))
+    return None
 
 
 def mul(em, a):

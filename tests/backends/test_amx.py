@@ -127,3 +127,48 @@ def test_amx_module_saves_and_loads(tvm_backend, tmp_path):
                           str(tmp_path / "io.pt")], capture_output=True, text=True, cwd=root)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("True")
+
+
+def _residual_graph(relu: bool):
+    """conv -> add(residual) as in a ResNet block: the conv's only consumer is the add; a
+    second add whose conv has another consumer too (not fusable); a residual that is itself
+    a later conv (the downsample branch, emitted after the add's first operand)."""
+    b = GraphBuilder()
+    x = b.input("x")  # int8 [B, 64, 10, 10]
+    r = b.input("r")  # uint8 [B, 48, 10, 10]
+
+    def conv(inp, i, c, o, zp, k=3, p=1):
+        return b.call(P.conv2d.default, inp, zp, b.const(weight(200 + i, (o, c, k, k))),
+                      None, [1, 1], [p, p], [1, 1], 1,
+                      b.const(multipliers(300 + i, o, 0.02 / (c * k * k) ** 0.5)), -3,
+                      -128, 127, I8)
+
+    y1 = conv(x, 0, 64, 48, 2)
+    down = conv(x, 1, 64, 48, 2, k=1, p=0)
+    lo = 5 if relu else -128  # (a fused ReLU: qmin = out_zp)
+    s1 = b.call(P.add.default, y1, -3, 9000, down, -3, 16384, 1.3e-4, 5, lo, 127, I8)
+    y2 = conv(x, 2, 64, 48, 2)
+    s2 = b.call(P.add.default, r, 128, 16384, y2, -3, 7000, 2.1e-4, -1, -128, 127, I8)
+    return b.build((s1, s2, y2)), [int_tensor(0, (2, 64, 10, 10), I8),
+                                  int_tensor(1, (2, 48, 10, 10), U8)]
+
+
+@pytest.mark.skipif(not HAS_AMX, reason="the CPU has no AMX (amx_int8 / amx_tile flags)")
+@pytest.mark.parametrize("relu", [False, True])
+def test_residual_add_in_the_conv_epilogue(tvm_backend, relu):
+    """The add of a residual block runs in its conv's epilogue (no add kernel, no int8 round
+    trip), bit-exact with conv then add; an add whose conv output is also read elsewhere
+    stays an add of its own."""
+    gm, inputs = _residual_graph(relu)
+    mod = tvm_backend.emit(gm, "host", example_inputs=inputs)
+    residual = [gv.name_hint for gv, f in mod.functions_items()
+                if isinstance(f, tvm.tirx.PrimFunc) and f.attrs and "ptq.kernel" in f.attrs
+                and any(p.name == "res" for p in f.params)]
+    assert len(residual) == 1, residual
+    cm = tvm_backend.compile(gm, "host", example_inputs=inputs)
+    why = cm.meta["variants"]
+    assert "epilogue" in why["conv2d_default"][1] and "epilogue" not in why[
+        "conv2d_default_2"][1], why
+    assert_exact(cm(*inputs), gm(*inputs), "residual add in the epilogue")
+    other = [int_tensor(5, (3, 64, 10, 10), I8), int_tensor(6, (3, 48, 10, 10), U8)]
+    assert_exact(cm(*other), gm(*other), "residual add, another batch size")

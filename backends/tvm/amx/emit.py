@@ -80,9 +80,28 @@ def emit_conv2d(em, x, w: np.ndarray, corr: np.ndarray, mult: np.ndarray, *, var
                               padding, dilation, in_dtype=str(x.ty.dtype), shift=shift,
                               zp_enc=zp_enc, out_zp=out_zp, qmin=qmin, qmax=qmax,
                               out_dtype=out_dtype, parallel=macs >= PARALLEL_MACS)
-    y = _call(em, func, "conv2d", variant,
-              [x, relax.const(kernels.pack_conv_amx(w, plan)), relax.const(corr),
-               relax.const(mult)], [n, plan.oh, plan.ow, c_out], out_dtype)
+    args = [x, relax.const(kernels.pack_conv_amx(w, plan)), relax.const(corr),
+            relax.const(mult)]
+    shape = [n, plan.oh, plan.ow, c_out]
+    y = _call(em, func, "conv2d", variant, args, shape, out_dtype)
     if out_layout == "NCHW":
-        y = em.bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))
+        return em.bb.emit(relax.op.permute_dims(y, [0, 3, 1, 2]))
+
+    def with_residual(add: dict, res, res_dtype: str):
+        """The same conv with the ``add`` that is its only consumer in its epilogue (``add``:
+        the conv's side ``a_zp``/``a_mult``, the residual's ``b_zp``/``b_mult``, the add's
+        ``multiplier``, ``out_zp``, ``qmin``, ``qmax``, ``out_dtype``): a new call; the
+        plain one is left unused (``emit_relax`` removes it)."""
+        residual = kernels.ResidualAdd(
+            a_zp=add["a_zp"], a_mult=add["a_mult"], b_zp=add["b_zp"], b_mult=add["b_mult"],
+            multiplier=add["multiplier"], out=kernels.Requant(
+                add["out_zp"], add["qmin"], add["qmax"], add["out_dtype"]))
+        fused = kernels.conv2d_amx(
+            _static(n), int(h), int(w_in), c_in, c_out, kernel, stride, padding, dilation,
+            in_dtype=str(x.ty.dtype), shift=shift, zp_enc=zp_enc, out_zp=out_zp, qmin=qmin,
+            qmax=qmax, out_dtype=out_dtype, parallel=macs >= PARALLEL_MACS,
+            residual=residual, res_dtype=res_dtype)
+        return _call(em, fused, "conv2d", variant, args + [res], shape, residual.out_dtype)
+
+    em.epilogue_fusions[y] = with_residual
     return y

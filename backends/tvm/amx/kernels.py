@@ -45,6 +45,7 @@ first tile instruction raises SIGILL. Compile for :data:`AMX_TARGET` (an ``mcpu`
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import itertools
 from dataclasses import dataclass
 
@@ -314,33 +315,100 @@ class Requant:
     out_dtype: str
 
     def value(self, acc, mult, lanes: int = 1):
-        def const(v, dtype="float32"):
-            c = f32(v) if dtype == "float32" else tirx.const(v, dtype)
-            return c if lanes == 1 else T.broadcast(c, lanes)
-
-        fdt = "float32" if lanes == 1 else f"float32x{lanes}"
-        idt = "int32" if lanes == 1 else f"int32x{lanes}"
-        odt = self.out_dtype if lanes == 1 else f"{self.out_dtype}x{lanes}"
-        y = T.Cast(fdt, acc) * mult
         if self.out_dtype == "float32":  # a float-output op: the dequantized accumulator
-            return y
-        y = T.min(T.max(y, const(self.qmin - self.out_zp)), const(self.qmax - self.out_zp))
-        q = T.Cast(idt, T.round(y))
+            return T.Cast(_vec("float32", lanes), acc) * mult
+        return T.Cast(_vec(self.out_dtype, lanes), self.int_value(acc, mult, lanes))
+
+    def int_value(self, acc, mult, lanes: int = 1):
+        """The requantized value as int32 (before the cast to ``out_dtype``)."""
+        y = T.Cast(_vec("float32", lanes), acc) * mult
+        y = T.min(T.max(y, _const(self.qmin - self.out_zp, "float32", lanes)),
+                  _const(self.qmax - self.out_zp, "float32", lanes))
+        q = _round_to_int(y, lanes)
         if self.out_zp:
-            q = q + const(self.out_zp, "int32")
-        return T.Cast(odt, q)
+            q = q + _const(self.out_zp, "int32", lanes)
+        return q
+
+    def apply(self, acc, mult, lanes: int, index):
+        """The epilogue's value for output ``index`` (unused here; see ``ResidualAdd``)."""
+        del index
+        return self.value(acc, mult, lanes)
 
 
-def _epilogue_row(rq: Requant, scratch, half, acc: int, r, o0, n_out: int, mult_p, out,
+def _vec(dtype: str, lanes: int) -> str:
+    return dtype if lanes == 1 else f"{dtype}x{lanes}"
+
+
+def _const(v, dtype: str, lanes: int):
+    c = f32(v) if dtype == "float32" else tirx.const(v, dtype)
+    return c if lanes == 1 else T.broadcast(c, lanes)
+
+
+@dataclass(frozen=True, eq=False)
+class ResidualAdd:
+    """A conv's requantized output added to a residual tensor in the epilogue: the
+    reference ``conv2d`` then ``add``, in registers (no int8 round trip through memory, no
+    second kernel)::
+
+        q   = conv.int_value(acc)                               (the conv's own output)
+        sum = (q - a_zp) * a_mult + (res[index] - b_zp) * b_mult        (int32, exact)
+        out = requant(sum, multiplier)                          (``out``: the add's)
+
+    ``conv`` and ``res`` (the residual buffer, indexed like the output: ``[pixel, channel]``
+    rows) are filled in by :func:`conv2d_amx`; callers give the rest. The
+    integer sum is exact in int32 for 8-bit inputs (``|mult| <= 2^14``), as the reference's
+    int64 one; ``float32(sum)`` is then the same value.
+    """
+
+    a_zp: int
+    a_mult: int
+    b_zp: int
+    b_mult: int
+    multiplier: float
+    out: Requant
+    conv: Requant | None = None
+    res: object = None
+
+    @property
+    def out_dtype(self) -> str:
+        return self.out.out_dtype
+
+    def apply(self, acc, mult, lanes: int, index):
+        i32 = _vec("int32", lanes)
+        q = self.conv.int_value(acc, mult, lanes)
+        r = T.Cast(i32, self.res[tuple(index)])
+        total = ((q - _const(self.a_zp, "int32", lanes)) * _const(self.a_mult, "int32", lanes)
+                 + (r - _const(self.b_zp, "int32", lanes)) * _const(self.b_mult, "int32", lanes))
+        return self.out.value(total, _const(self.multiplier, "float32", lanes), lanes)
+
+
+def _round_to_int(y, lanes: int):
+    """``int32(rne(y))`` of a float32 value already inside the int32 range: 16 lanes in
+    one ``vcvtps2dq`` with embedded round-to-nearest-even (``{rn-sae}``), which LLVM does
+    not form from ``round`` + cast (``vrndscaleps`` + ``vcvttps2dq``: one more 512-bit op
+    in the epilogue, whose vector ports bound it)."""
+    if lanes != 16:
+        return T.Cast("int32" if lanes == 1 else f"int32x{lanes}", T.round(y))
+    return T.call_llvm_pure_intrin(
+        "int32x16", "llvm.x86.avx512.mask.cvtps2dq.512", y,
+        T.broadcast(T.int32(0), 16), T.int16(-1), T.int32(_RN_SAE))
+
+
+#: ``_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC``.
+_RN_SAE = 8
+
+
+def _epilogue_row(rq, scratch, half, acc: int, r, o0, n_out: int, mult_p, out,
                   prefix) -> None:
     """Requantize row r of accumulator tile ``acc`` (``scratch[half, acc]``, bias included)
     into ``out[*prefix, o0 : o0+16]``: one 16-lane vector, or scalars for a tile past
-    ``n_out``."""
+    ``n_out``. ``rq``: a :class:`Requant` or a :class:`ResidualAdd`."""
 
     def vector():
-        v = rq.value(scratch[half, acc, r, T.ramp(0, 1, TILE_N)],
-                     mult_p[T.ramp(o0, 1, TILE_N)], TILE_N)
-        T.buffer_store(out, v, [*prefix, T.ramp(o0, 1, TILE_N)])
+        index = [*prefix, T.ramp(o0, 1, TILE_N)]
+        v = rq.apply(scratch[half, acc, r, T.ramp(0, 1, TILE_N)],
+                     mult_p[T.ramp(o0, 1, TILE_N)], TILE_N, index)
+        T.buffer_store(out, v, index)
 
     if n_out % TILE_N == 0:
         vector()
@@ -351,7 +419,8 @@ def _epilogue_row(rq: Requant, scratch, half, acc: int, r, o0, n_out: int, mult_
         with T.Else():
             with T.serial(0, TILE_N) as c:
                 _when(o0 + c < n_out, lambda: T.buffer_store(
-                    out, rq.value(scratch[half, acc, r, c], mult_p[o0 + c]), [*prefix, o0 + c]))
+                    out, rq.apply(scratch[half, acc, r, c], mult_p[o0 + c], 1,
+                                  [*prefix, o0 + c]), [*prefix, o0 + c]))
 
 
 # --- the blocked GEMM --------------------------------------------------------------------
@@ -793,8 +862,10 @@ def conv2d_amx(n, h: int, w: int, c_in: int, c_out: int, kernel, stride, padding
                out_dtype: str, blocking=None, mode: str | None = None,
                fold: bool | None = None, flat: bool | None = None,
                group: int = 4, parallel: bool = True,
-               order: str | None = None) -> tirx.PrimFunc:
-    """Requantized int8 NHWC conv2d (groups == 1) on AMX.
+               order: str | None = None, residual: ResidualAdd | None = None,
+               res_dtype: str = "int8") -> tirx.PrimFunc:
+    """Requantized int8 NHWC conv2d (groups == 1) on AMX; with ``residual``, followed in the
+    epilogue by the ``add`` of a residual tensor (``res``, ``res_dtype``).
 
     PrimFunc params (in order):
         x: NHWC ``[n, h, w, c_in]`` ``in_dtype``; ``n`` an int or None (symbolic ``int64``).
@@ -803,7 +874,8 @@ def conv2d_amx(n, h: int, w: int, c_in: int, c_out: int, kernel, stride, padding
             mode=..., fold=..., flat=...)`` (the same options as here). Direct unfolded:
             ``[ceil(O/16), R, S, ceil(C/64)*16, 16, 4]`` = ``pack_conv`` with C padded to 64.
         corr: int32 ``[c_out]`` (``correction(w, bias, zp_enc)``); mult: float32 ``[c_out]``.
-        out: NHWC ``[n, oh, ow, c_out]`` ``out_dtype``.
+        res (with ``residual`` only): NHWC ``[n, oh, ow, c_out]`` ``res_dtype``.
+        out: NHWC ``[n, oh, ow, c_out]`` ``out_dtype`` (``residual.out_dtype`` with one).
     Padding holds ``zp_enc`` (the encoded input zero point). See :class:`ConvPlan` for
     ``mode`` / ``fold`` / ``flat``.
     """
@@ -819,16 +891,25 @@ def conv2d_amx(n, h: int, w: int, c_in: int, c_out: int, kernel, stride, padding
             wt = T.arg("w_packed", T.buffer(p.weight_shape, "int8"))
             corr = T.arg("corr", T.buffer((c_out,), "int32"))
             mult = T.arg("mult", T.buffer((c_out,), "float32"))
-            out = T.arg("out", T.buffer((nb_, oh, ow, c_out), out_dtype))
+            res = None if residual is None else T.arg(
+                "res", T.buffer((nb_, oh, ow, c_out), res_dtype))
+            final_dtype = out_dtype if residual is None else residual.out_dtype
+            out = T.arg("out", T.buffer((nb_, oh, ow, c_out), final_dtype))
             T.func_attr(_FUNC_ATTRS)
 
+            # The output (and residual) as [pixel, channel] rows: the epilogue writes row r
+            # of an M tile at one computed pixel, without dividing by the map's width per row.
+            rows = T.decl_buffer((nb_ * oh * ow, c_out), final_dtype, data=out.data)
+            if residual is not None:
+                res_rows = T.decl_buffer((nb_ * oh * ow, c_out), res_dtype, data=res.data)
+                rq = dataclasses.replace(residual, conv=rq, res=res_rows)
             common = dict(n_out=c_out, corr=corr, mult=mult, rq=rq, group=group,
                           parallel=parallel, order=order,
                           weight_bytes=int(np.prod(p.weight_shape)))
             if p.mode == "im2col":
-                _conv_im2col(p, nb_, x, wt, out, in_dtype, shift, zp_enc, blocking, common)
+                _conv_im2col(p, nb_, x, wt, rows, in_dtype, shift, zp_enc, blocking, common)
             else:
-                _conv_direct(p, nb_, x, wt, out, in_dtype, shift, zp_enc, blocking, common)
+                _conv_direct(p, nb_, x, wt, rows, in_dtype, shift, zp_enc, blocking, common)
     return ib.get()
 
 
@@ -873,10 +954,21 @@ def _padded_image(p: ConvPlan, x, nb_, in_dtype: str, shift: int, zp_enc: int,
 
 
 def _conv_direct(p: ConvPlan, nb_, x, wt, out, in_dtype, shift, zp_enc, blocking, common):
-    """Implicit GEMM: A tiles read in place from the padded image, row stride ``sw * cp``."""
+    """Implicit GEMM: A tiles read in place from the padded image, row stride ``sw * cp``.
+    ``out``: the output as ``[n * oh * ow, c_out]`` rows."""
     cp, wp, oh, ow = p.cp, p.wp, p.oh, p.ow
     xp = _padded_image(p, x, nb_, in_dtype, shift, zp_enc, common["parallel"])
     per_img = p.m_tiles_per_image()
+    if p.flat:
+        # grid position j (of one image's M tiles) -> output pixel y * ow + x, or -1 for
+        # the dropped columns x >= ow and the rows past the map: one load per epilogue row
+        # instead of a division by wp
+        grid = per_img * TILE_M
+        dst = T.alloc_buffer((grid,), "int32", align=64)
+        with T.serial(0, grid) as jj:
+            y, xo = tirx.floordiv(jj, wp), tirx.floormod(jj, wp)
+            T.buffer_store(dst, T.if_then_else(tirx.all(y < oh, xo < ow), y * ow + xo, -1),
+                           [jj])
     xt = _ceil_div(ow, TILE_M)
     m_tiles = nb_ * per_img
     if blocking is None and p.fold and p.n_tiles >= 4:
@@ -890,12 +982,10 @@ def _conv_direct(p: ConvPlan, nb_, x, wt, out, in_dtype, shift, zp_enc, blocking
         b, qq = tirx.floordiv(q, per_img), tirx.floormod(q, per_img)
         if p.flat:
             j0 = qq * TILE_M
-            y0, x0 = tirx.floordiv(j0, wp), tirx.floormod(j0, wp)
 
-            def row(r):  # pixel j0 + r of the (oh x wp) grid, without a per-row floordiv
-                dy = tirx.truncdiv(x0 + r, wp)
-                y, xo = y0 + dy, x0 + r - dy * wp
-                return tirx.all(y < oh, xo < ow), [b, y, xo]
+            def row(r):  # pixel j0 + r of the (oh x wp) grid
+                d = dst[j0 + r]
+                return d >= 0, [b * (oh * ow) + d]
 
             return b, j0, row
         # rows: q = (x tile, y) with y fastest, so a block's tiles are consecutive rows
@@ -903,7 +993,7 @@ def _conv_direct(p: ConvPlan, nb_, x, wt, out, in_dtype, shift, zp_enc, blocking
         x0 = xtile * TILE_M
 
         def row(r):
-            return (None if ow % TILE_M == 0 else x0 + r < ow), [b, y, x0 + r]
+            return (None if ow % TILE_M == 0 else x0 + r < ow), [(b * oh + y) * ow + x0 + r]
 
         return b, y * p.sh * wp + x0 * p.sw, row
 
@@ -981,16 +1071,10 @@ def _conv_im2col(p: ConvPlan, nb_, x, wt, out, in_dtype, shift, zp_enc, blocking
 
     def row_out(q):
         pix0 = q * TILE_M
-        b0 = tirx.floordiv(pix0, oh * ow)
-        y0 = tirx.floordiv(tirx.floormod(pix0, oh * ow), ow)
-        x0 = tirx.floormod(pix0, ow)
         exact = isinstance(pixels, int) and pixels % TILE_M == 0
 
-        def at(r):  # pixel pix0 + r, without per-row floordivs
-            dy = tirx.truncdiv(x0 + r, ow)
-            db = tirx.truncdiv(y0 + dy, oh)
-            idx = [b0 + db, y0 + dy - db * oh, x0 + r - dy * ow]
-            return (None if exact else pix0 + r < pixels), out, idx
+        def at(r):  # GEMM row = output pixel
+            return (None if exact else pix0 + r < pixels), out, [pix0 + r]
 
         return at
 
