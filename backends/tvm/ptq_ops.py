@@ -234,7 +234,7 @@ def _wide_fits_packed(em, a, w, bias, in_dt: str, depthwise: bool = False) -> bo
     if in_dt != "int16":
         return False
     act_dtype = em.strategy.main.layout.act_dtype
-    if not depthwise and act_dtype != "int16":
+    if not depthwise and not any(v.layout.act_dtype == "int16" for v in em.strategy.variants):
         em.variants[em.node.name] = ("wide", f"int16 activations: the {em.strategy.name} "
                                      f"packed kernels take {act_dtype} activations")
         return False

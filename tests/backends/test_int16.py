@@ -185,7 +185,8 @@ def test_int16_sums_past_int32_are_exact(tvm_backend):
 
 def test_int16_on_the_int32_kernels_at_the_proof_edge(tvm_backend):
     """An int16-activation linear / conv runs on the 8-bit kernels' int32 code (on AVX2 the
-    packed ``vpmaddwd`` template; depthwise convs on any target) when ``max|x| * sum|w| +
+    packed ``vpmaddwd`` template, on AVX-512 VNNI and AMX the same template as their
+    ``int16`` variant; depthwise convs on any target) when ``max|x| * sum|w| +
     max|correction|`` fits int32, else on the ``*_wide`` computes: 516 weights of 127 on
     inputs at -32768 sum to -2147352576 (fits), 517 do not. Bit-exact either way; the choice
     and its reason are in ``meta["variants"]``."""
@@ -213,8 +214,12 @@ def test_int16_on_the_int32_kernels_at_the_proof_edge(tvm_backend):
     cm = tvm_backend.compile(gm, "host", example_inputs=inputs, dynamic_batch=False)
     assert_exact(cm(*inputs), want, "int16 on int32 kernels")
     got = {name: v[0] for name, v in cm.meta["variants"].items()}
-    avx2 = tvm_backend.strategy_for(tvm_backend.resolve("host")).name == "x86-avx2"
-    packed = "x86-packed-int16" if avx2 else "wide"
+    strategy = tvm_backend.strategy_for(tvm_backend.resolve("host"))
+    # AVX2's main variant takes int16; the VNNI / AMX strategies have an ``int16`` variant
+    # (the same vpmaddwd template); others run int16 on the wide computes
+    int16 = [v.name for v in strategy.variants if v.layout.act_dtype == "int16"]
+    packed = ("x86-packed-int16" if strategy.name == "x86-avx2" else "int16" if int16
+              else "wide")
     assert got == {"linear_default": packed, "linear_default_1": "wide",
                    "conv2d_default": "depthwise-int32", "conv2d_default_1": packed}, got
 

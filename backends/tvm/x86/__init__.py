@@ -79,6 +79,17 @@ def _matmul_vnni(func, kind, target):
 
 VNNI_LAYOUT = Layout("uint8", 16, 4)
 
+_AVX2_MAIN = _template_variant(
+    "", Layout("int16", 16, 2, width_block=AVX2_ROWS), avx2.register, rows=AVX2_ROWS,
+    blocks=AVX2_BLOCKS, intrin_lanes=avx2.LANES,
+    summary="exact vpmaddwd on int16-widened activations")
+
+#: int16-activation dense / conv (the accuracy guard's int16 raises; int16 recipes) on the
+#: VNNI and AMX strategies: AVX2's exact ``vpmaddwd`` template (``vpdpbusd`` and tiles take
+#: 8-bit activations). Without it those kernels took the direct ``*_wide`` compute: all-MiniLM
+#: with 30 int16 linears ran 198 ms instead of ~12 on one Emerald Rapids core.
+INT16_VARIANT = dataclasses.replace(_AVX2_MAIN, name="int16")
+
 
 def _vnni_rows(width: int) -> int:
     """Output columns per register tile of a conv ``width`` wide: the fewest padded columns,
@@ -88,6 +99,8 @@ def _vnni_rows(width: int) -> int:
 
 
 def _choose_vnni(strategy: Strategy, facts: KernelFacts) -> Choice:
+    if facts.in_dtype == "int16":
+        return Choice(INT16_VARIANT, "int16 activations: exact vpmaddwd (the int16 variant)")
     if facts.kind != "conv2d" or facts.width is None:
         return Choice(strategy.main, "")
     return Choice(strategy.main, "", width_block=_vnni_rows(facts.width))
@@ -96,7 +109,8 @@ def _choose_vnni(strategy: Strategy, facts: KernelFacts) -> Choice:
 AVX512_VNNI = Strategy(
     "x86-avx512-vnni", "x86",
     (_template_variant("", VNNI_LAYOUT, vnni.register, rows=VNNI_ROWS, blocks=VNNI_BLOCKS,
-                       tile=VNNI_TILE, summary="vpdpbusd zmm, up to 7 x 64 register tiles"),),
+                       tile=VNNI_TILE, summary="vpdpbusd zmm, up to 7 x 64 register tiles"),
+     INT16_VARIANT),
     choose=_choose_vnni, schedules={**cpu.SCHEDULES, "matmul": _matmul_vnni},
     matmul_block=(vnni.WIDE_LANES, vnni.WIDE_DEPTH),
     summary="AVX-512 VNNI: u8 x s8 vpdpbusd on zmm, register-tiled template")
@@ -111,10 +125,6 @@ AVX_VNNI = Strategy(
     summary="AVX-VNNI: u8 x s8 vpdpbusd on ymm, register-tiled template")
 
 
-_AVX2_MAIN = _template_variant(
-    "", Layout("int16", 16, 2, width_block=AVX2_ROWS), avx2.register, rows=AVX2_ROWS,
-    blocks=AVX2_BLOCKS, intrin_lanes=avx2.LANES,
-    summary="exact vpmaddwd on int16-widened activations")
 _AVX2_PAIRWISE = dataclasses.replace(
     _template_variant(
         "avx2-pairwise", Layout("uint8", 16, 4, width_block=AVX2_ROWS), avx2.register_pairwise,
