@@ -4,8 +4,8 @@
 other node (integer pass-throughs such as view/permute on int8, and float islands such as
 gelu between dequantize and quantize) is handed to the converters of TVM's own
 ``relax.frontend.torch`` importer, which read and write the same node -> value table, except
-``layer_norm``, float32 ``softmax`` and ``tanh``, emitted here (``_layer_norm``, ``_softmax``,
-``_tanh``).
+``layer_norm``, float32 ``softmax``, ``tanh``, ``erf`` and exact ``gelu``, emitted here
+(``_layer_norm``, ``_softmax``, ``_tanh``, ``_erf``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import ptqpasses.ops  # noqa: F401  (registers torch.ops.ptq)
 from backends.tvm import ptq_ops
 from backends.tvm.strategy import Strategy
 from backends.tvm.fxgraph import bind_args, ptq_name as _ptq_name
+from backends.tvm.kernels import erf as erf_k
 from backends.tvm.kernels import layer_norm as layer_norm_k
 from backends.tvm.kernels import softmax as softmax_k
 from backends.tvm.kernels import tanh as tanh_k
@@ -447,6 +448,10 @@ class Emitter:
             y = self._tanh(node)
             if y is not None:
                 return y
+        if key in ("erf.default", "gelu.default"):
+            y = self._erf(node, key)
+            if y is not None:
+                return y
         if key == "conv2d.default":
             y = self._float_conv(node)
             if y is not None:
@@ -777,6 +782,23 @@ class Emitter:
             y = bb.emit(op.add(y, b))
         y = bb.emit(op.reshape(y, [n, h, wd, int(w.shape[0])]))
         return bb.emit(op.permute_dims(y, [0, 3, 1, 2]))
+
+    def _erf(self, node: fx.Node, key: str):
+        """float32 ``erf`` and ``gelu`` (``kernels/erf.py``; the tanh GELU with
+        ``kernels/tanh.py``): TVM's own call libm per element. None for other dtypes (TVM's
+        converter)."""
+        x = self.env[node.args[0]]
+        if getattr(x.ty, "dtype", None) != "float32":
+            return None
+        if key == "gelu.default":
+            approximate = node.args[1] if len(node.args) > 1 else node.kwargs.get(
+                "approximate", "none")
+            if approximate == "tanh":
+                return self.bb.emit_te(tanh_k.gelu_tanh, x, primfunc_name_hint="gelu_tanh")
+            if approximate != "none":
+                return None
+            return self.bb.emit_te(erf_k.gelu, x, primfunc_name_hint="gelu")
+        return self.bb.emit_te(erf_k.erf, x, primfunc_name_hint="erf")
 
     def _tanh(self, node: fx.Node):
         """float32 ``tanh`` (``kernels/tanh.py``: TVM's own lowering returns 0 for tiny

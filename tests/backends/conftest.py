@@ -28,8 +28,8 @@ class GraphBuilder:
         self.root.register_buffer(name, tensor)
         return self.graph.get_attr(name)
 
-    def call(self, op, *args) -> fx.Node:
-        return self.graph.call_function(op, tuple(args))
+    def call(self, op, *args, **kwargs) -> fx.Node:
+        return self.graph.call_function(op, tuple(args), kwargs)
 
     def build(self, outputs) -> fx.GraphModule:
         self.graph.output(outputs)

@@ -206,6 +206,35 @@ def test_tanh_kernel_is_accurate_near_zero(tvm_backend):
     assert torch.equal(torch.signbit(got[-1]), torch.signbit(want[-1]))
 
 
+def test_erf_and_gelu_kernels_are_vectorizable_and_accurate(tvm_backend):
+    """Float32 ``erf`` and exact ``gelu`` are emitted with ``kernels/erf.py`` (TVM's own call
+    libm's ``erff`` per element: no vector code): within ``ERF_TOLERANCE`` of ``torch.erf``
+    across the range, tiny and saturated inputs and NaN; both GELUs (exact; tanh, with
+    ``kernels/tanh.py``) within 1e-6 of ATen's."""
+    from backends.tvm.kernels.erf import ERF_TOLERANCE
+
+    b = GraphBuilder()
+    q = b.input("q")  # int16 [B, 512]
+    f = b.call(P.dequantize.default, q, 2.0**-12, 0)  # -8 .. 8
+    g = b.input("g")  # float32 [B, 4]
+    outs = (b.call(aten.erf.default, f), b.call(aten.gelu.default, f),
+            b.call(aten.gelu.default, f, approximate="tanh"), b.call(aten.erf.default, g))
+    gm = b.build(outs)
+    codes = torch.linspace(-32768, 32767, 1024).to(torch.int16).reshape(2, 512)
+    special = torch.tensor([[float("nan"), 1e-30, -3.3159, 5.0]] * 2)
+    mod = tvm_backend.emit(gm, "host", example_inputs=[codes, special])
+    names = [gv.name_hint for gv in mod.get_global_vars()]
+    assert any(n.startswith("erf") for n in names) and any(n.startswith("gelu") for n in names)
+    cm = tvm_backend.compile(mod)
+    assert "erff" not in cm.source("asm")
+    got, want = cm(codes, special), gm(codes, special)
+    for i in (0, 3):
+        torch.testing.assert_close(got[i], want[i], equal_nan=True, **ERF_TOLERANCE,
+                                   msg=lambda m: f"erf output {i}: {m}")
+    torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got[2], want[2], atol=1e-6, rtol=1e-6)
+
+
 def test_float_convs_are_emitted_as_scheduled_glue(tvm_backend):
     """Float32 convs the accuracy guard keeps float: 1x1 as a matmul (the glue schedule's
     column-reduction rule), depthwise (padding, stride, dilation) as a sum of strided taps;

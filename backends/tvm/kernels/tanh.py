@@ -71,3 +71,22 @@ def tanh(x: te.Tensor) -> te.Tensor:
     if x.dtype != "float32":
         raise ValueError(f"tanh kernel takes float32, got {x.dtype}")
     return te.compute(x.shape, lambda *i: tanh_expr(x[i]), name="tanh")
+
+
+_SQRT_2_OVER_PI = 0.7978845608028654
+_KAPPA = 0.044715
+
+
+def gelu_tanh(x: te.Tensor) -> te.Tensor:
+    """``gelu(approximate="tanh")`` as ATen computes it,
+    ``0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))``, float32, with
+    :func:`tanh_expr`."""
+    if x.dtype != "float32":
+        raise ValueError(f"gelu kernel takes float32, got {x.dtype}")
+
+    def f(*i):
+        v = x[i]
+        inner = f32(_SQRT_2_OVER_PI) * (v + f32(_KAPPA) * v * v * v)
+        return f32(0.5) * v * (f32(1.0) + tanh_expr(inner))
+
+    return te.compute(x.shape, f, name="gelu_tanh")
