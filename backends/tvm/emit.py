@@ -420,40 +420,9 @@ class Emitter:
             y = self._scalar(node, key)
             if y is not None:
                 return y
-        if key == "clamp.default":
-            y = self._clamp(node)
-            if y is not None:
-                return y
-        if key == "im2col.default":
-            return self._im2col(node)
-        if key == "layer_norm.default":
-            return self._layer_norm(node)
-        if key == "batch_norm.default":
-            return self._batch_norm(node)
-        if key == "scaled_dot_product_attention.default" and _needs_own_sdpa(node):
-            return self._sdpa(node)
-        if key == "repeat.default":
-            y = self._repeat(node)
-            if y is not None:
-                return y
-        if key == "slice.Tensor":
-            y = self._slice(node)
-            if y is not None:
-                return y
-        if key in ("softmax.int", "_softmax.default"):
-            y = self._softmax(node)
-            if y is not None:
-                return y
-        if key == "tanh.default":
-            y = self._tanh(node)
-            if y is not None:
-                return y
-        if key in ("erf.default", "gelu.default"):
-            y = self._erf(node, key)
-            if y is not None:
-                return y
-        if key == "conv2d.default":
-            y = self._float_conv(node)
+        own = _OWN_EMITTERS.get(key)
+        if own is not None:
+            y = getattr(self, own)(node)
             if y is not None:
                 return y
         convert = self._float.convert_map.get(key)
@@ -660,6 +629,8 @@ class Emitter:
         from query i where j <= i). Used where TVM's converter cannot (``_needs_own_sdpa``);
         the softmax is ``kernels/softmax.py``'s. Within float tolerance of ATen (its CPU
         kernel blocks the sums differently)."""
+        if not _needs_own_sdpa(node):
+            return None
         a = bind_args(node)
         if a.get("enable_gqa"):
             raise EmitError("scaled_dot_product_attention with enable_gqa=True")
@@ -783,14 +754,14 @@ class Emitter:
         y = bb.emit(op.reshape(y, [n, h, wd, int(w.shape[0])]))
         return bb.emit(op.permute_dims(y, [0, 3, 1, 2]))
 
-    def _erf(self, node: fx.Node, key: str):
+    def _erf(self, node: fx.Node):
         """float32 ``erf`` and ``gelu`` (``kernels/erf.py``; the tanh GELU with
         ``kernels/tanh.py``): TVM's own call libm per element. None for other dtypes (TVM's
         converter)."""
         x = self.env[node.args[0]]
         if getattr(x.ty, "dtype", None) != "float32":
             return None
-        if key == "gelu.default":
+        if node.target is torch.ops.aten.gelu.default:
             approximate = node.args[1] if len(node.args) > 1 else node.kwargs.get(
                 "approximate", "none")
             if approximate == "tanh":
@@ -810,6 +781,17 @@ class Emitter:
 
 
 _getitem = operator.getitem
+
+#: aten ops (``name.overload``) the emitter builds itself: key -> method, which returns the
+#: value, or None to leave the node to TVM's converter (another dtype, an unsupported form).
+_OWN_EMITTERS = {
+    "clamp.default": "_clamp", "im2col.default": "_im2col",
+    "layer_norm.default": "_layer_norm", "batch_norm.default": "_batch_norm",
+    "scaled_dot_product_attention.default": "_sdpa", "repeat.default": "_repeat",
+    "slice.Tensor": "_slice", "softmax.int": "_softmax", "_softmax.default": "_softmax",
+    "tanh.default": "_tanh", "erf.default": "_erf", "gelu.default": "_erf",
+    "conv2d.default": "_float_conv",
+}
 
 
 def _pair2(v, default: int) -> tuple:
