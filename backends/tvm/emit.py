@@ -26,6 +26,7 @@ import ptqpasses.ops  # noqa: F401  (registers torch.ops.ptq)
 from backends.tvm import ptq_ops
 from backends.tvm.strategy import Strategy
 from backends.tvm.fxgraph import bind_args, ptq_name as _ptq_name
+from backends.tvm.kernels import conv2d as conv_k
 from backends.tvm.kernels import erf as erf_k
 from backends.tvm.kernels import layer_norm as layer_norm_k
 from backends.tvm.kernels import softmax as softmax_k
@@ -707,14 +708,15 @@ class Emitter:
         w = self.numpy(weight)
         if w.ndim != 4 or w.dtype != np.float32:
             return None
-        (sh, sw), (ph, pw), (dh, dw) = (_pair2(stride, 1), _pair2(padding, 0),
-                                        _pair2(dilation, 1))
+        (sh, sw), (ph, pw), (dh, dw) = (ptq_ops._pair(1 if stride is None else stride),
+                                        ptq_ops._pair(0 if padding is None else padding),
+                                        ptq_ops._pair(1 if dilation is None else dilation))
         groups = 1 if groups is None else int(groups)
         b = None if bias is None else relax.const(self.numpy(bias).astype(np.float32))
         if w.shape[2:] == (1, 1) and groups == 1 and (sh, sw, ph, pw) == (1, 1, 0, 0):
             return self._pointwise_conv(xv, w, b)
         c = w.shape[0]
-        if groups > 1 and groups == c and w.shape[1] == 1 and _static_int(xv.ty.shape[1]) == c:
+        if groups > 1 and groups == c and w.shape[1] == 1 and ptq_ops._static(xv.ty.shape[1]) == c:
             return self._depthwise_conv(xv, w, b, (sh, sw), (ph, pw), (dh, dw))
         return None
 
@@ -723,11 +725,11 @@ class Emitter:
         (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
         c, _, kh, kw = w.shape
         n, _, h, wd = xv.ty.shape.values
-        h, wd = _static_int(h), _static_int(wd)
+        h, wd = ptq_ops._static(h), ptq_ops._static(wd)
         if h is None or wd is None:
             return None
-        oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        ow = (wd + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        oh = conv_k.out_size(h, kh, sh, ph, dh)
+        ow = conv_k.out_size(wd, kw, sw, pw, dw)
         xp = xv if (ph, pw) == (0, 0) else bb.emit(op.nn.pad(xv, [0, 0, 0, 0, ph, ph, pw, pw]))
         acc = None
         for r in range(kh):
@@ -754,12 +756,17 @@ class Emitter:
         y = bb.emit(op.reshape(y, [n, h, wd, int(w.shape[0])]))
         return bb.emit(op.permute_dims(y, [0, 3, 1, 2]))
 
+    def _float32_input(self, node: fx.Node):
+        """The value of ``node``'s first argument if it is a float32 tensor, else None."""
+        x = self.env.get(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+        return x if getattr(getattr(x, "ty", None), "dtype", None) == "float32" else None
+
     def _erf(self, node: fx.Node):
         """float32 ``erf`` and ``gelu`` (``kernels/erf.py``; the tanh GELU with
         ``kernels/tanh.py``): TVM's own call libm per element. None for other dtypes (TVM's
         converter)."""
-        x = self.env[node.args[0]]
-        if getattr(x.ty, "dtype", None) != "float32":
+        x = self._float32_input(node)
+        if x is None:
             return None
         if node.target is torch.ops.aten.gelu.default:
             approximate = node.args[1] if len(node.args) > 1 else node.kwargs.get(
@@ -774,8 +781,8 @@ class Emitter:
     def _tanh(self, node: fx.Node):
         """float32 ``tanh`` (``kernels/tanh.py``: TVM's own lowering returns 0 for tiny
         inputs); None for other dtypes (TVM's converter)."""
-        x = self.env[node.args[0]]
-        if getattr(x.ty, "dtype", None) != "float32":
+        x = self._float32_input(node)
+        if x is None:
             return None
         return self.bb.emit_te(tanh_k.tanh, x, primfunc_name_hint="tanh")
 
@@ -794,23 +801,13 @@ _OWN_EMITTERS = {
 }
 
 
-def _pair2(v, default: int) -> tuple:
-    """A conv's stride / padding / dilation argument as two ints."""
-    if v is None:
-        return (default, default)
-    v = list(v) if isinstance(v, (list, tuple)) else [v]
-    return (int(v[0]), int(v[-1]))
-
-
-def _static_int(dim) -> Optional[int]:
-    return int(dim) if isinstance(dim, (int, tirx.IntImm)) else None
-
 _SYM_MIN_MAX = (torch.sym_min, torch.sym_max)
 
 #: Integer scalar ops ``Emitter._scalar`` computes as ``PrimExpr`` s (with ``item``).
 _SCALAR_KEYS = {"scalar_tensor.default", "item.default", "neg.default", "add.Tensor",
                 "add.Scalar", "sub.Tensor", "sub.Scalar", "rsub.Scalar", "rsub.Tensor",
                 "mul.Tensor", "mul.Scalar"}
+
 
 
 def _as_expr(value):

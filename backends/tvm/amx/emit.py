@@ -76,10 +76,15 @@ def emit_conv2d(em, x, w: np.ndarray, corr: np.ndarray, mult: np.ndarray, *, var
     plan = kernels.conv_plan(int(h), int(w_in), c_in, c_out, kernel, stride, padding,
                              dilation)
     macs = plan.oh * plan.ow * c_out * c_in * kernel[0] * kernel[1]
-    func = kernels.conv2d_amx(_static(n), int(h), int(w_in), c_in, c_out, kernel, stride,
-                              padding, dilation, in_dtype=str(x.ty.dtype), shift=shift,
-                              zp_enc=zp_enc, out_zp=out_zp, qmin=qmin, qmax=qmax,
-                              out_dtype=out_dtype, parallel=macs >= PARALLEL_MACS)
+
+    def build(**epilogue):
+        return kernels.conv2d_amx(_static(n), int(h), int(w_in), c_in, c_out, kernel, stride,
+                                  padding, dilation, in_dtype=str(x.ty.dtype), shift=shift,
+                                  zp_enc=zp_enc, out_zp=out_zp, qmin=qmin, qmax=qmax,
+                                  out_dtype=out_dtype, parallel=macs >= PARALLEL_MACS,
+                                  **epilogue)
+
+    func = build()
     args = [x, relax.const(kernels.pack_conv_amx(w, plan)), relax.const(corr),
             relax.const(mult)]
     shape = [n, plan.oh, plan.ow, c_out]
@@ -96,11 +101,7 @@ def emit_conv2d(em, x, w: np.ndarray, corr: np.ndarray, mult: np.ndarray, *, var
             a_zp=add["a_zp"], a_mult=add["a_mult"], b_zp=add["b_zp"], b_mult=add["b_mult"],
             multiplier=add["multiplier"], out=kernels.Requant(
                 add["out_zp"], add["qmin"], add["qmax"], add["out_dtype"]))
-        fused = kernels.conv2d_amx(
-            _static(n), int(h), int(w_in), c_in, c_out, kernel, stride, padding, dilation,
-            in_dtype=str(x.ty.dtype), shift=shift, zp_enc=zp_enc, out_zp=out_zp, qmin=qmin,
-            qmax=qmax, out_dtype=out_dtype, parallel=macs >= PARALLEL_MACS,
-            residual=residual, res_dtype=res_dtype)
+        fused = build(residual=residual, res_dtype=res_dtype)
         return _call(em, fused, "conv2d", variant, args + [res], shape, residual.out_dtype)
 
     em.epilogue_fusions[y] = with_residual

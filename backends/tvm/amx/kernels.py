@@ -898,7 +898,7 @@ def conv2d_amx(n, h: int, w: int, c_in: int, c_out: int, kernel, stride, padding
             T.func_attr(_FUNC_ATTRS)
 
             # The output (and residual) as [pixel, channel] rows: the epilogue writes row r
-            # of an M tile at one computed pixel, without dividing by the map's width per row.
+            # of an M tile at one flat pixel index (1x1 convs: the GEMM row itself).
             rows = T.decl_buffer((nb_ * oh * ow, c_out), final_dtype, data=out.data)
             if residual is not None:
                 res_rows = T.decl_buffer((nb_ * oh * ow, c_out), res_dtype, data=res.data)
@@ -959,16 +959,6 @@ def _conv_direct(p: ConvPlan, nb_, x, wt, out, in_dtype, shift, zp_enc, blocking
     cp, wp, oh, ow = p.cp, p.wp, p.oh, p.ow
     xp = _padded_image(p, x, nb_, in_dtype, shift, zp_enc, common["parallel"])
     per_img = p.m_tiles_per_image()
-    if p.flat:
-        # grid position j (of one image's M tiles) -> output pixel y * ow + x, or -1 for
-        # the dropped columns x >= ow and the rows past the map: one load per epilogue row
-        # instead of a division by wp
-        grid = per_img * TILE_M
-        dst = T.alloc_buffer((grid,), "int32", align=64)
-        with T.serial(0, grid) as jj:
-            y, xo = tirx.floordiv(jj, wp), tirx.floormod(jj, wp)
-            T.buffer_store(dst, T.if_then_else(tirx.all(y < oh, xo < ow), y * ow + xo, -1),
-                           [jj])
     xt = _ceil_div(ow, TILE_M)
     m_tiles = nb_ * per_img
     if blocking is None and p.fold and p.n_tiles >= 4:
@@ -982,10 +972,12 @@ def _conv_direct(p: ConvPlan, nb_, x, wt, out, in_dtype, shift, zp_enc, blocking
         b, qq = tirx.floordiv(q, per_img), tirx.floormod(q, per_img)
         if p.flat:
             j0 = qq * TILE_M
+            y0, x0 = tirx.floordiv(j0, wp), tirx.floormod(j0, wp)
 
-            def row(r):  # pixel j0 + r of the (oh x wp) grid
-                d = dst[j0 + r]
-                return d >= 0, [b * (oh * ow) + d]
+            def row(r):  # pixel j0 + r of the (oh x wp) grid, without a per-row floordiv
+                dy = tirx.truncdiv(x0 + r, wp)
+                y, xo = y0 + dy, x0 + r - dy * wp
+                return tirx.all(y < oh, xo < ow), [(b * oh + y) * ow + xo]
 
             return b, j0, row
         # rows: q = (x tile, y) with y fastest, so a block's tiles are consecutive rows
