@@ -731,6 +731,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tune-trials", type=int, default=0,
                    help="tune the int8 kernels first with this many trials per kernel")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failing peers")
+    p.add_argument("--rpc", metavar="HOST:PORT:KEY",
+                   help="time the ptqpasses int8 builds on a remote device instead (a TVM RPC "
+                        "tracker and key; needs --target; no local peers): tools/bench_remote.py")
+    p.add_argument("--target", help="with --rpc: the device's target (e.g. aarch64-dotprod)")
 
 
 def run_bench(args) -> int:
@@ -742,6 +746,11 @@ def run_bench(args) -> int:
         peer_names = _names(args.peers, PEERS, "peer")
     if args.runs < 1 or args.warmup < 0:
         raise UsageError("--runs must be >= 1 and --warmup >= 0")
+    if getattr(args, "rpc", None):
+        from tools.bench_remote import run_remote
+
+        return run_remote(args, model_names, Path(args.out),
+                          lambda msg: print(msg, file=sys.stderr, flush=True))
     if args.tune_trials and not args.database:
         raise UsageError("--tune-trials needs --database (where the records go)")
     allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []

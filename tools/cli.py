@@ -172,9 +172,15 @@ def cmd_compile(args) -> int:
 
 def cmd_tune(args) -> int:
     from backends import tvm as tvm_backend
+    if args.rpc:
+        from backends.tvm.remote import RpcDevice
+        try:
+            RpcDevice.parse(args.rpc)
+        except ValueError as e:
+            raise UsageError(f"--rpc: {e}") from None
     q, inputs = _recipe_graph(args)
     result = tvm_backend.tune(q, target=args.target, trials=args.trials, database=args.database,
-                              example_inputs=inputs, kinds=tuple(args.kinds))
+                              example_inputs=inputs, kinds=tuple(args.kinds), rpc=args.rpc)
     print(f"tuning database: {result.database}")
     print("| kernel | kind | new trials | seconds | best (ms) |\n|---|---|---:|---:|---:|")
     for t in result.tasks:
@@ -272,7 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
             cmd_tune)
     _add_model_args(p)
     p.add_argument("--recipe", required=True, help="recipe from `ptq quantize`")
-    p.add_argument("--target", default="host", help="named target that runs on this machine")
+    p.add_argument("--target", default="host", help="named target that runs on this machine "
+                   "(or on the --rpc devices)")
+    p.add_argument("--rpc", metavar="HOST:PORT:KEY",
+                   help="measure on the devices a TVM RPC tracker lists under KEY (built and "
+                        "linked here; records stay in the local database)")
     p.add_argument("--trials", type=int, default=32,
                    help="measured candidates per kernel (~1 s each on one core)")
     p.add_argument("--database", help="database root (default $PTQ_TVM_TUNING_DB or "
@@ -325,6 +335,8 @@ def main(argv=None) -> int:
         if "backends.tvm" in sys.modules:
             from backends.tvm import EmitError, LoadError
             known += (EmitError, LoadError)
+        if isinstance(e, ConnectionError):  # (an RPC tracker or device out of reach)
+            known += (ConnectionError,)
         if isinstance(e, known):
             print(f"ptq {args.command}: error: {e}", file=sys.stderr)
             return 1

@@ -105,6 +105,10 @@ class CompiledModule:
         else:
             # CPU: no copies either way (DLPack); the VM allocates fresh outputs per call
             outs = [torch.from_dlpack(r) for r in main(*map(_cpu_arg, args))]
+        return self._outputs(outs)
+
+    def _outputs(self, outs: list):
+        """The flat outputs in the structure of the graph's output (a tuple without one)."""
         if self._treespec is None:
             return tuple(outs)
         return pytree.tree_unflatten(outs, self._treespec)
@@ -145,19 +149,7 @@ class CompiledModule:
         library path."""
         stem = _stem(path)
         stem.parent.mkdir(parents=True, exist_ok=True)
-        kwargs: dict[str, Any] = {}
-        suffix = ".so"
-        cross_cc = self.meta.get("cross_compiler") if self.meta.get("cross", False) else None
-        if cross_cc:  # (the strategy's cross compiler links a .so; without it, a .tar)
-            cc = shutil.which(cross_cc)
-            if cc:
-                from tvm.contrib import cc as _cc
-
-                kwargs["fcompile"] = _cc.cross_compiler(cc)
-            else:
-                suffix = ".tar"
-        elif self.meta["family"] == "cuda":
-            suffix = ".tar"
+        suffix, kwargs = export_options(self.meta)
         lib_path = stem.with_suffix(suffix)
         # each file written beside itself and renamed over the old one: a save killed or
         # failing half-way leaves the old files (a new library beside the old metadata is
@@ -169,6 +161,29 @@ class CompiledModule:
                     versions=versions())
         atomic_write_text(stem.with_suffix(".json"), json.dumps(meta, indent=1, sort_keys=True))
         return lib_path
+
+
+def export_options(meta: dict, *, require_so: bool = False) -> tuple[str, dict]:
+    """(suffix, ``export_library`` keyword arguments) for a module of ``meta``: a ``.so`` linked
+    by the host compiler, or by the strategy's cross compiler for a cross target; a ``.tar`` of
+    objects for CUDA and for a cross target whose compiler is not installed (``require_so``:
+    raise instead, saying what to install)."""
+    cross_cc = meta.get("cross_compiler") if meta.get("cross", False) else None
+    if cross_cc:  # (the strategy's cross compiler links a .so; without it, a .tar)
+        cc = shutil.which(cross_cc)
+        if cc:
+            from tvm.support import cc as _cc  # (tvm.contrib.cc before TVM 0.27)
+
+            return ".so", {"fcompile": _cc.cross_compiler(cc)}
+        if require_so:
+            raise RuntimeError(
+                f"linking a module for {meta['target']!r} needs the cross compiler "
+                f"{cross_cc!r}, which is not on PATH (Debian/Ubuntu: apt-get install "
+                f"gcc-{cross_cc.removesuffix('-gcc')})")
+        return ".tar", {}
+    if meta["family"] == "cuda":
+        return ".tar", {}
+    return ".so", {}
 
 
 def _as_tensor(a: Any, i: int) -> torch.Tensor:

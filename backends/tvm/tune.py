@@ -19,6 +19,11 @@ candidates, each built in one persistent builder worker and measured by one runn
 Below 100 trials the candidates are random samples of the space (``_search``); the build
 (~1 s per candidate on a loaded core) is most of the time.
 
+Remote devices: ``tune(..., rpc="host:port:key")`` builds here and measures on the devices an
+RPC tracker lists under ``key`` (MetaSchedule's RPC runner, one worker per server), each
+candidate linked here as a ``.so`` (a cross target by its strategy's cross compiler); the
+database stays local, keyed by the target (``backends.tvm.remote``).
+
 Shapes are static: tuning needs concrete extents, so ``tune`` and ``compile(database=...)``
 default to ``dynamic_batch=False`` (the example batch size). A kernel whose shape has no record
 is compiled with the fixed schedule.
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import shutil
 import sys
@@ -216,11 +222,12 @@ class _Builder(ms.builder.PyBuilder):
     leak of long-lived ones).
     """
 
-    def __init__(self, timeout_sec: float, max_uses: int = 256):
+    def __init__(self, timeout_sec: float, max_uses: int = 256, export=None):
         super().__init__()
         from tvm.support.popen_pool import PopenPoolExecutor
 
         self.timeout_sec = timeout_sec
+        self.export = export  # (None: MetaSchedule's default, a .tar of objects)
         self.pool = PopenPoolExecutor(max_workers=1, timeout=timeout_sec,
                                       initializer=_STUB_REGISTRY_IN_WORKER,
                                       maximum_process_uses=max_uses)
@@ -231,8 +238,8 @@ class _Builder(ms.builder.PyBuilder):
 
         results = []
         for bi in build_inputs:
-            fut = self.pool.submit(local_builder._worker_func, None, None, bi.mod, bi.target,
-                                   None)
+            fut = self.pool.submit(local_builder._worker_func, None, self.export, bi.mod,
+                                   bi.target, None)
             try:
                 results.append(ms.builder.BuilderResult(fut.result(), None))
             except TimeoutError:
@@ -244,6 +251,45 @@ class _Builder(ms.builder.PyBuilder):
 
     def close(self) -> None:
         self.pool.shutdown()
+
+
+#: The builder's export for a remote device: a ``.so`` linked here (by ``cc``, the target's
+#: cross compiler, or the host's compiler when None), since the device may have no compiler
+#: to link MetaSchedule's default ``.tar`` of objects.
+_EXPORT_SO = _worker_function("""
+def export_so(cc, mod):
+    import os, tempfile
+    from tvm.support import cc as _cc
+    path = os.path.join(tempfile.mkdtemp(), "tvm_tmp_mod.so")
+    mod.export_library(path, **({"fcompile": _cc.cross_compiler(cc)} if cc else {}))
+    return path
+""", "export_so")
+
+#: ``_MIN_OF_REPEATS`` for MetaSchedule's RPC runner (whose evaluators also take the session).
+_MIN_OF_REPEATS_RPC = _worker_function("""
+def min_of_repeats_rpc(session, rt_mod, device, evaluator_config, repeated_args):
+    from tvm.s_tir.meta_schedule.runner.utils import run_evaluator_common
+    return [min(run_evaluator_common(rt_mod, device, evaluator_config, repeated_args))]
+""", "min_of_repeats_rpc")
+
+
+def _rpc_runner(device, evaluator_config, session_timeout: float):
+    """MetaSchedule's RPC runner measuring on every server the tracker lists under the key,
+    in parallel (one worker per server)."""
+    if device.key is None:
+        raise ValueError(f"rpc={str(device)!r}: remote tuning goes through an RPC tracker: "
+                         "host:port:key (python -m tvm.exec.rpc_tracker; servers started "
+                         "with --tracker host:port --key key)")
+    servers = device.servers()
+    if servers < 1:
+        raise ConnectionError(f"the RPC tracker {device.host}:{device.port} lists no server "
+                              f"under the key {device.key!r}")
+    return ms.runner.RPCRunner(
+        rpc_config=ms.runner.RPCConfig(tracker_host=device.host, tracker_port=device.port,
+                                       tracker_key=device.key, session_priority=1,
+                                       session_timeout_sec=int(session_timeout)),
+        evaluator_config=evaluator_config, f_run_evaluator=_MIN_OF_REPEATS_RPC,
+        max_workers=servers), servers
 
 
 @dataclasses.dataclass
@@ -353,12 +399,14 @@ def tune(qgraph: fx.GraphModule, target: Any = "host", *, trials: int = 32,
          example_inputs: Optional[Sequence[torch.Tensor]] = None,
          dynamic_batch: bool = False, batch: int = 1, kinds: Iterable[str] = DEFAULT_KINDS,
          trials_per_iter: Optional[int] = None, builder_timeout: float = 600.0,
-         search: str = "auto", progress: bool = True) -> TuneResult:
+         search: str = "auto", progress: bool = True, rpc: Optional[str] = None,
+         session_timeout: float = 120.0) -> TuneResult:
     """Tune the distinct int8 kernels of ``qgraph`` for ``target`` into ``database``.
 
     Args:
         qgraph: The integer-operator graph (as for ``compile``).
-        target: Must run on this machine (measurements are local).
+        target: Must run on this machine (measurements are local), unless ``rpc`` names
+            the devices that measure.
         trials: Measured candidates per kernel. The default 32 keeps a first tune of
             ResNet-18 (12 workloads) under 10 minutes on one loaded core: 16 trials took 204 s
             (~1 s per candidate, mostly its build), so 32 should take ~6-7 minutes and 64 ~12.
@@ -376,6 +424,11 @@ def tune(qgraph: fx.GraphModule, target: Any = "host", *, trials: int = 32,
             space: cheap per trial) or ``auto`` (replay below 100 trials per kernel, where the
             cost model has too few measurements to rank candidates).
         progress: tqdm bar per kernel.
+        rpc: ``host:port:key``: build here, measure on the devices an RPC tracker lists
+            under ``key`` (MetaSchedule's RPC runner; as many candidates at once as servers).
+            Modules are linked here (a cross target with its strategy's cross compiler). The
+            database stays local, keyed by ``target``.
+        session_timeout: Seconds one remote measurement (upload, load, run) may take.
 
     Returns:
         A TuneResult; kernels with ``trials`` candidates in the database run zero trials,
@@ -391,17 +444,21 @@ def tune(qgraph: fx.GraphModule, target: Any = "host", *, trials: int = 32,
     if symbolic:
         raise ValueError(f"tuning needs static shapes; input {symbolic[0][0]} has the shape "
                          f"{list(symbolic[0][1])}: pass example_inputs= of the shape to tune for")
-    if not _targets.runs_here(named):
+    if rpc is None and not _targets.runs_here(named):
         raise ValueError(f"target {named.name!r} does not run on this machine; tuning measures "
-                         "locally")
+                         "locally unless rpc='host:port:key' names devices that run it")
+    if rpc is not None:
+        from backends.tvm.remote import RpcDevice
+
+        rpc = RpcDevice.parse(rpc)
     folder = database_dir(database, named)
     with locked(folder, exclusive=True):  # one tuning run per folder at a time
         return _tune_locked(mod, named, folder, database, kinds, trials, trials_per_iter,
-                            builder_timeout, search, progress)
+                            builder_timeout, search, progress, rpc, session_timeout)
 
 
 def _tune_locked(mod, named, folder, database, kinds, trials, trials_per_iter, builder_timeout,
-                 search, progress) -> TuneResult:
+                 search, progress, rpc=None, session_timeout=120.0) -> TuneResult:
     tgt = named.target()
     db = open_database(database, named, lock=False)
     strat = strategy_for(named)
@@ -409,11 +466,12 @@ def _tune_locked(mod, named, folder, database, kinds, trials, trials_per_iter, b
     results: list[TaskResult] = []
     pending = []
     for name, kind, wl in todo:
-        if _variant(wl, strat).intrin is None:
+        variant = _variant(wl, strat)
+        if variant.intrin is None:
             continue  # (a variant with no intrinsic to tile around: nothing to search)
-        # a run killed mid-way resumes: a kernel's records are its seed plus the candidates
-        # measured so far, so it gets the trials it still lacks
-        done = max(_records(db, wl) - 1, 0)
+        # a run killed mid-way resumes: a kernel's records are its seed (where the variant
+        # has a template) plus the candidates measured so far, so it gets the trials it lacks
+        done = max(_records(db, wl) - (variant.seed is not None), 0)
         if done >= trials:
             results.append(TaskResult(name, kind, 0, 0.0, _best_ms(db, wl, tgt)))
         else:
@@ -421,12 +479,25 @@ def _tune_locked(mod, named, folder, database, kinds, trials, trials_per_iter, b
     if not pending:
         return TuneResult(folder, results)
 
-    builder = _Builder(builder_timeout)
-    runner = ms.runner.LocalRunner(
-        timeout_sec=max(60.0, builder_timeout / 4), f_run_evaluator=_MIN_OF_REPEATS,
-        evaluator_config=ms.runner.EvaluatorConfig(number=1, repeat=5, min_repeat_ms=10,
-                                                   enable_cpu_cache_flush=False))
-    per_iter = trials_per_iter or min(trials, 16)
+    evaluator = ms.runner.EvaluatorConfig(number=1, repeat=5, min_repeat_ms=10,
+                                          enable_cpu_cache_flush=False)
+    if rpc is None:
+        builder = _Builder(builder_timeout)
+        runner = ms.runner.LocalRunner(timeout_sec=max(60.0, builder_timeout / 4),
+                                       f_run_evaluator=_MIN_OF_REPEATS,
+                                       evaluator_config=evaluator)
+        servers = 1
+    else:
+        runner, servers = _rpc_runner(rpc, evaluator, session_timeout)
+        cross = strat.cross_compiler if not _targets.runs_here(named) else None
+        if cross and shutil.which(cross) is None:
+            raise RuntimeError(f"tuning {named.name!r} over RPC links each candidate here with "
+                               f"{cross!r}, which is not on PATH (Debian/Ubuntu: apt-get "
+                               f"install gcc-{cross.removesuffix('-gcc')})")
+        builder = _Builder(builder_timeout, export=functools.partial(
+            _EXPORT_SO, shutil.which(cross) if cross else None))
+    # (a round measures as many candidates as there are devices, at least)
+    per_iter = trials_per_iter or max(min(trials, 16), servers)
     try:
         with tempfile.TemporaryDirectory(prefix="ptq_tune_") as work_dir, \
                 _no_tvm_intrin_registry():

@@ -79,3 +79,43 @@ def kernel_probe(kind: str, seen: dict):
 
     return probe
 
+
+
+@pytest.fixture(scope="session")
+def rpc_tracker():
+    """A TVM RPC tracker on localhost (``tools.rpc_cluster``), as ``"127.0.0.1:port"``."""
+    pytest.importorskip("tornado", reason="the RPC tracker needs tornado (the rpc extra)")
+    from tools import rpc_cluster
+
+    with rpc_cluster.start_tracker(port=rpc_cluster.free_port()) as tracker:
+        yield f"127.0.0.1:{tracker.port}"
+
+
+#: The key the emulated aarch64 board registers under at the tests' tracker.
+AARCH64_KEY = "aarch64-emulated"
+
+
+@pytest.fixture(scope="session")
+def aarch64_device(rpc_tracker):
+    """An emulated aarch64 board (``tools/aarch64_device.py``: a TVM RPC server under
+    qemu-user) registered with ``rpc_tracker``, as ``"127.0.0.1:port:aarch64-emulated"``.
+
+    Skipped where the device is not set up (``python -m tools.aarch64_device setup``), except
+    when ``PTQ_REQUIRE_AARCH64=1`` (``.ci/run`` sets it up and requires it): then a missing
+    device fails the tests that need it.
+    """
+    import os
+
+    from tools import aarch64_device, rpc_cluster
+
+    if not aarch64_device.is_ready():
+        msg = ("the emulated aarch64 device is not set up: python -m tools.aarch64_device "
+               "setup")
+        if os.environ.get("PTQ_REQUIRE_AARCH64") == "1":
+            pytest.fail(msg + " (PTQ_REQUIRE_AARCH64=1)")
+        pytest.skip(msg)
+    with aarch64_device.start_server(port=rpc_cluster.free_port(), tracker=rpc_tracker,
+                                     key=AARCH64_KEY) as server:
+        rpc_cluster.wait_for_servers(rpc_tracker, AARCH64_KEY, 1)
+        yield f"{rpc_tracker}:{AARCH64_KEY}"
+        del server

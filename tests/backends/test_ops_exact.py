@@ -64,16 +64,22 @@ def conv_case(draw):
 def test_conv2d(tvm_backend, cases):
     b, outs, inputs = GraphBuilder(), [], []
     for i, c in enumerate(cases):
-        x = b.input(f"x{i}")
-        n = cases[0]["n"]  # one symbolic batch dim is shared by all inputs
-        inputs.append(int_tensor(c["seed"], (n, c["cin"], c["h"], c["w"]), c["dtype"]))
-        w = b.const(weight(c["seed"] + 1, (c["cout"], c["cin"] // c["groups"], c["k"], c["kw"])))
-        bias = b.const(torch.randint(-5000, 5000, (c["cout"],), dtype=torch.int32)) \
-            if c["bias"] else None
-        m = b.const(multipliers(c["seed"] + 2, c["cout"], 0.002))
-        outs.append(b.call(P.conv2d.default, x, c["zp"], w, bias, c["stride"], c["pad"],
-                           c["dil"], c["groups"], m, c["ozp"], c["qmin"], c["qmax"], c["odt"]))
+        # one symbolic batch dim is shared by all inputs
+        outs += conv_nodes(b, f"conv{i}", dict(c, n=cases[0]["n"]), inputs)
     _run(tvm_backend, b.build(tuple(outs)), inputs)
+
+
+def conv_nodes(b, name, c, inputs):
+    """The graph nodes of one drawn case (``conv_case``), its inputs appended to ``inputs``;
+    the ``*_nodes`` builders are shared with tests/backends/test_aarch64_device.py."""
+    x = b.input(name)
+    inputs.append(int_tensor(c["seed"], (c["n"], c["cin"], c["h"], c["w"]), c["dtype"]))
+    w = b.const(weight(c["seed"] + 1, (c["cout"], c["cin"] // c["groups"], c["k"], c["kw"])))
+    bias = b.const(torch.randint(-5000, 5000, (c["cout"],), dtype=torch.int32)) \
+        if c["bias"] else None
+    m = b.const(multipliers(c["seed"] + 2, c["cout"], 0.002))
+    return [b.call(P.conv2d.default, x, c["zp"], w, bias, c["stride"], c["pad"], c["dil"],
+                   c["groups"], m, c["ozp"], c["qmin"], c["qmax"], c["odt"])]
 
 
 @st.composite
@@ -92,17 +98,21 @@ def linear_case(draw):
 def test_linear(tvm_backend, cases):
     b, outs, inputs = GraphBuilder(), [], []
     for i, c in enumerate(cases):
-        x = b.input(f"x{i}")
         lead = [cases[0]["lead"][0], *c["lead"][1:]]  # one shared batch dim
-        inputs.append(int_tensor(c["seed"], (*lead, c["k"]), c["dtype"]))
-        w = b.const(weight(c["seed"] + 1, (c["n"], c["k"])))
-        bias = b.const(torch.randint(-5000, 5000, (c["n"],), dtype=torch.int32)) \
-            if c["bias"] else None
-        m = multipliers(c["seed"] + 2, c["n"], 0.003)
-        m = b.const(m if c["per_channel"] else m[:1])
-        outs.append(b.call(P.linear.default, x, c["zp"], w, bias, m, c["ozp"], c["qmin"],
-                           c["qmax"], c["odt"]))
+        outs += linear_nodes(b, f"x{i}", dict(c, lead=lead), inputs)
     _run(tvm_backend, b.build(tuple(outs)), inputs)
+
+
+def linear_nodes(b, name, c, inputs):
+    x = b.input(name)
+    inputs.append(int_tensor(c["seed"], (*c["lead"], c["k"]), c["dtype"]))
+    w = b.const(weight(c["seed"] + 1, (c["n"], c["k"])))
+    bias = b.const(torch.randint(-5000, 5000, (c["n"],), dtype=torch.int32)) \
+        if c["bias"] else None
+    m = multipliers(c["seed"] + 2, c["n"], 0.003)
+    m = b.const(m if c["per_channel"] else m[:1])
+    return [b.call(P.linear.default, x, c["zp"], w, bias, m, c["ozp"], c["qmin"], c["qmax"],
+                   c["odt"])]
 
 
 @st.composite
@@ -123,16 +133,20 @@ def matmul_case(draw):
 def test_matmul(tvm_backend, cases):
     b, outs, inputs = GraphBuilder(), [], []
     for i, c in enumerate(cases):
-        xa, xb = b.input(f"a{i}"), b.input(f"b{i}")
-        inputs += [int_tensor(c["seed"], c["a"], c["adt"]),
-                   int_tensor(c["seed"] + 1, c["b"], c["bdt"])]
-        outs.append(b.call(P.matmul.default, xa, c["azp"], xb, c["bzp"], c["mult"], c["ozp"],
-                           c["qmin"], c["qmax"], c["odt"]))
+        outs += matmul_nodes(b, f"mm{i}", c, inputs)
     # Inputs without a batch dim of their own must not get a dynamic one.
     gm = b.build(tuple(outs))
     want = gm(*inputs)
     cm = tvm_backend.compile(gm, "host", example_inputs=inputs, dynamic_batch=False)
     assert_exact(cm(*inputs), want, "matmul")
+
+
+def matmul_nodes(b, name, c, inputs):
+    xa, xb = b.input(f"{name}_a"), b.input(f"{name}_b")
+    inputs += [int_tensor(c["seed"], c["a"], c["adt"]),
+               int_tensor(c["seed"] + 1, c["b"], c["bdt"])]
+    return [b.call(P.matmul.default, xa, c["azp"], xb, c["bzp"], c["mult"], c["ozp"],
+                   c["qmin"], c["qmax"], c["odt"])]
 
 
 def test_matmul_vector_operands(tvm_backend):
@@ -164,16 +178,20 @@ def binary_case(draw):
 def test_add_mul(tvm_backend, cases):
     b, outs, inputs = GraphBuilder(), [], []
     for i, c in enumerate(cases):
-        xa, xb = b.input(f"a{i}"), b.input(f"b{i}")
-        inputs += [int_tensor(c["seed"], c["sa"], c["adt"]),
-                   int_tensor(c["seed"] + 1, c["sb"], c["bdt"])]
-        outs.append(b.call(P.add.default, xa, c["azp"], c["am"], xb, c["bzp"], c["bm"],
-                           c["mult"] / 2**14, c["ozp"], c["qmin"], c["qmax"], c["odt"]))
-        outs.append(b.call(P.mul.default, xa, c["azp"], xb, c["bzp"], c["mult"] / 128,
-                           c["ozp"], c["qmin"], c["qmax"], c["odt"]))
+        outs += add_mul_nodes(b, f"bin{i}", c, inputs)
     gm = b.build(tuple(outs))
     cm = tvm_backend.compile(gm, "host", example_inputs=inputs, dynamic_batch=False)
     assert_exact(cm(*inputs), gm(*inputs), "add/mul")
+
+
+def add_mul_nodes(b, name, c, inputs):
+    xa, xb = b.input(f"{name}_a"), b.input(f"{name}_b")
+    inputs += [int_tensor(c["seed"], c["sa"], c["adt"]),
+               int_tensor(c["seed"] + 1, c["sb"], c["bdt"])]
+    return [b.call(P.add.default, xa, c["azp"], c["am"], xb, c["bzp"], c["bm"],
+                   c["mult"] / 2**14, c["ozp"], c["qmin"], c["qmax"], c["odt"]),
+            b.call(P.mul.default, xa, c["azp"], xb, c["bzp"], c["mult"] / 128, c["ozp"],
+                   c["qmin"], c["qmax"], c["odt"])]
 
 
 @st.composite
@@ -191,21 +209,25 @@ def elementwise_case(draw):
 def test_quantize_dequantize_requantize_clamp(tvm_backend, cases):
     b, outs, inputs = GraphBuilder(), [], []
     for i, c in enumerate(cases):
-        xf, xq = b.input(f"f{i}"), b.input(f"q{i}")
-        g = torch.Generator().manual_seed(c["seed"])
-        f = torch.randn(c["shape"], generator=g) * 40 * c["scale"]
-        # Exact halves of the scale: the ties that a reciprocal multiply would break.
-        f.view(-1)[::3] = (torch.randint(-90, 90, f.view(-1)[::3].shape, generator=g)
-                           + 0.5) * c["scale"]
-        inputs += [f, int_tensor(c["seed"], c["shape"], c["idt"])]
-        outs.append(b.call(P.quantize.default, xf, c["scale"], c["ozp"], c["qmin"], c["qmax"],
-                           c["odt"]))
-        outs.append(b.call(P.dequantize.default, xq, c["scale"], c["izp"]))
-        outs.append(b.call(P.requantize.default, xq, c["izp"], c["mult"], c["ozp"], c["qmin"],
-                           c["qmax"], c["odt"]))
-        outs.append(b.call(P.clamp.default, xq, max(c["lo"], 0) if c["idt"] == torch.uint8
-                           else c["lo"], 100))
+        outs += elementwise_nodes(b, f"ew{i}", c, inputs)
     _run(tvm_backend, b.build(tuple(outs)), inputs, dynamic_batch=False)
+
+
+def elementwise_nodes(b, name, c, inputs):
+    xf, xq = b.input(f"{name}_f"), b.input(f"{name}_q")
+    g = torch.Generator().manual_seed(c["seed"])
+    f = torch.randn(c["shape"], generator=g) * 40 * c["scale"]
+    # Exact halves of the scale: the ties that a reciprocal multiply would break.
+    f.view(-1)[::3] = (torch.randint(-90, 90, f.view(-1)[::3].shape, generator=g)
+                       + 0.5) * c["scale"]
+    inputs += [f, int_tensor(c["seed"], c["shape"], c["idt"])]
+    return [b.call(P.quantize.default, xf, c["scale"], c["ozp"], c["qmin"], c["qmax"],
+                   c["odt"]),
+            b.call(P.dequantize.default, xq, c["scale"], c["izp"]),
+            b.call(P.requantize.default, xq, c["izp"], c["mult"], c["ozp"], c["qmin"],
+                   c["qmax"], c["odt"]),
+            b.call(P.clamp.default, xq, max(c["lo"], 0) if c["idt"] == torch.uint8
+                   else c["lo"], 100)]
 
 
 def test_dequantize_per_channel(tvm_backend):
@@ -235,17 +257,21 @@ def cat_case(draw):
 def test_cat(tvm_backend, cases):
     b, outs, inputs = GraphBuilder(), [], []
     for i, c in enumerate(cases):
-        xs = []
-        for j, ((dt, _), size) in enumerate(zip(c["parts"], c["sizes"])):
-            shape = [2, 3, 4]
-            shape[c["dim"]] = size
-            xs.append(b.input(f"x{i}_{j}"))
-            inputs.append(int_tensor(c["seed"] + j, shape, dt))
-        outs.append(b.call(P.cat.default, xs, [z for _, z in c["parts"]], c["mults"], c["dim"],
-                           c["ozp"], c["qmin"], c["qmax"], c["odt"]))
+        outs += cat_nodes(b, f"cat{i}", c, inputs)
     gm = b.build(tuple(outs))
     cm = tvm_backend.compile(gm, "host", example_inputs=inputs, dynamic_batch=False)
     assert_exact(cm(*inputs), gm(*inputs), "cat")
+
+
+def cat_nodes(b, name, c, inputs):
+    xs = []
+    for j, ((dt, _), size) in enumerate(zip(c["parts"], c["sizes"])):
+        shape = [2, 3, 4]
+        shape[c["dim"]] = size
+        xs.append(b.input(f"{name}_{j}"))
+        inputs.append(int_tensor(c["seed"] + j, shape, dt))
+    return [b.call(P.cat.default, xs, [z for _, z in c["parts"]], c["mults"], c["dim"],
+                   c["ozp"], c["qmin"], c["qmax"], c["odt"])]
 
 
 @st.composite
@@ -267,16 +293,19 @@ def pool_case(draw):
 def test_pools_and_mean(tvm_backend, cases):
     b, outs, inputs = GraphBuilder(), [], []
     for i, c in enumerate(cases):
-        x = b.input(f"x{i}")
-        inputs.append(int_tensor(c["seed"], (2, 3, *c["hw"]), c["idt"]))
-        outs.append(b.call(P.max_pool2d.default, x, c["k"], c["stride"], c["pad"], c["dil"],
-                           c["ceil"]))
-        outs.append(b.call(P.avg_pool2d.default, x, c["izp"], c["k"], c["stride"], c["pad"],
-                           c["mult"] / (c["k"][0] * c["k"][1]), c["ozp"], c["qmin"], c["qmax"],
-                           c["odt"]))
-        outs.append(b.call(P.mean.default, x, c["izp"], c["dims"], c["keep"], c["mult"] / 16,
-                           c["ozp"], c["qmin"], c["qmax"], c["odt"]))
+        outs += pool_nodes(b, f"pool{i}", c, inputs)
     _run(tvm_backend, b.build(tuple(outs)), inputs)
+
+
+def pool_nodes(b, name, c, inputs):
+    x = b.input(name)
+    inputs.append(int_tensor(c["seed"], (2, 3, *c["hw"]), c["idt"]))
+    return [b.call(P.max_pool2d.default, x, c["k"], c["stride"], c["pad"], c["dil"], c["ceil"]),
+            b.call(P.avg_pool2d.default, x, c["izp"], c["k"], c["stride"], c["pad"],
+                   c["mult"] / (c["k"][0] * c["k"][1]), c["ozp"], c["qmin"], c["qmax"],
+                   c["odt"]),
+            b.call(P.mean.default, x, c["izp"], c["dims"], c["keep"], c["mult"] / 16, c["ozp"],
+                   c["qmin"], c["qmax"], c["odt"])]
 
 
 def test_any_batch_size_one_module(tvm_backend):

@@ -68,13 +68,14 @@ def _convs(which):
                                                                      torch.int8)]
 
 
-def _scheduled_kernels(gm, inputs, database):
+def _scheduled_kernels(gm, inputs, database, target=TARGET):
+    """The graph's ptq kernels as ``compile(database=...)`` schedules them for ``target``."""
     from backends.tvm.build import build_ir
     from backends.tvm.pipeline import ApplyPtqSchedules
     from backends.tvm.records import open_database
     from backends.tvm.registry import strategy_for
 
-    mod, named, _ = build_ir(gm, TARGET, example_inputs=inputs, dynamic_batch=False)
+    mod, named, _ = build_ir(gm, target, example_inputs=inputs, dynamic_batch=False)
     tgt = named.target()
     with tgt:
         out = ApplyPtqSchedules(strategy_for(named), tgt,

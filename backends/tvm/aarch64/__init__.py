@@ -31,7 +31,7 @@ def _seed(sch, kind):
 
 DOTPROD = Strategy(
     "aarch64-dotprod", "aarch64",
-    (Variant("", LAYOUT, schedule=_schedule, intrin=sdot.register,
+    (Variant("", LAYOUT, schedule=_schedule, intrin=sdot.register, seed=_seed,
              summary="sdot 4x4, tensorized"),),
     schedules=cpu.SCHEDULES, cross_compiler=CROSS_COMPILER,
     summary="aarch64 dot product: s8 x s8 sdot, tensorized")
