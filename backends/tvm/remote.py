@@ -20,7 +20,6 @@ import torch
 import tvm
 from tvm import relax
 
-from backends.tvm import amx
 from backends.tvm.runtime import CompiledModule, export_options
 
 
@@ -89,12 +88,6 @@ class RemoteModule:
     def __init__(self, compiled: CompiledModule, device: "str | RpcDevice"):
         if compiled.meta["family"] == "cuda":
             raise NotImplementedError("remote CUDA modules: not supported yet (CPU targets)")
-        if amx.needs_permission(compiled.meta):
-            # (Linux grants the tile state per process: TVM's RPC server never asks, and the
-            # first tile instruction would kill its session)
-            raise NotImplementedError(
-                f"this module runs AMX kernels, and an RPC server process does not hold the "
-                f"AMX tile permission; compile for 'x86-avx512-vnni' to run it remotely")
         self.compiled = compiled
         self.device = RpcDevice.parse(device)
         self.session = self.device.connect()

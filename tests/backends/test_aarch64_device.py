@@ -215,3 +215,17 @@ def test_ptq_bench_and_tune_with_rpc(aarch64_device, tmp_path, capsys):
     assert cli.main(["tune", *model, "--recipe", str(tmp_path / "recipe"), "--rpc",
                      "nohost"]) == 2
     assert "--rpc: RPC device 'nohost'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not __import__("backends.tvm.amx", fromlist=["x"]).kernels.cpu_has_amx(),
+                    reason="the CPU has no AMX")
+def test_amx_module_runs_on_a_native_rpc_server(tvm_backend, x86_server):
+    """An AMX build (``host`` here) uploaded to the native RPC server: its kernels ask for the
+    tile state in the server's process themselves."""
+    from tests.backends.test_amx import CONVS, DENSES, _graph, _variants
+
+    gm, inputs = _graph(CONVS[1:2], DENSES[2:3])
+    cm = tvm_backend.compile(gm, "host", example_inputs=inputs, dynamic_batch=False)
+    assert "amx" in _variants(cm).values()
+    with RemoteModule(cm, x86_server) as remote:
+        assert_exact(remote(*inputs), gm(*inputs), "AMX over RPC")

@@ -88,6 +88,8 @@ def test_amx_code_is_generated_for_the_amx_target(tvm_backend):
     asm = cm.source("asm")
     for instruction in ("tdpbusd", "tileloadd", "ldtilecfg", "tilestored", "tilerelease"):
         assert re.search(rf"\b{instruction}\b", asm), instruction
+    # every tile kernel asks Linux for the tile state itself (arch_prctl through syscall)
+    assert len(re.findall(r"call\w*\s+\*?syscall\b", asm)) >= 3, "no arch_prctl in the kernels"
 
 
 @pytest.mark.skipif(not HAS_AMX, reason="the CPU has no AMX (amx_int8 / amx_tile flags)")
@@ -126,6 +128,36 @@ def test_amx_module_saves_and_loads(tvm_backend, tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m"),
                           str(tmp_path / "io.pt")], capture_output=True, text=True, cwd=root)
     assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("True")
+
+
+@pytest.mark.skipif(not HAS_AMX, reason="the CPU has no AMX (amx_int8 / amx_tile flags)")
+def test_amx_module_runs_in_a_process_that_never_asked_for_tiles(tvm_backend, tmp_path):
+    """The saved library run by plain TVM (``load_module`` + Relax VM, no ptqpasses, no
+    permission asked), as a TVM RPC server or a C++ host would: the kernels ask for the tile
+    state themselves (it was a SIGILL before)."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    gm, inputs = _graph(CONVS[1:2], DENSES[2:3])
+    cm = tvm_backend.compile(gm, "host", example_inputs=inputs, dynamic_batch=False)
+    assert "amx" in _variants(cm).values()
+    cm.save(tmp_path / "m")
+    for i, (x, y) in enumerate(zip(inputs, gm(*inputs))):
+        np.save(tmp_path / f"x{i}.npy", x.numpy())
+        np.save(tmp_path / f"y{i}.npy", y.numpy())
+    code = (
+        "import sys, numpy as np, tvm; from tvm import relax; d = sys.argv[1]; "
+        "vm = relax.VirtualMachine(tvm.runtime.load_module(d + '/m.so'), tvm.cpu()); "
+        f"xs = [tvm.runtime.tensor(np.load(f'{{d}}/x{{i}}.npy')) for i in range({len(inputs)})]; "
+        "out = vm['main'](*xs); "
+        "print(all(np.array_equal(o.numpy(), np.load(f'{d}/y{i}.npy')) "
+        "for i, o in enumerate(out)))")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                         text=True)
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
     assert out.stdout.strip().endswith("True")
 
 
