@@ -11,7 +11,9 @@ the slice set aside:
 
 Where either is below its floor (defaults 20 dB / 0.99), the compute nodes are ranked by the
 damage each does alone (the score with only that node quantized, as
-:func:`ptqpasses.node_sensitivity`), and the shortest prefix of that ranking is raised, first
+:func:`ptqpasses.node_sensitivity`) per MAC it costs to raise (:func:`damage_per_cost`: the
+most harmful first, unless others about as harmful are much cheaper), and the shortest prefix
+of that ranking is raised, first
 to int16 activations (the node stays an integer op), and, if even every ranked node at int16
 misses the floor, to float (``keep_float``). Candidates are scored on the QDQ graph with one
 shared calibration; the plan chosen is then built for real and measured again, and that
@@ -176,6 +178,7 @@ class Raised:
     to: str               # "int16" or "float"
     alone_margin: float   # guard margin (dB) with only this node quantized
     where: str = ""       # module path and source line (meta.location)
+    cost: int = 0         # MACs (or elements) it adds at the raised precision (node_cost)
 
 
 @dataclass
@@ -195,6 +198,7 @@ class GuardReport:
     elapsed_s: float = 0.0
     out_of_budget: bool = False
     compute_nodes: int = 0
+    compute_cost: int = 0         # MACs of all compute nodes (node_cost), for the raised share
 
     @property
     def changed(self) -> bool:
@@ -216,7 +220,9 @@ class GuardReport:
         else:
             counts = {to: sum(r.to == to for r in self.raised) for to in ("int16", "float")}
             what = ", ".join(f"{n} to {to}" for to, n in counts.items() if n)
-            lines = [f"{head}; raised {what} of {self.compute_nodes} compute nodes -> "
+            share = (f" ({100 * sum(r.cost for r in self.raised) / self.compute_cost:.0f}% "
+                     "of their MACs)") if self.compute_cost else ""
+            lines = [f"{head}; raised {what} of {self.compute_nodes} compute nodes{share} -> "
                      f"{self.after}; floor {'met' if self.met else 'NOT met'} "
                      f"({self.evaluations} candidate plans, {self.elapsed_s:.1f} s).", "",
                      "| node | op | raised to | margin when alone quantized (dB) | where |",
@@ -272,7 +278,7 @@ def run_guard(guard: Guard, float_gm: fx.GraphModule, config: QuantConfig, batch
     rep = GuardReport(guard, config, len(calib), len(held), set_aside, before, before)
     target, start_search, kept = guard.sim_margin_db, time.perf_counter(), []
     while guard.margin(rep.after) < 0:
-        plan, raised, evaluations, rep.out_of_budget, rep.compute_nodes = _search(
+        plan, raised, evaluations, rep.out_of_budget, rep.compute_nodes, rep.compute_cost = _search(
             guard, float_gm, config, calib, held, start_search, base, reference, target,
             guard.max_plans - rep.evaluations)
         rep.evaluations += evaluations
@@ -304,9 +310,10 @@ def run_guard(guard: Guard, float_gm: fx.GraphModule, config: QuantConfig, batch
 
 def _search(guard: Guard, float_gm: fx.GraphModule, config: QuantConfig, calib: list,
             held: list, start: float, observed: fx.GraphModule, reference: list,
-            target: float, max_plans: int) -> tuple[QuantConfig, list[Raised], int, bool, int]:
-    """The shortest prefix of the damage ranking whose raise meets the floor by ``target``
-    dB in the QDQ simulation, scoring at most ``max_plans`` plans."""
+            target: float, max_plans: int
+            ) -> tuple[QuantConfig, list[Raised], int, bool, int, int]:
+    """The shortest prefix of the ranking (:func:`damage_per_cost`) whose raise meets the
+    floor by ``target`` dB in the QDQ simulation, scoring at most ``max_plans`` plans."""
     ev = _Evaluator(float_gm, calib, held, config,
                     lambda ref, out: guard.margin(score_outputs(ref, out)),
                     observed=observed, reference=reference)
@@ -327,7 +334,9 @@ def _search(guard: Guard, float_gm: fx.GraphModule, config: QuantConfig, calib: 
         ranking.append(NodeSensitivity(name, _op_of(ev.float_gm, name),
                                        guard.margin(score_outputs(few_reference, out)),
                                        ev.output_of[name]))
-    ranking.sort(key=lambda r: r.score)
+    nodes = {n.name: n for n in ev.float_gm.graph.nodes}
+    cost = {r.node: node_cost(nodes[r.node]) for r in ranking}
+    ranking.sort(key=lambda r: (-damage_per_cost(r.score, cost[r.node]), r.score))
     order = [r.node for r in ranking]
     met: Optional[tuple[str, int]] = None
     tried: list[tuple[float, str, int]] = []  # (margin, step, k) of every candidate scored
@@ -366,11 +375,53 @@ def _search(guard: Guard, float_gm: fx.GraphModule, config: QuantConfig, calib: 
         step, k = guard.steps[0], 0
     ev.raise_to = step
     plan = ev.with_float(order[:k])
-    nodes = {n.name: n for n in ev.float_gm.graph.nodes}
-    raised = [Raised(r.node, r.op, step, r.score, meta.location(nodes[r.node]))
+    raised = [Raised(r.node, r.op, step, r.score, meta.location(nodes[r.node]), cost[r.node])
               for r in ranking[:k]]
     limited = len(ranking) < len(ev.compute) or (met is None and out_of_time())
-    return plan, raised, ev.evaluations, limited, len(ev.compute)
+    total = sum(node_cost(nodes[name]) for name in ev.compute)
+    return plan, raised, ev.evaluations, limited, len(ev.compute), total
+
+
+def node_cost(node: fx.Node) -> int:
+    """What raising ``node`` costs at run time, in multiply-accumulates: conv / linear /
+    matmul their MACs (output elements x reduction length, from the shapes capture
+    recorded), any other node its output elements (one table lookup or add each); 1 where
+    the shapes are unknown."""
+    def numel(v) -> int:
+        shape = getattr(v, "shape", None)
+        return math.prod(int(d) for d in shape) if shape is not None else 0
+
+    def known(v) -> bool:
+        return getattr(v, "shape", None) is not None and all(
+            isinstance(d, int) or hasattr(d, "node") and d.node.hint is not None
+            for d in v.shape)
+
+    out = node.meta.get("val")
+    if isinstance(out, (tuple, list)):
+        out = out[0] if out else None
+    try:
+        n_out = numel(out) if known(out) else 0
+        op = getattr(node.target, "__name__", "")
+        ins = [a.meta.get("val") for a in node.args if isinstance(a, fx.Node)]
+        if op.startswith(("conv", "linear")) and len(ins) >= 2 and known(ins[1]):
+            w = ins[1].shape  # (reduction: in channels per group x kernel, or in features)
+            return max(1, n_out * math.prod(int(d) for d in w[1:]))
+        if op.startswith(("matmul", "bmm")) and ins and known(ins[0]):
+            return max(1, n_out * int(ins[0].shape[-1]))
+        return max(1, n_out)
+    except (TypeError, ValueError):  # (symbolic sizes without hints)
+        return 1
+
+
+def damage_per_cost(margin_db: float, cost: int) -> float:
+    """The ranking key of a node (larger: raised first): the output noise power it adds when
+    it alone is quantized, relative to the floor's (``10^(-margin/10)``: quantization noise
+    of the nodes adds up in power), per MAC it costs to raise. So the node that does the most
+    harm comes first unless others of comparable harm are much cheaper to raise: the shortest
+    prefix meeting the floor then raises few MACs, not just few nodes."""
+    if math.isinf(margin_db):
+        return 0.0 if margin_db > 0 else math.inf
+    return 10.0 ** (-margin_db / 10.0) / max(cost, 1)
 
 
 def _first_samples(batches: list, n: int) -> list:

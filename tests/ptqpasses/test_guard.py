@@ -54,6 +54,8 @@ def test_guard_meets_the_floor_on_a_model_built_to_break_int8(factor, to, capsys
     assert rep.set_aside and rep.batches == 2 and rep.calibrated == 8
     printed = capsys.readouterr().err
     assert "Accuracy guard" in printed and f"| {to} |" in printed and "floor met" in printed
+    share = sum(r.cost for r in rep.raised) / rep.compute_cost
+    assert 0 < share < 1 and f"({100 * share:.0f}% of their MACs)" in printed
     cov = {c.node: c for c in ptqpasses.coverage(q)}
     if to == "float":  # coverage names the guard as the reason
         assert all("accuracy guard" in cov[r.node].reason and not cov[r.node].integer
@@ -164,3 +166,36 @@ def test_the_ranking_runs_on_the_first_samples_cut_along_the_shared_batch_dimens
     assert torch.equal(few[1][0], b[0][:2])
     odd = (torch.randn(4, 3), torch.randn(2))  # tensors disagree on dim 0: kept whole
     assert _first_samples([odd], 1) == [odd]
+
+
+def test_node_cost_counts_the_macs_of_compute_nodes_and_the_elements_of_others():
+    from ptqpasses.guard import node_cost
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.lin = torch.nn.Conv2d(3, 8, 3, groups=1), torch.nn.Linear(6, 5)
+
+        def forward(self, x):  # x: [2, 3, 8, 8]
+            y = self.lin(torch.nn.functional.gelu(self.conv(x)))  # [2, 8, 6, 5]
+            return y @ y.transpose(-1, -2)                          # [2, 8, 6, 6]
+
+    gm = ptqpasses.capture(Net().eval(), (torch.randn(2, 3, 8, 8),), dynamic_batch=False)
+    cost = {n.name: node_cost(n) for n in gm.graph.nodes if n.op == "call_function"}
+    conv = next(k for k in cost if k.startswith("conv"))
+    assert cost[conv] == (2 * 8 * 6 * 6) * (3 * 3 * 3)
+    assert cost[next(k for k in cost if k.startswith("linear"))] == (2 * 8 * 6 * 5) * 6
+    assert cost[next(k for k in cost if k.startswith("matmul"))] == (2 * 8 * 6 * 6) * 5
+    assert cost[next(k for k in cost if k.startswith("gelu"))] == 2 * 8 * 6 * 6
+
+
+def test_ranking_is_by_damage_per_cost():
+    """The most harmful node first, unless one about as harmful is much cheaper to raise;
+    a node that adds no noise last."""
+    from ptqpasses.guard import damage_per_cost
+
+    harmful, mild = damage_per_cost(-8.0, 10**6), damage_per_cost(12.0, 10**6)
+    assert harmful > mild
+    assert damage_per_cost(-7.0, 10**4) > harmful  # about as harmful, 100x cheaper
+    assert damage_per_cost(15.0, 10**4) < harmful  # cheaper, far less harmful
+    assert damage_per_cost(float("inf"), 1) == 0.0
