@@ -13,7 +13,7 @@ Where either is below its floor (defaults 20 dB / 0.99), the compute nodes are r
 damage each does alone (the score with only that node quantized, as
 :func:`ptqpasses.node_sensitivity`) per MAC it costs to raise (:func:`damage_per_cost`: the
 most harmful first, unless others about as harmful are much cheaper), and the shortest prefix
-of that ranking is raised, first
+of that ranking (less the nodes the floor turns out not to need) is raised, first
 to int16 activations (the node stays an integer op), and, if even every ranked node at int16
 misses the floor, to float (``keep_float``). Candidates are scored on the QDQ graph with one
 shared calibration; the plan chosen is then built for real and measured again, and that
@@ -313,7 +313,9 @@ def _search(guard: Guard, float_gm: fx.GraphModule, config: QuantConfig, calib: 
             target: float, max_plans: int
             ) -> tuple[QuantConfig, list[Raised], int, bool, int, int]:
     """The shortest prefix of the ranking (:func:`damage_per_cost`) whose raise meets the
-    floor by ``target`` dB in the QDQ simulation, scoring at most ``max_plans`` plans."""
+    floor by ``target`` dB in the QDQ simulation, less the nodes it meets the floor without
+    (tried the most costly first, while plans are left), scoring at most ``max_plans``
+    plans."""
     ev = _Evaluator(float_gm, calib, held, config,
                     lambda ref, out: guard.margin(score_outputs(ref, out)),
                     observed=observed, reference=reference)
@@ -374,9 +376,18 @@ def _search(guard: Guard, float_gm: fx.GraphModule, config: QuantConfig, calib: 
     else:
         step, k = guard.steps[0], 0
     ev.raise_to = step
-    plan = ev.with_float(order[:k])
+    chosen = order[:k]
+    if met is not None:  # drop what the floor does not need, the most costly node first
+        margin_of = {r.node: r.score for r in ranking}
+        for name in sorted(chosen, key=lambda n: (-cost[n], -margin_of[n])):
+            if len(chosen) < 2 or out_of_time():
+                break
+            trial = [n for n in chosen if n != name]
+            if ev.score(trial) >= target:
+                chosen = trial
+    plan = ev.with_float(chosen)
     raised = [Raised(r.node, r.op, step, r.score, meta.location(nodes[r.node]), cost[r.node])
-              for r in ranking[:k]]
+              for r in ranking if r.node in chosen]
     limited = len(ranking) < len(ev.compute) or (met is None and out_of_time())
     total = sum(node_cost(nodes[name]) for name in ev.compute)
     return plan, raised, ev.evaluations, limited, len(ev.compute), total

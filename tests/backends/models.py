@@ -101,3 +101,14 @@ def export_dynamic(module: torch.nn.Module, example: torch.Tensor) -> torch.fx.G
     batch = torch.export.Dim("batch", min=1, max=1024)
     ep = torch.export.export(module, (example,), dynamic_shapes=({0: batch},))
     return ep.module()
+
+
+class Tables(torch.nn.Module):
+    """sigmoid and GELU between two 1x1 convs: lowered to table lookups (``ptq.lut``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 4, 1), torch.nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return self.b(torch.nn.functional.gelu(torch.sigmoid(self.a(x))))

@@ -14,14 +14,13 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import HealthCheck, Phase, given, settings
-from torch import nn
 
 import ptqpasses
 from backends.tvm.remote import RemoteModule
 from tests.backends import test_int16, test_ops_exact as ops
 from tests.backends.conftest import P, GraphBuilder, assert_exact
+from tests.backends.models import Tables
 from tests.backends.strategies import int_tensor
 from tools.digits import DigitsCNN
 from tools.models import bert_encoder, randomize_bn_stats, resnet18
@@ -87,17 +86,6 @@ def test_int16_ops_are_exact_on_the_device(tvm_backend, aarch64_device, target, 
     assert_exact(got, want, f"int16 ops on {target}")
 
 
-class _Tables(nn.Module):
-    """sigmoid and GELU between two convs: lowered to table lookups."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1)
-
-    def forward(self, x):
-        return self.b(F.gelu(torch.sigmoid(self.a(x))))
-
-
 def _quantized(model, shape, **kw):
     data = [(torch.randn(*shape),) for _ in range(2)]
     return ptqpasses.quantize(model.eval(), data[0], data, progress=False, **kw)
@@ -117,7 +105,7 @@ def test_whole_graphs_are_exact_on_the_device(tvm_backend, aarch64_device, targe
     for name, q, shape in [
             ("resnet18", _quantized(randomize_bn_stats(resnet18(num_classes=10), seed=2),
                                     (2, 3, 32, 32)), (2, 3, 32, 32)),
-            ("tables", _quantized(_Tables(), (2, 3, 6, 6)), (2, 3, 6, 6))]:
+            ("tables", _quantized(Tables(), (2, 3, 6, 6)), (2, 3, 6, 6))]:
         x = torch.randn(*shape) * 2
         got, want = _on_device(tvm_backend, aarch64_device, q, [x], target)
         assert_exact(got, want, name)

@@ -4,11 +4,11 @@ the digits CNN, elementwise table lookups)."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import ptqpasses
 from backends import tvm as ptq_tvm
+from tests.backends.models import Tables
 from tools.digits import DigitsCNN
 from tools.models import bert_encoder, randomize_bn_stats, resnet18
 
@@ -47,15 +47,7 @@ def test_bert_encoder_dynamic_sequence():
 
 
 def test_table_lookup_ops_are_bit_exact():
-    class Acts(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1)
-
-        def forward(self, x):
-            return self.b(F.gelu(torch.sigmoid(self.a(x))))
-
-    q = _quantize(Acts(), (2, 3, 6, 6))
+    q = _quantize(Tables(), (2, 3, 6, 6))
     assert any(n.target is ptq.lut.default for n in q.graph.nodes)
     cm = ptq_tvm.compile(q, target="host")
     x = torch.randn(2, 3, 6, 6) * 3

@@ -11,7 +11,6 @@ import os
 import numpy as np
 import pytest
 import torch
-import tvm
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
