@@ -178,7 +178,7 @@ class Raised:
     to: str               # "int16" or "float"
     alone_margin: float   # guard margin (dB) with only this node quantized
     where: str = ""       # module path and source line (meta.location)
-    cost: int = 0         # MACs (or elements) it adds at the raised precision (node_cost)
+    cost: int = 0         # MACs that read int16 once it is raised (raise_cost)
 
 
 @dataclass
@@ -198,7 +198,7 @@ class GuardReport:
     elapsed_s: float = 0.0
     out_of_budget: bool = False
     compute_nodes: int = 0
-    compute_cost: int = 0         # MACs of all compute nodes (node_cost), for the raised share
+    raised_share: float = 0.0     # share of the compute MACs that read a raised activation
 
     @property
     def changed(self) -> bool:
@@ -220,8 +220,8 @@ class GuardReport:
         else:
             counts = {to: sum(r.to == to for r in self.raised) for to in ("int16", "float")}
             what = ", ".join(f"{n} to {to}" for to, n in counts.items() if n)
-            share = (f" ({100 * sum(r.cost for r in self.raised) / self.compute_cost:.0f}% "
-                     "of their MACs)") if self.compute_cost else ""
+            share = (f" ({100 * self.raised_share:.0f}% of their MACs reading a raised "
+                     "activation)") if self.raised_share else ""
             lines = [f"{head}; raised {what} of {self.compute_nodes} compute nodes{share} -> "
                      f"{self.after}; floor {'met' if self.met else 'NOT met'} "
                      f"({self.evaluations} candidate plans, {self.elapsed_s:.1f} s).", "",
@@ -278,7 +278,7 @@ def run_guard(guard: Guard, float_gm: fx.GraphModule, config: QuantConfig, batch
     rep = GuardReport(guard, config, len(calib), len(held), set_aside, before, before)
     target, start_search, kept = guard.sim_margin_db, time.perf_counter(), []
     while guard.margin(rep.after) < 0:
-        plan, raised, evaluations, rep.out_of_budget, rep.compute_nodes, rep.compute_cost = _search(
+        plan, raised, evaluations, rep.out_of_budget, rep.compute_nodes, share = _search(
             guard, float_gm, config, calib, held, start_search, base, reference, target,
             guard.max_plans - rep.evaluations)
         rep.evaluations += evaluations
@@ -288,8 +288,8 @@ def run_guard(guard: Guard, float_gm: fx.GraphModule, config: QuantConfig, batch
         cand_observed, candidate = build(plan)
         after = measure(candidate)
         if guard.margin(after) > guard.margin(rep.after):
-            observed, q, rep.after, rep.config, rep.raised = (cand_observed, candidate, after,
-                                                              plan, raised)
+            observed, q, rep.after, rep.config, rep.raised, rep.raised_share = (
+                cand_observed, candidate, after, plan, raised, share)
         if rep.out_of_budget or guard.margin(after) >= 0:
             break
         # the QDQ simulation promised more than the integer graph gave: ask it for more
@@ -311,7 +311,7 @@ def run_guard(guard: Guard, float_gm: fx.GraphModule, config: QuantConfig, batch
 def _search(guard: Guard, float_gm: fx.GraphModule, config: QuantConfig, calib: list,
             held: list, start: float, observed: fx.GraphModule, reference: list,
             target: float, max_plans: int
-            ) -> tuple[QuantConfig, list[Raised], int, bool, int, int]:
+            ) -> tuple[QuantConfig, list[Raised], int, bool, int, float]:
     """The shortest prefix of the ranking (:func:`damage_per_cost`) whose raise meets the
     floor by ``target`` dB in the QDQ simulation, less the nodes it meets the floor without
     (tried the most costly first, while plans are left), scoring at most ``max_plans``
@@ -337,7 +337,10 @@ def _search(guard: Guard, float_gm: fx.GraphModule, config: QuantConfig, calib: 
                                        guard.margin(score_outputs(few_reference, out)),
                                        ev.output_of[name]))
     nodes = {n.name: n for n in ev.float_gm.graph.nodes}
-    cost = {r.node: node_cost(nodes[r.node]) for r in ranking}
+    readers = {r.node: _int16_readers(nodes[r.node], [nodes[p] for p in
+                                                      ev.inputs_of.get(r.node, ()) if p in nodes])
+               for r in ranking}
+    cost = {name: sum(node_cost(n) for n in rs.values()) for name, rs in readers.items()}
     ranking.sort(key=lambda r: (-damage_per_cost(r.score, cost[r.node]), r.score))
     order = [r.node for r in ranking]
     met: Optional[tuple[str, int]] = None
@@ -390,7 +393,9 @@ def _search(guard: Guard, float_gm: fx.GraphModule, config: QuantConfig, calib: 
               for r in ranking if r.node in chosen]
     limited = len(ranking) < len(ev.compute) or (met is None and out_of_time())
     total = sum(node_cost(nodes[name]) for name in ev.compute)
-    return plan, raised, ev.evaluations, limited, len(ev.compute), total
+    touched = {k: n for name in chosen for k, n in readers[name].items()}
+    share = sum(node_cost(n) for n in touched.values()) / total if total else 0.0
+    return plan, raised, ev.evaluations, limited, len(ev.compute), share
 
 
 def node_cost(node: fx.Node) -> int:
@@ -422,6 +427,33 @@ def node_cost(node: fx.Node) -> int:
         return max(1, n_out)
     except (TypeError, ValueError):  # (symbolic sizes without hints)
         return 1
+
+
+def raise_cost(node: fx.Node, producers: list[fx.Node]) -> int:
+    """What raising ``node`` to int16 costs: the MACs of the kernels that then read an int16
+    activation. Its scheme makes its output int16 and, through the producers of its inputs
+    (raised with it), its inputs: so ``node`` itself and every compute node reading the output
+    of ``node`` or of one of those producers (through shape-only ops), each by
+    :func:`node_cost`. (Raising the GELU in front of a transformer's FFN output projection
+    costs that projection's MACs, not a table lookup's.)"""
+    return sum(node_cost(n) for n in _int16_readers(node, producers).values())
+
+
+def _int16_readers(node: fx.Node, producers: list[fx.Node]) -> dict[str, fx.Node]:
+    """``node`` and the compute nodes reading its output or its producers' (raise_cost)."""
+    from ptqpasses.opsets import VIEWS
+
+    readers: dict[str, fx.Node] = {node.name: node}
+    stack = [node, *producers]
+    while stack:
+        for user in stack.pop().users:
+            if user.op != "call_function":
+                continue
+            if user.target in VIEWS:
+                stack.append(user)
+            else:
+                readers.setdefault(user.name, user)
+    return readers
 
 
 def damage_per_cost(margin_db: float, cost: int) -> float:

@@ -54,8 +54,8 @@ def test_guard_meets_the_floor_on_a_model_built_to_break_int8(factor, to, capsys
     assert rep.set_aside and rep.batches == 2 and rep.calibrated == 8
     printed = capsys.readouterr().err
     assert "Accuracy guard" in printed and f"| {to} |" in printed and "floor met" in printed
-    share = sum(r.cost for r in rep.raised) / rep.compute_cost
-    assert 0 < share < 1 and f"({100 * share:.0f}% of their MACs)" in printed
+    assert 0 < rep.raised_share <= 1
+    assert f"({100 * rep.raised_share:.0f}% of their MACs reading a raised activation)" in printed
     cov = {c.node: c for c in ptqpasses.coverage(q)}
     if to == "float":  # coverage names the guard as the reason
         assert all("accuracy guard" in cov[r.node].reason and not cov[r.node].integer
@@ -187,6 +187,12 @@ def test_node_cost_counts_the_macs_of_compute_nodes_and_the_elements_of_others()
     assert cost[next(k for k in cost if k.startswith("linear"))] == (2 * 8 * 6 * 5) * 6
     assert cost[next(k for k in cost if k.startswith("matmul"))] == (2 * 8 * 6 * 6) * 5
     assert cost[next(k for k in cost if k.startswith("gelu"))] == 2 * 8 * 6 * 6
+
+    # raising the GELU to int16 makes the linear read int16 too: its MACs count
+    from ptqpasses.guard import raise_cost
+    nodes = {n.name: n for n in gm.graph.nodes}
+    gelu, lin = (nodes[next(k for k in cost if k.startswith(p))] for p in ("gelu", "linear"))
+    assert raise_cost(gelu, [nodes[conv]]) == cost[gelu.name] + cost[lin.name]
 
 
 def test_ranking_is_by_damage_per_cost():
