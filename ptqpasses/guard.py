@@ -44,6 +44,7 @@ from ptqpasses import meta
 from ptqpasses.calibrate import _as_args, calibrate, observers
 from ptqpasses.config import QuantConfig
 from ptqpasses.observer_base import weight_qparams
+from ptqpasses.opsets import VIEWS
 from ptqpasses.report import _flat, sqnr_db
 from ptqpasses.sensitivity import NodeSensitivity, _Evaluator, _op_of
 
@@ -433,16 +434,16 @@ def raise_cost(node: fx.Node, producers: list[fx.Node]) -> int:
     """What raising ``node`` to int16 costs: the MACs of the kernels that then read an int16
     activation. Its scheme makes its output int16 and, through the producers of its inputs
     (raised with it), its inputs: so ``node`` itself and every compute node reading the output
-    of ``node`` or of one of those producers (through shape-only ops), each by
+    of ``node`` or of one of those producers (through shape-only ops; other readers count
+    their output elements), each by
     :func:`node_cost`. (Raising the GELU in front of a transformer's FFN output projection
     costs that projection's MACs, not a table lookup's.)"""
     return sum(node_cost(n) for n in _int16_readers(node, producers).values())
 
 
 def _int16_readers(node: fx.Node, producers: list[fx.Node]) -> dict[str, fx.Node]:
-    """``node`` and the compute nodes reading its output or its producers' (raise_cost)."""
-    from ptqpasses.opsets import VIEWS
-
+    """``node`` and the nodes reading its output or its producers' (shape-only ops looked
+    through): what reads a raised activation (raise_cost)."""
     readers: dict[str, fx.Node] = {node.name: node}
     stack = [node, *producers]
     while stack:

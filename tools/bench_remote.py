@@ -70,13 +70,11 @@ def run_remote(args, model_names: list[str], out: Path, log) -> int:
              "| model | strategy | bit-exact | median ms | min ms | status |",
              "|---|---|---|---:|---:|---|"]
     for r in rows:
-        ok = r["status"] == "ok"
-        lines.append(f"| {r['model']} | {r.get('strategy', '')} | "
-                     f"{('yes' if r['exact'] else 'NO') if ok else ''} | "
-                     f"{r['median_ms']:.3f} | {r['min_ms']:.3f} | " if ok else
-                     f"| {r['model']} | | | | | {r['status']}: {r.get('reason', '')} |")
-        if ok:
-            lines[-1] += "ok |"
+        if r["status"] == "ok":
+            lines.append(f"| {r['model']} | {r['strategy']} | {'yes' if r['exact'] else 'NO'} "
+                         f"| {r['median_ms']:.3f} | {r['min_ms']:.3f} | ok |")
+        else:
+            lines.append(f"| {r['model']} | | | | | {r['status']}: {r.get('reason', '')} |")
     md = "\n".join(lines) + "\n"
     (out / "bench-remote.md").write_text(md)
     print(md)

@@ -115,7 +115,6 @@ def aarch64_device(rpc_tracker):
             pytest.fail(msg + " (PTQ_REQUIRE_AARCH64=1)")
         pytest.skip(msg)
     with aarch64_device.start_server(port=rpc_cluster.free_port(), tracker=rpc_tracker,
-                                     key=AARCH64_KEY) as server:
+                                     key=AARCH64_KEY):
         rpc_cluster.wait_for_servers(rpc_tracker, AARCH64_KEY, 1)
         yield f"{rpc_tracker}:{AARCH64_KEY}"
-        del server
