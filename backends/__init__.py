@@ -11,7 +11,7 @@ import importlib
 from types import ModuleType
 
 #: Backend name -> module path. Adding a backend = one entry here and one folder.
-BACKENDS = {"tvm": "backends.tvm"}
+BACKENDS = {"tvm": "ptqpasses_backends.tvm"}
 
 
 def get_backend(name: str = "tvm") -> ModuleType:

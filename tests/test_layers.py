@@ -13,18 +13,21 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("ptqpasses", "backends", "tools")
+#: Repository folder -> the import name it installs as (pyproject's package-dir).
+FOLDERS = {"ptqpasses": "ptqpasses", "backends": "ptqpasses_backends", "tools": "ptqpasses_tools"}
+PACKAGES = tuple(FOLDERS.values())
 
 
 def _module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    parts[0] = FOLDERS[parts[0]]
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
 
 
 def _modules() -> dict[str, Path]:
-    return {_module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+    return {_module_name(p): p for folder in FOLDERS for p in (ROOT / folder).rglob("*.py")}
 
 
 def _imports(path: Path, module: str, top_level_only: bool) -> set[str]:
@@ -45,7 +48,7 @@ def _imports(path: Path, module: str, top_level_only: bool) -> set[str]:
                 base = ".".join(anchor + ([base] if base else []))
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)
-    return {name for name in found if name.split(".")[0] in PACKAGES}
+    return {name for name in found if name.split(".")[0] in PACKAGES + ("backends", "tools")}
 
 
 def test_ptqpasses_never_imports_backends_or_tools():
@@ -54,7 +57,8 @@ def test_ptqpasses_never_imports_backends_or_tools():
         if module.split(".")[0] != "ptqpasses":
             continue
         bad = {name for name in _imports(path, module, top_level_only=False)
-               if name.split(".")[0] in ("backends", "tools")}
+               if name.split(".")[0] in ("ptqpasses_backends", "ptqpasses_tools", "backends",
+                                                  "tools")}
         if bad:
             offenders.append(f"{path.relative_to(ROOT)}: {sorted(bad)}")
     assert not offenders, "ptqpasses/ must not import backends/ or tools/:\n" + "\n".join(
@@ -127,5 +131,22 @@ def test_no_module_level_import_circles():
 def test_the_checks_see_the_imports():
     """Guards the guard: the AST walk finds an import inside a function and a circle."""
     graph = _graph()
-    assert "backends.tvm.registry" in graph["backends.tvm.compile"]
+    assert "ptqpasses_backends.tvm.registry" in graph["ptqpasses_backends.tvm.compile"]
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_installed_names_cannot_clash():
+    """pyproject installs every package folder under an unambiguous name (no top-level
+    ``tools`` or ``backends`` in site-packages), and the code imports them only by those names."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert config["package-dir"] == {name: folder for folder, name in FOLDERS.items()}
+    packages = {m for m, p in _modules().items() if p.name == "__init__.py"}
+    assert set(config["packages"]) == packages, "pyproject's package list is not the folders'"
+    assert not {p.split(".")[0] for p in config["packages"]} & {"tools", "backends"}
+    bare = [f"{path.relative_to(ROOT)}: {sorted(bad)}" for module, path in _modules().items()
+            if (bad := {n for n in _imports(path, module, top_level_only=False)
+                        if n.split(".")[0] in ("tools", "backends")})]
+    assert not bare, "imports by the repository folder name, not the installed one:\n" + \
+        "\n".join(bare)

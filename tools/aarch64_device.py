@@ -225,7 +225,7 @@ def start_server(cache: Optional[Path] = None, *, timeout: float = 300, **kw):
     """Start the emulated RPC server (``server_command``'s arguments) and wait until it has
     bound its port (importing TVM under emulation takes 15-60 s): a ``tools.rpc_cluster``
     ``Service`` (``.port``, ``.stop()``)."""
-    from tools.rpc_cluster import launch
+    from ptqpasses_tools.rpc_cluster import launch
 
     cache = cache or cache_dir()
     if not is_ready(cache):

@@ -20,7 +20,7 @@ peers ``fx`` (torch.ao prepare_fx/convert_fx, 'x86'), ``pt2e`` (torchao
 X86InductorQuantizer), ``ort-static`` (ONNX Runtime static QDQ, per-channel) and
 ``ort-dynamic`` (ONNX Runtime dynamic int8), each skipped with a note when not installed.
 ptqpasses rows run the lowered integer-op graph (torch.ops.ptq reference kernels); with
-``--backend tvm`` they run that graph compiled by ``backends.tvm`` for the host (metrics from
+``--backend tvm`` they run that graph compiled by ``ptqpasses_backends.tvm`` for the host (metrics from
 the TVM outputs; the note says whether they equal the torch reference's, bit for bit).
 
 Measured (torch 2.13 CPU, onnxruntime 1.32, torchao 0.18; data and metrics as above):
@@ -110,7 +110,7 @@ import torch
 import ptqpasses
 from ptqpasses.guard import GUARD_KEY
 from ptqpasses.report import sqnr
-from tools import models, peers
+from ptqpasses_tools import models, peers
 
 
 
@@ -198,7 +198,7 @@ def minilm_cross_task() -> Optional[Task]:
     sentences of the Python reference manual (the observer zoo's calibration split) and
     judged on all 100 sentences of tools/data/sentences.txt, a corpus used neither for
     calibration nor for choosing the defaults."""
-    from tools import wheel_models
+    from ptqpasses_tools import wheel_models
     model = models.load_minilm_l6()
     if model is None:
         return None
@@ -390,9 +390,9 @@ METHODS: dict[str, Callable] = {
 
 
 def _tvm_outputs(q, batches: list[tuple], ref_out: list) -> tuple[list, str]:
-    """Compile the integer graph ``q`` for the host with ``backends.tvm`` and run ``batches``;
+    """Compile the integer graph ``q`` for the host with ``ptqpasses_backends.tvm`` and run ``batches``;
     the note compares the outputs with the torch reference run ``ref_out``."""
-    import backends.tvm as ptq_tvm
+    import ptqpasses_backends.tvm as ptq_tvm
 
     t0 = time.perf_counter()
     cm = ptq_tvm.compile(q, "host")
@@ -442,7 +442,7 @@ def main(argv=None) -> int:
     ap.add_argument("--report", default=None, help="folder for the recipe's markdown/PNG report")
     ap.add_argument("--backend", default="torch", choices=("torch", "tvm"),
                     help="run the ptqpasses rows on the torch reference kernels (default) or "
-                         "compiled by backends.tvm for the host")
+                         "compiled by ptqpasses_backends.tvm for the host")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     methods = args.method or list(METHODS)

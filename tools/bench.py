@@ -44,8 +44,8 @@ from typing import Callable
 
 import torch
 
-from tools import models, peers
-from tools.inputs import UsageError
+from ptqpasses_tools import models, peers
+from ptqpasses_tools.inputs import UsageError
 
 # ----------------------------------------------------------------------------- models
 
@@ -125,7 +125,7 @@ def bert_case(batch: int) -> Case:
 
 def digits_case(batch: int) -> Case:
     """The small digits CNN (random weights) on real 8x8 digits: a seconds-long case for tests."""
-    from tools.digits import DigitsCNN, load_digits_split
+    from ptqpasses_tools.digits import DigitsCNN, load_digits_split
 
     torch.manual_seed(0)
     model = models.randomize_bn_stats(DigitsCNN()).eval()
@@ -217,7 +217,7 @@ def int8_graph(case: Case, config: str = "defaults"):
     if config not in CONFIGS:
         raise ValueError(f"unknown configuration {config!r}; choose from {', '.join(CONFIGS)}")
     if config == "recipe":
-        from tools import accuracy
+        from ptqpasses_tools import accuracy
 
         key = next((k for k, prefix in (("MiniLM-L6", "all-MiniLM"),
                                         ("MobileNetV2", "MobileNetV2"))
@@ -310,20 +310,20 @@ def _tvm_call(cm) -> Callable:
 
 
 def peer_tvm_fp32(ctx: Context) -> Built:
-    import backends.tvm as bt
+    import ptqpasses_backends.tvm as bt
     from ptqpasses.passes import FoldBatchNorm
     # Folded first, as before quantization: TVM 0.27's converter of aten.batch_norm.default
     # reads its `training` argument as momentum and normalizes with batch statistics.
     gm = copy.deepcopy(ctx.float_graph)
     FoldBatchNorm()(gm)
     cm = bt.compile(gm, "host", example_inputs=list(ctx.case.inputs), dynamic_batch=False)
-    return Built(_fixed(_tvm_call(cm)), "BatchNorm folded, then the backends.tvm emitter on the "
+    return Built(_fixed(_tvm_call(cm)), "BatchNorm folded, then the ptqpasses_backends.tvm emitter on the "
                  "un-quantized captured graph (TVM's torch converters), default CPU Relax "
                  "pipeline, no schedules")
 
 
 def peer_tvm_int8_untuned(ctx: Context) -> Built:
-    import backends.tvm as bt
+    import ptqpasses_backends.tvm as bt
     cm = bt.compile(ctx.ptq_int8(), "host", example_inputs=list(ctx.case.inputs),
                     dynamic_batch=False, schedule=False)
     return Built(_fixed(_tvm_call(cm)), "ptqpasses defaults, TVM default lowering "
@@ -338,7 +338,7 @@ def kernels_note(cm) -> str:
 
 
 def peer_tvm_int8(ctx: Context) -> Built:
-    import backends.tvm as bt
+    import ptqpasses_backends.tvm as bt
     cm = bt.compile(ctx.ptq_int8(), "host", example_inputs=list(ctx.case.inputs),
                     dynamic_batch=False)
     return Built(_fixed(_tvm_call(cm)), "ptqpasses defaults, fixed schedules, no tuning ("
@@ -348,8 +348,8 @@ def peer_tvm_int8(ctx: Context) -> Built:
 def peer_tvm_int8_vnni(ctx: Context) -> Built:
     """The AVX-512 VNNI strategy on this CPU (AMX left unused): what a VNNI machine without
     AMX runs, measured on this core in the same run."""
-    import backends.tvm as bt
-    from backends.tvm import targets
+    import ptqpasses_backends.tvm as bt
+    from ptqpasses_backends.tvm import targets
 
     host = targets.resolve("host").target()
     if not all(targets.has_feature(host, f) for f in ("avx512f", "avx512bw", "avx512vnni")):
@@ -363,7 +363,7 @@ def peer_tvm_int8_vnni(ctx: Context) -> Built:
 def peer_tvm_int8_rr(ctx: Context) -> Built:
     """Activations quantized to 7 bits (``QSpec(reduce_range=True)``, as the FX 'x86' qconfig
     does): on x86 without VNNI every packed kernel is proven exact for ``vpmaddubsw``."""
-    import backends.tvm as bt
+    import ptqpasses_backends.tvm as bt
 
     q, _ = int8_graph(ctx.case, "reduce_range")
     cm = bt.compile(q, "host", example_inputs=list(ctx.case.inputs), dynamic_batch=False)
@@ -372,7 +372,7 @@ def peer_tvm_int8_rr(ctx: Context) -> Built:
 
 
 def peer_tvm_int8_tuned(ctx: Context) -> Built:
-    import backends.tvm as bt
+    import ptqpasses_backends.tvm as bt
     db = ctx.args.database
     if not db:
         raise Skip("needs --database (and --tune-trials N to tune first)")
@@ -388,7 +388,7 @@ def peer_tvm_int8_tuned(ctx: Context) -> Built:
 def peer_tvm_int8_recipe(ctx: Context) -> Built:
     """The model's accuracy recipe (``tools.accuracy.RECIPES``: int16 or float where the
     sensitivity analysis put them), compiled with the fixed schedule templates."""
-    import backends.tvm as bt
+    import ptqpasses_backends.tvm as bt
 
     q, note = int8_graph(ctx.case, "recipe")
     cm = bt.compile(q, "host", example_inputs=list(ctx.case.inputs), dynamic_batch=False)
@@ -466,7 +466,7 @@ def machine() -> dict:
             vers[mod] = None
     info["versions"] = vers
     try:
-        from backends.tvm import registry, targets
+        from ptqpasses_backends.tvm import registry, targets
         info["llvm_cpu"] = targets.system_cpu()
         info["strategy"] = registry.why(targets.resolve("host"))
     except Exception:  # noqa: BLE001
@@ -605,8 +605,8 @@ def _busy(ticks: dict[int, int]) -> int | None:
 
 
 def measure_peak() -> dict:
-    """One-core peaks (GMAC/s) from tools.peak: the best fp32 and int8 kernels it has."""
-    from tools import peak as peak_tool
+    """One-core peaks (GMAC/s) from ptqpasses_tools.peak: the best fp32 and int8 kernels it has."""
+    from ptqpasses_tools import peak as peak_tool
     try:
         raw = peak_tool.measure()
     except Exception as e:  # noqa: BLE001  (no compiler: report without % of peak)
@@ -747,7 +747,7 @@ def run_bench(args) -> int:
     if args.runs < 1 or args.warmup < 0:
         raise UsageError("--runs must be >= 1 and --warmup >= 0")
     if getattr(args, "rpc", None):
-        from tools.bench_remote import run_remote
+        from ptqpasses_tools.bench_remote import run_remote
 
         return run_remote(args, model_names, Path(args.out),
                           lambda msg: print(msg, file=sys.stderr, flush=True))

@@ -91,7 +91,7 @@ def set_threads(n: int) -> None:
 def main(argv=None) -> None:
     import tvm
 
-    import backends.tvm as bt
+    import ptqpasses_backends.tvm as bt
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--kernels", nargs="+", default=["dense", "conv"])

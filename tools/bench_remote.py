@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from tools.inputs import UsageError
+from ptqpasses_tools.inputs import UsageError
 
 
 def run_remote(args, model_names: list[str], out: Path, log) -> int:
-    import backends.tvm as bt
-    from backends.tvm.remote import RemoteModule, RpcDevice
-    from tools import bench
+    import ptqpasses_backends.tvm as bt
+    from ptqpasses_backends.tvm.remote import RemoteModule, RpcDevice
+    from ptqpasses_tools import bench
 
     if not args.target:
         raise UsageError("--rpc needs --target (the device's target, e.g. aarch64-dotprod)")

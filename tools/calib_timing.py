@@ -36,7 +36,7 @@ def _batches(n: int, batch: int, size: int, which) -> list[tuple[torch.Tensor]]:
 
 def _observed(size: int):
     import ptqpasses
-    from tools.models import randomize_bn_stats, resnet18
+    from ptqpasses_tools.models import randomize_bn_stats, resnet18
     torch.manual_seed(0)
     model = randomize_bn_stats(resnet18().eval(), seed=0)
     return ptqpasses.prepare(model, (torch.randn(2, 3, size, size),))

@@ -9,7 +9,7 @@ import json
 import sys
 
 
-from tools.inputs import UsageError, calibration_batches, example_inputs, load_model
+from ptqpasses_tools.inputs import UsageError, calibration_batches, example_inputs, load_model
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -140,7 +140,7 @@ def cmd_report(args) -> int:
 def _recipe_graph(args):
     """Checks --target, then replays --recipe on the model: (integer graph, example inputs)."""
     import ptqpasses
-    from backends import tvm as tvm_backend
+    from ptqpasses_backends import tvm as tvm_backend
     try:
         tvm_backend.resolve(args.target)
     except ValueError as e:
@@ -150,7 +150,7 @@ def _recipe_graph(args):
 
 
 def cmd_compile(args) -> int:
-    from backends import tvm as tvm_backend
+    from ptqpasses_backends import tvm as tvm_backend
     q, inputs = _recipe_graph(args)
     if args.database:  # tuned records are per static shape: compile for the --input shapes
         compiled = tvm_backend.compile(q, target=args.target, database=args.database,
@@ -171,9 +171,9 @@ def cmd_compile(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from backends import tvm as tvm_backend
+    from ptqpasses_backends import tvm as tvm_backend
     if args.rpc:
-        from backends.tvm.remote import RpcDevice
+        from ptqpasses_backends.tvm.remote import RpcDevice
         try:
             RpcDevice.parse(args.rpc)
         except ValueError as e:
@@ -191,30 +191,30 @@ def cmd_tune(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from tools.demo import run_demo
+    from ptqpasses_tools.demo import run_demo
     return run_demo(quick=args.quick, threads=args.threads)
 
 
 def cmd_bench(args) -> int:
-    from tools.bench import run_bench
+    from ptqpasses_tools.bench import run_bench
     return run_bench(args)
 
 
 def cmd_fuzz(args) -> int:
     try:
-        from tools.fuzz import run
+        from ptqpasses_tools.fuzz import run
     except ImportError as e:  # hypothesis comes with the test extra
         raise UsageError(f"ptq fuzz needs hypothesis ({e}): pip install -e '.[test]'") from None
     return run(args)
 
 
 def cmd_zoo(args) -> int:
-    from tools.zoo import run
+    from ptqpasses_tools.zoo import run
     return run(args)
 
 
 def cmd_profile(args) -> int:
-    from tools.profile import run
+    from ptqpasses_tools.profile import run
     return run(args)
 
 
@@ -236,7 +236,7 @@ EXAMPLES = {
 
 
 def cmd_observer_zoo(args) -> int:
-    from tools.observer_zoo import run_cli
+    from ptqpasses_tools.observer_zoo import run_cli
     return run_cli(args)
 
 
@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("compile", "apply a recipe and compile the integer graph with TVM", cmd_compile)
     _add_model_args(p)
     p.add_argument("--recipe", required=True, help="recipe from `ptq quantize`")
-    p.add_argument("--target", default="host", help="named target (see backends.tvm.targets)")
+    p.add_argument("--target", default="host", help="named target (see ptqpasses_backends.tvm.targets)")
     p.add_argument("--out", required=True, help="output .so (metadata JSON written beside it)")
     p.add_argument("--database", help="tuning database from `ptq tune` (compiles for the "
                    "--input shapes)")
@@ -295,16 +295,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="threads for both TVM and torch")
     p = add("bench", "whole-model latency and accuracy of ptqpasses' TVM builds against "
             "PyTorch and ONNX Runtime peers (markdown, JSON and PNG)", cmd_bench)
-    from tools.bench import add_arguments as add_bench_arguments
+    from ptqpasses_tools.bench import add_arguments as add_bench_arguments
     add_bench_arguments(p)
     p = add("profile", "where a compiled bench model's time goes: every kernel call timed "
             "alone, grouped by kind", cmd_profile)
-    from tools.profile import add_arguments as add_profile_arguments
+    from ptqpasses_tools.profile import add_arguments as add_profile_arguments
     add_profile_arguments(p)
     p = add("fuzz", "random small models: quantize, compile for the targets that run here, "
             "outputs bit-exact against the torch integer graph (failures shrunk)", cmd_fuzz)
     try:
-        from tools.fuzz import add_arguments as add_fuzz_arguments
+        from ptqpasses_tools.fuzz import add_arguments as add_fuzz_arguments
     except ImportError:  # without hypothesis, cmd_fuzz says what to install
         add_fuzz_arguments = None
     if add_fuzz_arguments is not None:
@@ -312,12 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("zoo", "transformers architectures (small random-init configs) and our own models: "
             "quantize, coverage, compile, a new batch against the torch integer graph, SQNR",
             cmd_zoo)
-    from tools.zoo import add_arguments as add_zoo_arguments
+    from ptqpasses_tools.zoo import add_arguments as add_zoo_arguments
     add_zoo_arguments(p)
     p = add("observer-zoo", "real-weight models from PyPI wheels with held-out real inputs: "
             "the default flow with each activation observer, and the static peers (markdown "
             "and JSON)", cmd_observer_zoo)
-    from tools.observer_zoo import add_arguments as add_observer_zoo_arguments
+    from ptqpasses_tools.observer_zoo import add_arguments as add_observer_zoo_arguments
     add_observer_zoo_arguments(p)
     return parser
 
@@ -332,8 +332,8 @@ def main(argv=None) -> int:
     except Exception as e:  # a library error: say which and where, without a traceback wall
         from ptqpasses import CalibrationError, CaptureError, ConfigError, PassError, RecipeError
         known = (CalibrationError, CaptureError, ConfigError, PassError, RecipeError)
-        if "backends.tvm" in sys.modules:
-            from backends.tvm import EmitError, LoadError
+        if "ptqpasses_backends.tvm" in sys.modules:
+            from ptqpasses_backends.tvm import EmitError, LoadError
             known += (EmitError, LoadError)
         if isinstance(e, ConnectionError):  # (an RPC tracker or device out of reach)
             known += (ConnectionError,)

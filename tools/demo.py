@@ -23,9 +23,9 @@ def run_demo(quick: bool = False, threads: int = 1) -> int:
 
     torch.set_num_threads(threads)
     import ptqpasses
-    from backends import tvm as tvm_backend
-    from backends.tvm.targets import resolve
-    from tools.digits import accuracy, train_digits
+    from ptqpasses_backends import tvm as tvm_backend
+    from ptqpasses_backends.tvm.targets import resolve
+    from ptqpasses_tools.digits import accuracy, train_digits
 
     t0 = time.perf_counter()
     model, (train_x, _, test_x, test_y) = train_digits(epochs=3 if quick else 8)

@@ -1,5 +1,5 @@
 """Property-based fuzzing of whole graphs: random small float models -> ``ptqpasses.quantize``
--> the integer fx graph (run in torch) is the reference -> ``backends.tvm.compile`` -> the
+-> the integer fx graph (run in torch) is the reference -> ``ptqpasses_backends.tvm.compile`` -> the
 compiled module must give the same outputs, bit for bit, on a new input of another batch size.
 
     python -m tools.fuzz --graphs 200 --budget 600 --seed 0 --out fuzz.json
@@ -666,7 +666,7 @@ def quantize_spec(spec: ModelSpec):
 def check_on_target(q, x: torch.Tensor, want, target: str) -> Optional[str]:
     """Compile ``q`` for ``target`` and compare on ``x``. Returns None, or an 'island:'
     mismatch description; raises FuzzFailure."""
-    from backends import tvm as ptq_tvm
+    from ptqpasses_backends import tvm as ptq_tvm
     try:
         cm = ptq_tvm.compile(q, target=target)
     except Exception as e:
@@ -698,7 +698,7 @@ def reference(q, x):
 
 
 def runnable_targets() -> list[str]:
-    from backends.tvm import targets
+    from ptqpasses_backends.tvm import targets
     out = []
     for name in targets.TARGETS:
         try:

@@ -15,7 +15,7 @@ BEGIN, END = "<!-- generated:{} -->", "<!-- end:{} -->"
 
 
 def ops_table() -> str:
-    from backends.tvm.ptq_ops import HANDLERS
+    from ptqpasses_backends.tvm.ptq_ops import HANDLERS
     from ptqpasses.ops import INTEGER_OPS
     from ptqpasses.ops import reference
 
@@ -30,8 +30,8 @@ def ops_table() -> str:
 
 
 def targets_table() -> str:
-    from backends.tvm.registry import strategy_for
-    from backends.tvm.targets import TARGETS
+    from ptqpasses_backends.tvm.registry import strategy_for
+    from ptqpasses_backends.tvm.targets import TARGETS
 
     rows = ["| target | strategy | TVM target | required features |", "|---|---|---|---|"]
     for name, t in TARGETS.items():

@@ -4,7 +4,7 @@
     ptq observer-zoo --models MobileNetV2 PPOCR-cls --observers minmax histogram --no-peers
 
 Runs the default ``quantize`` flow (only ``QuantConfig.activation``'s observer and percentile
-change) on the real-weight models of :mod:`tools.wheel_models`, calibrated on one split of
+change) on the real-weight models of :mod:`ptqpasses_tools.wheel_models`, calibrated on one split of
 real inputs and scored against fp32 on the held-out split, and (unless ``--no-peers``) the
 static peers PT2E (X86InductorQuantizer) and ONNX Runtime QDQ, each with how many of the
 model's convs/linears/matmuls it really made integer. Writes ``observer-zoo.md`` and
@@ -15,7 +15,7 @@ output SQNR, then the best worst-case gap to the per-model best) and the choice 
 on the **held-out** half, models it was not chosen on (issue 13).
 
 The sentence encoders are quantized as sentence-transformers deploys them: encoder plus mean
-pooling (:class:`tools.models.SentenceEmbedding`), so the model's output, which the accuracy
+pooling (:class:`ptqpasses_tools.models.SentenceEmbedding`), so the model's output, which the accuracy
 guard judges, is the sentence embedding (not the hidden states of padding tokens).
 
 Metrics, per model: ``sqnr_db`` of the output (for embeddings: the sentence embedding) plus one task metric: ``top1`` agreement with fp32 (classifiers; MTCNN: face /
@@ -44,8 +44,8 @@ import torch
 import ptqpasses
 from ptqpasses.guard import GUARD_KEY
 from ptqpasses.report import sqnr
-from tools import models, peers
-from tools import wheel_models as wm
+from ptqpasses_tools import models, peers
+from ptqpasses_tools import wheel_models as wm
 
 #: name -> (observer, percentile): what the zoo compares (the percentile only matters to
 #: "histogram").

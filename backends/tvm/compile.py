@@ -10,20 +10,20 @@ import torch
 import tvm
 from torch import fx
 
-from backends.tvm import registry
-from backends.tvm import targets as _targets
-from backends.tvm.build import SIGNATURE_ATTR, _output_specs, build_ir, output_treespec
-from backends.tvm.emit import VARIANTS_ATTR
-from backends.tvm.pipeline import get_pipeline, normalize_relax_passes
-from backends.tvm.records import open_database
-from backends.tvm.runtime import CompiledModule
+from ptqpasses_backends.tvm import registry
+from ptqpasses_backends.tvm import targets as _targets
+from ptqpasses_backends.tvm.build import SIGNATURE_ATTR, _output_specs, build_ir, output_treespec
+from ptqpasses_backends.tvm.emit import VARIANTS_ATTR
+from ptqpasses_backends.tvm.pipeline import get_pipeline, normalize_relax_passes
+from ptqpasses_backends.tvm.records import open_database
+from ptqpasses_backends.tvm.runtime import CompiledModule
 
 
 def _signature(mod: tvm.IRModule, target: Any) -> tuple[dict, _targets.NamedTarget]:
     attrs = mod.attrs
     if attrs is None or SIGNATURE_ATTR not in attrs:
         raise ValueError(f"IRModule has no {SIGNATURE_ATTR!r} attribute: make it with "
-                         "backends.tvm.emit(qgraph, target), and keep module attributes in "
+                         "ptqpasses_backends.tvm.emit(qgraph, target), and keep module attributes in "
                          "your passes (IRModule(functions) drops them; use mod.with_attr)")
     sig = json.loads(str(attrs[SIGNATURE_ATTR]))
     emitted = _targets.NamedTarget(sig["target"], sig["family"], sig["target_spec"])
@@ -64,7 +64,7 @@ def compile(qgraph: fx.GraphModule | tvm.IRModule, target: Any = None, *,
     Args:
         qgraph: The integer-operator ``fx.GraphModule``, or an IRModule from ``emit``
             (possibly transformed by your passes).
-        target: A name from ``backends.tvm.TARGETS``, a TVM target dict, or a NamedTarget.
+        target: A name from ``ptqpasses_backends.tvm.TARGETS``, a TVM target dict, or a NamedTarget.
             Default ``"host"`` for a graph; for an IRModule, the target it was emitted for
             (another target must have the same layouts: ``Strategy.layouts``).
         example_inputs: Tensors giving input shapes/dtypes when placeholders carry no
@@ -74,13 +74,13 @@ def compile(qgraph: fx.GraphModule | tvm.IRModule, target: Any = None, *,
             sdot tensorization, the generic CPU schedules of ``cpu/``) and, on CPU, the
             schedule of the glue and float islands (``cpu/glue.py``); tuned records apply
             regardless. Kernels built already scheduled (AMX) stay as they are.
-        database: Root folder of tuning records (``backends.tvm.tune``); the target's keyed
+        database: Root folder of tuning records (``ptqpasses_backends.tvm.tune``); the target's keyed
             subfolder is used. Kernels with a record get the tuned schedule, the others the
             fixed one. ``dynamic_batch`` defaults to False then (records are per static shape;
             a symbolic batch without ``example_inputs`` becomes 1, as in ``tune``).
         relax_passes: Your ``tvm.transform.Pass`` es inserted into our pipeline: a list (run
             first, on the emitted module) or ``{stage: pass or [passes]}`` with stages from
-            ``backends.tvm.STAGES`` (``start``, ``before_schedule``, ``after_schedule``,
+            ``ptqpasses_backends.tvm.STAGES`` (``start``, ``before_schedule``, ``after_schedule``,
             ``after_legalize``, ``after_lowering``). A failing pass, or one that leaves
             ill-formed IR, raises ``RelaxPassError`` naming it and its stage.
 
@@ -91,7 +91,7 @@ def compile(qgraph: fx.GraphModule | tvm.IRModule, target: Any = None, *,
     if isinstance(qgraph, tvm.IRModule):
         if example_inputs is not None or dynamic_batch is not None:
             raise ValueError("example_inputs / dynamic_batch apply when emitting a graph; this "
-                             "IRModule's shapes were fixed by backends.tvm.emit")
+                             "IRModule's shapes were fixed by ptqpasses_backends.tvm.emit")
         sig, named = _signature(qgraph, target)
         mod, treespec = qgraph, sig["output_treespec"]
         input_json = sig["inputs"]

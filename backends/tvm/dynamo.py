@@ -1,7 +1,7 @@
 """``dynamo_backend``: a ``torch.compile`` backend that quantizes each captured graph and
 compiles it with TVM.
 
-    backend = backends.tvm.dynamo_backend(calibration_data, target="host")
+    backend = ptqpasses_backends.tvm.dynamo_backend(calibration_data, target="host")
     compiled = torch.compile(model, backend=backend)
     backend.calibrate(compiled)          # runs the calibration batches, quantizes, compiles
     y = compiled(x)                      # int8 TVM kernels; graphs it cannot serve: inductor
@@ -15,7 +15,7 @@ returns a recording stand-in for every graph; ``calibrate(compiled)`` runs every
 through the compiled model (each graph runs in float and records its inputs), then
 quantizes each graph on its own recorded inputs (``prepare``, ``calibrate``, ``convert``)
 and swaps in the TVM module. Without a graph break the one graph sees exactly the model's
-batches, so the result equals ``ptqpasses.quantize`` + ``backends.tvm.compile``.
+batches, so the result equals ``ptqpasses.quantize`` + ``ptqpasses_backends.tvm.compile``.
 ``dynamo_backend(None, calibration_calls=N)`` needs no extra call: each graph records its
 first N calls (which run in float) and is quantized after the N-th.
 
@@ -47,8 +47,8 @@ import torch.fx as fx
 from torch.export import Dim
 from tqdm.auto import tqdm
 
-from backends.tvm.compile import compile as tvm_compile
-from backends.tvm.targets import resolve, runs_here
+from ptqpasses_backends.tvm.compile import compile as tvm_compile
+from ptqpasses_backends.tvm.targets import resolve, runs_here
 from ptqpasses.calibrate import _as_args
 from ptqpasses.config import ConfigError, QuantConfig, _module_stack
 from ptqpasses.observers import CalibrationError
@@ -277,7 +277,7 @@ class _Graph:
             return self.impl(*args)
         if not backend._recording():
             raise RuntimeError(
-                f"backends.tvm.dynamo_backend: {self.name} has not been calibrated; call "
+                f"ptqpasses_backends.tvm.dynamo_backend: {self.name} has not been calibrated; call "
                 "backend.calibrate(compiled_model) once before running the compiled model")
         acts = tuple(args[i].detach().clone() for i in self.inputs.acts)
         self.group.recordings.append(acts)
@@ -310,7 +310,7 @@ class _Graph:
             return
         self.group.served.append((self.inputs, impl, self.status))
         self._serve(impl, self.status)
-        log.info("backends.tvm.dynamo_backend: %s", self.status)
+        log.info("ptqpasses_backends.tvm.dynamo_backend: %s", self.status)
 
     def _serve(self, module: Callable, status: GraphStatus) -> None:
         acts = self.inputs.acts
@@ -380,7 +380,7 @@ class _Graph:
 
     def fall_back(self, reason: str) -> None:
         how = self.backend.fallback
-        log.warning("backends.tvm.dynamo_backend: %s falls back to %s: %s", self.name, how, reason)
+        log.warning("ptqpasses_backends.tvm.dynamo_backend: %s falls back to %s: %s", self.name, how, reason)
         self.status.served_by, self.status.reason = how, reason
         if how == "eager":
             self.impl = self.gm
@@ -395,7 +395,7 @@ class _Graph:
             try:
                 return compiled(*args)
             except Exception as e:  # inductor itself failed (e.g. no C++ compiler)
-                log.warning("backends.tvm.dynamo_backend: %s: inductor failed (%s: %s); "
+                log.warning("ptqpasses_backends.tvm.dynamo_backend: %s: inductor failed (%s: %s); "
                             "running it eagerly", self.name, type(e).__name__, e)
                 self.status.served_by = "eager"
                 self.status.reason += f"; inductor failed: {type(e).__name__}"
@@ -408,7 +408,7 @@ class _Graph:
 class DynamoBackend:
     """A ``torch.compile`` backend that quantizes every captured graph and runs it with TVM.
 
-    Build it with ``backends.tvm.dynamo_backend``; see this module's docstring for the design.
+    Build it with ``ptqpasses_backends.tvm.dynamo_backend``; see this module's docstring for the design.
     """
 
     def __init__(self, calibration_data: Optional[Iterable[Any]], target: Any,
@@ -507,7 +507,7 @@ def dynamo_backend(calibration_data: Optional[Iterable[Any]], target: Any = "hos
         calibration_data: model input batches (tuples, or single tensors) for
             ``backend.calibrate(compiled_model)``; ``None`` to calibrate each graph on its
             first ``calibration_calls`` calls instead (those run in float).
-        target: a TVM target the outputs run on here (``backends.tvm.TARGETS`` name or dict).
+        target: a TVM target the outputs run on here (``ptqpasses_backends.tvm.TARGETS`` name or dict).
         config: the QuantConfig. Module paths are as in ``model.named_modules()``; each
             graph gets the entries that match something in it, and ``calibrate`` raises
             ConfigError for an entry that matched no graph. Node names are each graph's own.
@@ -531,7 +531,7 @@ def dynamo_backend(calibration_data: Optional[Iterable[Any]], target: Any = "hos
     if not runs_here(named):
         raise ValueError(f"target {named.name!r} cannot run on this machine; a torch.compile "
                          "backend must run what it compiles (use 'host', or "
-                         "backends.tvm.compile to cross-compile)")
+                         "ptqpasses_backends.tvm.compile to cross-compile)")
     return DynamoBackend(calibration_data, named, config, calibration_calls, fallback)
 
 

@@ -23,14 +23,14 @@ from tvm import relax, tirx
 from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
 import ptqpasses.ops  # noqa: F401  (registers torch.ops.ptq)
-from backends.tvm import ptq_ops
-from backends.tvm.strategy import Strategy
-from backends.tvm.fxgraph import bind_args, ptq_name as _ptq_name
-from backends.tvm.kernels import conv2d as conv_k
-from backends.tvm.kernels import erf as erf_k
-from backends.tvm.kernels import layer_norm as layer_norm_k
-from backends.tvm.kernels import softmax as softmax_k
-from backends.tvm.kernels import tanh as tanh_k
+from ptqpasses_backends.tvm import ptq_ops
+from ptqpasses_backends.tvm.strategy import Strategy
+from ptqpasses_backends.tvm.fxgraph import bind_args, ptq_name as _ptq_name
+from ptqpasses_backends.tvm.kernels import conv2d as conv_k
+from ptqpasses_backends.tvm.kernels import erf as erf_k
+from ptqpasses_backends.tvm.kernels import layer_norm as layer_norm_k
+from ptqpasses_backends.tvm.kernels import softmax as softmax_k
+from ptqpasses_backends.tvm.kernels import tanh as tanh_k
 
 
 @dataclasses.dataclass(frozen=True)
@@ -933,7 +933,7 @@ def _fetch_attr(gm: fx.GraphModule, target: str):
 def emit_relax(gm: fx.GraphModule, strategy: Strategy,
                inputs: Sequence[TensorSpec]) -> tvm.IRModule:
     """Emit the Relax IRModule of ``gm`` for ``strategy`` (the public entry point, which takes
-    a target name, is ``backends.tvm.emit``).
+    a target name, is ``ptqpasses_backends.tvm.emit``).
 
     Args:
         gm: Integer-operator graph.

@@ -10,9 +10,9 @@ from typing import Optional
 import tvm
 from tvm import relax
 
-from backends.tvm.cpu import glue
-from backends.tvm.records import tuned_kernel
-from backends.tvm.strategy import Strategy
+from ptqpasses_backends.tvm.cpu import glue
+from ptqpasses_backends.tvm.records import tuned_kernel
+from ptqpasses_backends.tvm.strategy import Strategy
 
 
 def _try_schedule(what: str, gv, schedule, *args):

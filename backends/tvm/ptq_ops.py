@@ -1,6 +1,6 @@
 """Relax emission of each ``torch.ops.ptq`` operator (one function per op).
 
-Every function takes the :class:`~backends.tvm.emit.Emitter` and the op's arguments bound by
+Every function takes the :class:`~ptqpasses_backends.tvm.emit.Emitter` and the op's arguments bound by
 name (``args``), and returns the Relax expression of the result.
 """
 
@@ -11,16 +11,16 @@ import torch
 from torch import fx
 from tvm import relax, te, tirx
 
-from backends.tvm import packing
-from backends.tvm.fxgraph import bind_args, value_range
-from backends.tvm.kernels import conv2d as conv_k
-from backends.tvm.kernels import dense as dense_k
-from backends.tvm.kernels import matmul as matmul_k
-from backends.tvm.kernels import pool as pool_k
-from backends.tvm.kernels import wide as wide_k
-from backends.tvm.requant import (centered_relax, dequantize_relax, quantize_relax,
+from ptqpasses_backends.tvm import packing
+from ptqpasses_backends.tvm.fxgraph import bind_args, value_range
+from ptqpasses_backends.tvm.kernels import conv2d as conv_k
+from ptqpasses_backends.tvm.kernels import dense as dense_k
+from ptqpasses_backends.tvm.kernels import matmul as matmul_k
+from ptqpasses_backends.tvm.kernels import pool as pool_k
+from ptqpasses_backends.tvm.kernels import wide as wide_k
+from ptqpasses_backends.tvm.requant import (centered_relax, dequantize_relax, quantize_relax,
                                   requant_relax)
-from backends.tvm.strategy import KernelFacts
+from ptqpasses_backends.tvm.strategy import KernelFacts
 
 _OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps leaves ptq kernels alone.
 

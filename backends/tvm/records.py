@@ -41,8 +41,8 @@ from typing import Any, Optional
 import tvm
 from tvm.s_tir import meta_schedule as ms
 
-from backends.tvm import targets as _targets
-from backends.tvm.registry import strategy_for
+from ptqpasses_backends.tvm import targets as _targets
+from ptqpasses_backends.tvm.registry import strategy_for
 
 #: Where ``tune`` keeps records when no ``database`` is given.
 DEFAULT_ROOT = Path(os.environ.get("PTQ_TVM_TUNING_DB", "~/.cache/ptqpasses/tvm-tuning"))

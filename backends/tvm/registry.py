@@ -1,4 +1,4 @@
-"""The strategy registry: which :class:`~backends.tvm.strategy.Strategy` a target gets.
+"""The strategy registry: which :class:`~ptqpasses_backends.tvm.strategy.Strategy` a target gets.
 
 The choice is made from the target's features (for ``host``: the CPU's own flags, see
 ``targets.host_mattr``), best instruction first; ``why`` says what decided it. Adding a
@@ -11,9 +11,9 @@ from typing import Union
 
 import tvm
 
-from backends.tvm import aarch64, amx, cuda, x86
-from backends.tvm.strategy import Strategy
-from backends.tvm.targets import NamedTarget, has_feature
+from ptqpasses_backends.tvm import aarch64, amx, cuda, x86
+from ptqpasses_backends.tvm.strategy import Strategy
+from ptqpasses_backends.tvm.targets import NamedTarget, has_feature
 
 #: Per architecture: (strategy, LLVM features it needs), best first; the last one needs none.
 ORDER: dict[str, list[tuple[Strategy, tuple[str, ...]]]] = {

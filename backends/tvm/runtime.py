@@ -21,9 +21,9 @@ import torch.utils._pytree as pytree
 import tvm
 from tvm import relax
 
-from backends.tvm import amx
-from backends.tvm.emit import TensorSpec
-from backends.tvm.targets import NamedTarget, runs_here, system_cpu
+from ptqpasses_backends.tvm import amx
+from ptqpasses_backends.tvm.emit import TensorSpec
+from ptqpasses_backends.tvm.targets import NamedTarget, runs_here, system_cpu
 from ptqpasses.files import atomic_path, atomic_write_text
 
 FORMAT = "ptqpasses-tvm-module/1"

@@ -22,7 +22,7 @@ Below 100 trials the candidates are random samples of the space (``_search``); t
 Remote devices: ``tune(..., rpc="host:port:key")`` builds here and measures on the devices an
 RPC tracker lists under ``key`` (MetaSchedule's RPC runner, one worker per server), each
 candidate linked here as a ``.so`` (a cross target by its strategy's cross compiler); the
-database stays local, keyed by the target (``backends.tvm.remote``).
+database stays local, keyed by the target (``ptqpasses_backends.tvm.remote``).
 
 Shapes are static: tuning needs concrete extents, so ``tune`` and ``compile(database=...)``
 default to ``dynamic_batch=False`` (the example batch size). A kernel whose shape has no record
@@ -49,11 +49,11 @@ from torch import fx
 from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
-from backends.tvm import targets as _targets
-from backends.tvm.build import build_ir
-from backends.tvm.records import KEYING, database_dir, locked, open_database, workload
-from backends.tvm.registry import strategy_for
-from backends.tvm.strategy import PACKED_KINDS, Variant
+from ptqpasses_backends.tvm import targets as _targets
+from ptqpasses_backends.tvm.build import build_ir
+from ptqpasses_backends.tvm.records import KEYING, database_dir, locked, open_database, workload
+from ptqpasses_backends.tvm.registry import strategy_for
+from ptqpasses_backends.tvm.strategy import PACKED_KINDS, Variant
 
 #: Kernel kinds tuned by default (the dot-product kernels).
 DEFAULT_KINDS = PACKED_KINDS
@@ -448,7 +448,7 @@ def tune(qgraph: fx.GraphModule, target: Any = "host", *, trials: int = 32,
         raise ValueError(f"target {named.name!r} does not run on this machine; tuning measures "
                          "locally unless rpc='host:port:key' names devices that run it")
     if rpc is not None:
-        from backends.tvm.remote import RpcDevice
+        from ptqpasses_backends.tvm.remote import RpcDevice
 
         rpc = RpcDevice.parse(rpc)
     folder = database_dir(database, named)

@@ -39,14 +39,14 @@ class GraphBuilder:
 
 
 def host_has(feature: str) -> bool:
-    from backends.tvm import targets
+    from ptqpasses_backends.tvm import targets
 
     return targets.has_feature(targets.resolve("host").target(), feature)
 
 
 @pytest.fixture(scope="session")
 def tvm_backend():
-    import backends.tvm as bt
+    import ptqpasses_backends.tvm as bt
 
     return bt
 
@@ -85,7 +85,7 @@ def kernel_probe(kind: str, seen: dict):
 def rpc_tracker():
     """A TVM RPC tracker on localhost (``tools.rpc_cluster``), as ``"127.0.0.1:port"``."""
     pytest.importorskip("tornado", reason="the RPC tracker needs tornado (the rpc extra)")
-    from tools import rpc_cluster
+    from ptqpasses_tools import rpc_cluster
 
     with rpc_cluster.start_tracker(port=rpc_cluster.free_port()) as tracker:
         yield f"127.0.0.1:{tracker.port}"
@@ -106,7 +106,7 @@ def aarch64_device(rpc_tracker):
     """
     import os
 
-    from tools import aarch64_device, rpc_cluster
+    from ptqpasses_tools import aarch64_device, rpc_cluster
 
     if not aarch64_device.is_ready():
         msg = ("the emulated aarch64 device is not set up: python -m tools.aarch64_device "

@@ -17,13 +17,13 @@ import torch
 from hypothesis import HealthCheck, Phase, given, settings
 
 import ptqpasses
-from backends.tvm.remote import RemoteModule
+from ptqpasses_backends.tvm.remote import RemoteModule
 from tests.backends import test_int16, test_ops_exact as ops
 from tests.backends.conftest import P, GraphBuilder, assert_exact
 from tests.backends.models import Tables
 from tests.backends.strategies import int_tensor
-from tools.digits import DigitsCNN
-from tools.models import bert_encoder, randomize_bn_stats, resnet18
+from ptqpasses_tools.digits import DigitsCNN
+from ptqpasses_tools.models import bert_encoder, randomize_bn_stats, resnet18
 
 #: One tracker and one emulated board per test process: these tests run in one xdist worker
 #: (``--dist loadgroup``).
@@ -123,7 +123,7 @@ X86_KEY = "x86-local"
 @pytest.fixture(scope="module")
 def x86_server(rpc_tracker):
     """A native TVM RPC server (this machine's CPU) registered with ``rpc_tracker``."""
-    from tools import rpc_cluster
+    from ptqpasses_tools import rpc_cluster
 
     with rpc_cluster.start_server(tracker=rpc_tracker, key=X86_KEY,
                                   port=rpc_cluster.free_port()):
@@ -158,7 +158,7 @@ def test_tuning_over_rpc_measures_on_each_device(tvm_backend, aarch64_device, x8
 
 
 def test_rpc_errors_name_what_is_wrong(tvm_backend, rpc_tracker):
-    from backends.tvm.remote import RpcDevice
+    from ptqpasses_backends.tvm.remote import RpcDevice
     from tests.backends.test_tune import _dense
 
     gm, inputs = _dense()
@@ -180,7 +180,7 @@ def test_ptq_bench_and_tune_with_rpc(aarch64_device, tmp_path, capsys):
     there first); ``ptq tune --rpc`` tunes it for aarch64 through the tracker."""
     import numpy as np
 
-    from tools import cli
+    from ptqpasses_tools import cli
 
     assert cli.main(["bench", "--rpc", aarch64_device, "--target", "aarch64-dotprod",
                      "--models", "digits", "--runs", "3", "--out", str(tmp_path / "b")]) == 0
@@ -205,7 +205,7 @@ def test_ptq_bench_and_tune_with_rpc(aarch64_device, tmp_path, capsys):
     assert "--rpc: RPC device 'nohost'" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not __import__("backends.tvm.amx", fromlist=["x"]).kernels.cpu_has_amx(),
+@pytest.mark.skipif(not __import__("ptqpasses_backends.tvm.amx", fromlist=["x"]).kernels.cpu_has_amx(),
                     reason="the CPU has no AMX")
 def test_amx_module_runs_on_a_native_rpc_server(tvm_backend, x86_server):
     """An AMX build (``host`` here) uploaded to the native RPC server: its kernels ask for the

@@ -121,7 +121,7 @@ def test_amx_module_saves_and_loads(tvm_backend, tmp_path):
     cm = tvm_backend.compile(gm, "host", example_inputs=inputs)
     cm.save(tmp_path / "m")
     torch.save({"inputs": inputs, "want": gm(*inputs)}, tmp_path / "io.pt")
-    code = ("import sys, torch; import backends.tvm as bt; d = torch.load(sys.argv[2]); "
+    code = ("import sys, torch; import ptqpasses_backends.tvm as bt; d = torch.load(sys.argv[2]); "
             "got = bt.load(sys.argv[1])(*d['inputs']); "
             "print(all(torch.equal(g, w) for g, w in zip(got, d['want'])))")
     root = Path(__file__).resolve().parents[2]

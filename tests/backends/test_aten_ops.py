@@ -152,7 +152,7 @@ def test_softmax_kernel_matches_torch(tvm_backend):
     a fully -inf row (NaN, as torch), long rows with a wide range, dims other than the last."""
     from tvm import relax
 
-    from backends.tvm.kernels.softmax import SOFTMAX_TOLERANCE
+    from ptqpasses_backends.tvm.kernels.softmax import SOFTMAX_TOLERANCE
 
     gen = torch.Generator().manual_seed(0)
     mask = torch.zeros(4, 40)
@@ -187,7 +187,7 @@ def test_tanh_kernel_is_accurate_near_zero(tvm_backend):
     (``tanh(-4.66e-7)`` came out as ``-2^-21``, found by the fuzzer). Within
     ``TANH_TOLERANCE`` of ``torch.tanh`` on tiny inputs, across the series / exp cut-over and
     in saturation; NaN and -0.0 as torch."""
-    from backends.tvm.kernels.tanh import SMALL, TANH_TOLERANCE
+    from ptqpasses_backends.tvm.kernels.tanh import SMALL, TANH_TOLERANCE
 
     b = GraphBuilder()
     q = b.input("q")  # int8 [B, 256]
@@ -211,7 +211,7 @@ def test_erf_and_gelu_kernels_are_vectorizable_and_accurate(tvm_backend):
     libm's ``erff`` per element: no vector code): within ``ERF_TOLERANCE`` of ``torch.erf``
     across the range, tiny and saturated inputs and NaN; both GELUs (exact; tanh, with
     ``kernels/tanh.py``) within 1e-6 of ATen's."""
-    from backends.tvm.kernels.erf import ERF_TOLERANCE
+    from ptqpasses_backends.tvm.kernels.erf import ERF_TOLERANCE
 
     b = GraphBuilder()
     q = b.input("q")  # int16 [B, 512]
@@ -341,7 +341,7 @@ def test_inplace_ops_are_functional_only_where_nothing_else_reads(tvm_backend):
     is made of) has no other reader; otherwise, or on an input, an EmitError names it."""
     import pytest
 
-    from backends.tvm.emit import EmitError
+    from ptqpasses_backends.tvm.emit import EmitError
 
     four = torch.tensor(4.0)
     b = GraphBuilder()

@@ -1,4 +1,4 @@
-"""backends.tvm.dynamo_backend: torch.compile -> per-graph quantization -> TVM, against the direct
+"""ptqpasses_backends.tvm.dynamo_backend: torch.compile -> per-graph quantization -> TVM, against the direct
 path (ptqpasses.quantize, whose torch reference the TVM module equals bit for bit: see
 test_end_to_end), across graph breaks, and falling back with a logged reason."""
 
@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 import ptqpasses
-from backends import tvm as tvm_backend
+from ptqpasses_backends import tvm as tvm_backend
 from ptqpasses.observers import CalibrationError
-from tools.models import bert_encoder, randomize_bn_stats, resnet18
+from ptqpasses_tools.models import bert_encoder, randomize_bn_stats, resnet18
 
 
 @pytest.fixture(autouse=True)
@@ -125,7 +125,7 @@ def test_unservable_graph_falls_back_with_logged_reason(caplog):
 
     model = CumsumAfterBreak().eval()
     data = _calib((2, 3, 8, 8))
-    with caplog.at_level(logging.WARNING, logger="backends.tvm.dynamo"):
+    with caplog.at_level(logging.WARNING, logger="ptqpasses_backends.tvm.dynamo"):
         backend, compiled = _compile(model, data)
     fell = [r.getMessage() for r in caplog.records if "falls back" in r.getMessage()]
     assert len(fell) == 1 and "graph_1" in fell[0] and "inductor" in fell[0]

@@ -1,4 +1,4 @@
-"""The real flow: ptqpasses.quantize -> backends.tvm.compile -> identical to the torch
+"""The real flow: ptqpasses.quantize -> ptqpasses_backends.tvm.compile -> identical to the torch
 reference of the integer graph (ResNet-18, BERT-style encoder with dynamic sequence length,
 the digits CNN, elementwise table lookups)."""
 
@@ -7,10 +7,10 @@ import torch
 from torch import nn
 
 import ptqpasses
-from backends import tvm as ptq_tvm
+from ptqpasses_backends import tvm as ptq_tvm
 from tests.backends.models import Tables
-from tools.digits import DigitsCNN
-from tools.models import bert_encoder, randomize_bn_stats, resnet18
+from ptqpasses_tools.digits import DigitsCNN
+from ptqpasses_tools.models import bert_encoder, randomize_bn_stats, resnet18
 
 ptq = torch.ops.ptq
 

@@ -11,8 +11,8 @@ import torch
 import tvm
 from tvm import te
 
-from backends.tvm import targets
-from backends.tvm.cpu import glue as glue_schedule
+from ptqpasses_backends.tvm import targets
+from ptqpasses_backends.tvm.cpu import glue as glue_schedule
 from tests.backends.conftest import P, GraphBuilder, assert_exact
 from tests.backends.strategies import int_tensor
 
@@ -147,7 +147,7 @@ def test_schedule_rules_on_hand_written_functions():
 def test_softmax_lane_partials_are_vectorized():
     """The softmax kernel's ``*_lanes`` partial max / sum become vector accumulators (4
     vectorized loops: two partials, exp, divide), same result as unscheduled, bit for bit."""
-    from backends.tvm.kernels.softmax import softmax_last_axis
+    from ptqpasses_backends.tvm.kernels.softmax import softmax_last_axis
 
     x = te.placeholder((6, 64), "float32", name="x")
     func = te.create_prim_func([x, softmax_last_axis(x)])

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import ptqpasses
-from backends.tvm import ptq_ops
-from backends.tvm.kernels import wide
+from ptqpasses_backends.tvm import ptq_ops
+from ptqpasses_backends.tvm.kernels import wide
 from tests.backends.conftest import P, GraphBuilder, assert_exact
 from tests.backends.strategies import multipliers
 
@@ -282,7 +282,7 @@ def test_encoder_with_int16_nodes_dynamic_sequence(tvm_backend):
     int16 value projection and FFN (so matmul, linear and add get int16 operands), dynamic
     sequence length: every integer op is exact, so TVM matches the integer graph up to the
     float LayerNorm/softmax/GELU ulps (as tests/backends/test_end_to_end.py)."""
-    from tools.models import bert_encoder
+    from ptqpasses_tools.models import bert_encoder
 
     torch.manual_seed(0)
     model = bert_encoder(hidden=32, heads=2, ffn=64, layers=1, take_embeddings=True).eval()

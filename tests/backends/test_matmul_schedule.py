@@ -15,10 +15,10 @@ import tvm
 from tvm import s_tir, te
 from tvm.s_tir import meta_schedule as ms
 
-from backends.tvm import registry, targets
-from backends.tvm.kernels import matmul as matmul_k
-from backends.tvm.cpu.matmul import is_packed, schedule_matmul
-from backends.tvm.pipeline import ApplyPtqSchedules
+from ptqpasses_backends.tvm import registry, targets
+from ptqpasses_backends.tvm.kernels import matmul as matmul_k
+from ptqpasses_backends.tvm.cpu.matmul import is_packed, schedule_matmul
+from ptqpasses_backends.tvm.pipeline import ApplyPtqSchedules
 from tests.backends.conftest import P, GraphBuilder, assert_exact, kernel_probe
 from tests.backends.strategies import int_tensor
 from tests.backends.test_codegen import _kernel_asm
@@ -133,7 +133,7 @@ def test_plain_schedule_is_exact(a_shape, b_shape, a_dt, b_dt):
 
 
 def test_tuned_record_wins_over_the_matmul_schedule(tvm_backend):
-    from backends.tvm.records import workload
+    from ptqpasses_backends.tvm.records import workload
 
     gm, inputs = _matmuls([(int_tensor(0, (1, 2, 8, 4), torch.int8),
                             int_tensor(1, (1, 2, 4, 8), torch.int8), 0, 0, torch.int8)])

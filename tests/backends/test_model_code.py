@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ptqpasses
-from backends import tvm as ptq_tvm
+from ptqpasses_backends import tvm as ptq_tvm
 
 
 class _Attention(nn.Module):

@@ -12,8 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from backends.tvm.fxgraph import value_range
-from backends.tvm.x86 import avx2
+from ptqpasses_backends.tvm.fxgraph import value_range
+from ptqpasses_backends.tvm.x86 import avx2
 from tests.backends.conftest import P, GraphBuilder, assert_exact
 from tests.backends.test_codegen import _kernel_asm
 from tests.backends.strategies import multipliers

@@ -1,4 +1,4 @@
-"""TVM pipelines: ``backends.tvm.emit`` gives the Relax IRModule before compilation; user
+"""TVM pipelines: ``ptqpasses_backends.tvm.emit`` gives the Relax IRModule before compilation; user
 passes run on it, or at the named ``STAGES`` of ``compile(relax_passes=)``."""
 
 import pytest
@@ -7,8 +7,8 @@ import tvm
 from tvm import relax
 
 import ptqpasses
-from backends import tvm as ptq_tvm
-from tools.digits import DigitsCNN
+from ptqpasses_backends import tvm as ptq_tvm
+from ptqpasses_tools.digits import DigitsCNN
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +131,8 @@ def test_compile_refuses_modules_without_signature_or_of_another_family(qgraph):
 
 
 def test_compile_refuses_an_x86_module_emitted_for_another_packing(qgraph):
-    from backends.tvm.compile import _layout
-    from backends.tvm.targets import resolve
+    from ptqpasses_backends.tvm.compile import _layout
+    from ptqpasses_backends.tvm.targets import resolve
 
     host = resolve("host")
     other = next((t for t in ("x86-avx512-vnni", "x86-avx2")
@@ -152,7 +152,7 @@ def test_fold_constant_leaves_ptq_kernels_alone():
     import numpy as np
     from tvm import te
 
-    from backends.tvm.pipeline import SparePtqKernels
+    from ptqpasses_backends.tvm.pipeline import SparePtqKernels
 
     bb = relax.BlockBuilder()
     x = relax.Var("x", relax.TensorType([4], "int32"))

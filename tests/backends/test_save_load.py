@@ -42,7 +42,7 @@ def test_files_and_metadata(saved):
 def test_load_in_fresh_process_is_identical(saved):
     d, _, _ = saved
     script = textwrap.dedent(f"""
-        import torch, backends.tvm as bt
+        import torch, ptqpasses_backends.tvm as bt
         io = torch.load({str(d / 'io.pt')!r})
         cm = bt.load({str(d / 'cnn')!r})
         (y,) = cm(io["x"])
@@ -163,7 +163,7 @@ def test_killed_save_leaves_the_old_module(tvm_backend, saved, tmp_path):
     stem, _ = _copy(saved, tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.glob("m.*")}
     script = textwrap.dedent(f"""
-        import os, signal, torch, backends.tvm as bt
+        import os, signal, torch, ptqpasses_backends.tvm as bt
         from tests.backends.models import SmallCNN
         gm = torch.fx.symbolic_trace(SmallCNN())
         cm = bt.compile(gm, "host", example_inputs=[torch.rand(1, 3, 12, 12)],

@@ -15,14 +15,14 @@ from tvm.s_tir import TensorIntrin
 
 import dataclasses
 
-from backends.tvm import registry, targets
-from backends.tvm.aarch64 import sdot as arm_intrin
-from backends.tvm.build import _output_specs, input_specs
-from backends.tvm.cpu import dot as dot_schedule
-from backends.tvm.emit import emit_relax as emit
-from backends.tvm.pipeline import get_pipeline
-from backends.tvm.runtime import CompiledModule
-from backends.tvm.x86 import vnni as x86_intrin
+from ptqpasses_backends.tvm import registry, targets
+from ptqpasses_backends.tvm.aarch64 import sdot as arm_intrin
+from ptqpasses_backends.tvm.build import _output_specs, input_specs
+from ptqpasses_backends.tvm.cpu import dot as dot_schedule
+from ptqpasses_backends.tvm.emit import emit_relax as emit
+from ptqpasses_backends.tvm.pipeline import get_pipeline
+from ptqpasses_backends.tvm.runtime import CompiledModule
+from ptqpasses_backends.tvm.x86 import vnni as x86_intrin
 from tests.backends.conftest import assert_exact
 from tests.backends.test_codegen import _dense_conv_graph
 
@@ -61,7 +61,7 @@ def test_tensorized_schedule_is_exact(fam_name, desc, lanes, dtype):
 
 
 def exe_funcs(mod, fam, target):
-    from backends.tvm.pipeline import ApplyPtqSchedules
+    from ptqpasses_backends.tvm.pipeline import ApplyPtqSchedules
 
     with target:
         out = ApplyPtqSchedules(fam, target)(mod)

@@ -2,8 +2,8 @@
 
 import pytest
 
-from backends import named_targets
-from backends.tvm import targets
+from ptqpasses_backends import named_targets
+from ptqpasses_backends.tvm import targets
 
 
 def test_all_named_targets_resolve():

@@ -25,7 +25,7 @@ from tests.backends.strategies import int_tensor, multipliers, weight
 def _tune_target() -> str:
     """``host``, or where the host's strategy is AMX (whose tile kernels are hand-written TIR,
     not tuned) its AVX-512 VNNI strategy, which runs here and is tuned."""
-    from backends.tvm import registry, targets
+    from ptqpasses_backends.tvm import registry, targets
 
     amx = registry.strategy_for(targets.resolve("host")).name == "x86-amx"
     return "x86-avx512-vnni" if amx else "host"
@@ -70,10 +70,10 @@ def _convs(which):
 
 def _scheduled_kernels(gm, inputs, database, target=TARGET):
     """The graph's ptq kernels as ``compile(database=...)`` schedules them for ``target``."""
-    from backends.tvm.build import build_ir
-    from backends.tvm.pipeline import ApplyPtqSchedules
-    from backends.tvm.records import open_database
-    from backends.tvm.registry import strategy_for
+    from ptqpasses_backends.tvm.build import build_ir
+    from ptqpasses_backends.tvm.pipeline import ApplyPtqSchedules
+    from ptqpasses_backends.tvm.records import open_database
+    from ptqpasses_backends.tvm.registry import strategy_for
 
     mod, named, _ = build_ir(gm, target, example_inputs=inputs, dynamic_batch=False)
     tgt = named.target()
@@ -113,7 +113,7 @@ def test_tune_applies_and_reuses_database(tvm_backend, tmp_path):
     assert second.database == first.database
 
     # a fresh process (no intrinsic registered yet) loads the records
-    code = ("import sys; from backends.tvm.records import open_database; "
+    code = ("import sys; from ptqpasses_backends.tvm.records import open_database; "
             "print(len(open_database(sys.argv[1], sys.argv[2])))")
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get(
@@ -141,7 +141,7 @@ def test_avx2_template_is_exact_and_uses_vpmaddwd(tvm_backend):
 def test_equal_shapes_share_one_record(tvm_backend, tmp_path):
     import tvm_ffi
 
-    from backends.tvm.build import build_ir
+    from ptqpasses_backends.tvm.build import build_ir
 
     both, inputs = _convs([0, 1])
     mod, _, _ = build_ir(both, TARGET, example_inputs=inputs, dynamic_batch=False)
@@ -175,7 +175,7 @@ def test_public_flow_on_a_quantized_model_with_dynamic_batch(tvm_backend, tmp_pa
     in the template seed with ``Cannot convert from type Array[ir.Var] to Array<IntImm>``),
     compile applies the records at batch 1, the saved module loads and stays bit-exact."""
     import ptqpasses
-    from tools.digits import DigitsCNN
+    from ptqpasses_tools.digits import DigitsCNN
 
     torch.manual_seed(0)
     model = DigitsCNN().eval()
@@ -190,7 +190,7 @@ def test_public_flow_on_a_quantized_model_with_dynamic_batch(tvm_backend, tmp_pa
     assert_exact(cm(x), qgraph(x), "tuned, batch 1")
     cm.save(tmp_path / "m")
     torch.save({"x": x, "y": qgraph(x)}, tmp_path / "io.pt")
-    code = ("import sys, torch, backends.tvm as bt; io = torch.load(sys.argv[1]); "
+    code = ("import sys, torch, ptqpasses_backends.tvm as bt; io = torch.load(sys.argv[1]); "
             "assert torch.equal(bt.load(sys.argv[2])(io['x']), io['y']); print('OK')")
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root)] + sys.path)}

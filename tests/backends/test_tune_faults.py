@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from backends.tvm.records import DatabaseError, open_database
+from ptqpasses_backends.tvm.records import DatabaseError, open_database
 from tests.backends.conftest import assert_exact, host_has
 from tests.backends.test_tune import TARGET, _dense
 
@@ -86,8 +86,8 @@ def _tune_script(db: Path, trials: int, kill_after: int = 0) -> str:
     many candidates were measured (records of a round are committed before the callback)."""
     return textwrap.dedent(f"""
         import os, signal, json, sys
-        import backends.tvm.tune
-        t = sys.modules["backends.tvm.tune"]  # (backends.tvm.tune is also the function)
+        import ptqpasses_backends.tvm.tune
+        t = sys.modules["ptqpasses_backends.tvm.tune"]  # (ptqpasses_backends.tvm.tune is also the function)
         from tests.backends.test_tune import TARGET, _dense
         if {kill_after}:
             @t.derived_object

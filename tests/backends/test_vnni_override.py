@@ -13,7 +13,7 @@ def test_override_tvm_vnni_builds_for_llvm22():
     from tvm import te
     from tvm.s_tir import Schedule, TensorIntrin
 
-    from backends.tvm.x86 import vnni as intrinsics
+    from ptqpasses_backends.tvm.x86 import vnni as intrinsics
 
     name = intrinsics.override_tvm_vnni()
     assert TensorIntrin.get(name).impl.script() == intrinsics.vnni_impl.script()
@@ -45,7 +45,7 @@ def test_the_full_registry_imports_after_the_override_and_keeps_it():
     the registry import is slow and process-wide)."""
     import subprocess
     import sys
-    code = ("from backends.tvm.x86 import vnni as v\n"
+    code = ("from ptqpasses_backends.tvm.x86 import vnni as v\n"
             "name = v.override_tvm_vnni()\n"
             "import tvm.s_tir.tensor_intrin as full\n"
             "from tvm.s_tir import TensorIntrin\n"

@@ -21,7 +21,7 @@ def test_batch_is_dynamic_even_from_a_batch_of_one():
 
 
 def test_declared_sequence_dimension_is_dynamic():
-    from tools.models import bert_encoder
+    from ptqpasses_tools.models import bert_encoder
     m = bert_encoder(take_embeddings=True).eval()
     gm = ptqpasses.capture(m, (torch.randn(2, 8, 64),), dynamic_dims={0: {1: "seq"}})
     x = torch.randn(3, 13, 64)

@@ -25,7 +25,7 @@ from ptqpasses.distributed import launch
 from ptqpasses.observers import OBSERVERS, CalibrationError
 from ptqpasses.passes.bias_correction import layer_output_means, record_bias_shift
 from ptqpasses.passes.smooth_quant import record_input_absmax
-from tools.models import randomize_bn_stats, resnet18
+from ptqpasses_tools.models import randomize_bn_stats, resnet18
 
 WORLD = 2
 EXACT = ("minmax", "histogram", "mse", "entropy")  # merges that are exact
@@ -205,7 +205,7 @@ def test_histogram_counts_do_not_depend_on_order_or_split(seed, pieces, kind):
 
 
 def test_cli_quantize_nproc_2_writes_the_single_process_recipe(tmp_path):
-    from tools.cli import main
+    from ptqpasses_tools.cli import main
     np.save(tmp_path / "calib.npy", np.random.default_rng(0).normal(size=(24, 1, 8, 8))
             .astype("float32"))
     args = ["tools.digits:DigitsCNN", "--input", "1x1x8x8:float32", "--calib",

@@ -7,7 +7,7 @@ import torch
 import ptqpasses
 from ptqpasses.guard import GUARD_KEY
 from ptqpasses.report import sqnr
-from tools.models import (bert_encoder, load_mobilenet_v2_imagenet, photo_crops,
+from ptqpasses_tools.models import (bert_encoder, load_mobilenet_v2_imagenet, photo_crops,
                           randomize_bn_stats, resnet18)
 
 aten, ptq = torch.ops.aten, torch.ops.ptq

@@ -11,7 +11,7 @@ import torch
 
 import ptqpasses
 from ptqpasses import QuantConfig, RecipeError
-from tools.digits import DigitsCNN
+from ptqpasses_tools.digits import DigitsCNN
 
 
 def _calibrated(model, config=QuantConfig()):
@@ -34,7 +34,7 @@ def test_recipe_round_trip_in_a_fresh_process(tmp_path):
     (tmp_path / "code.txt").write_text(q.code)
     script = textwrap.dedent(f"""
         import torch, ptqpasses
-        from tools.digits import DigitsCNN
+        from ptqpasses_tools.digits import DigitsCNN
         m = DigitsCNN(width=8).eval()
         m.load_state_dict(torch.load({str(tmp_path / 'w.pt')!r}))
         x = torch.load({str(tmp_path / 'x.pt')!r})
@@ -134,7 +134,7 @@ def test_killed_save_leaves_the_old_recipe(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, torch, ptqpasses
         from ptqpasses import QuantConfig
-        from tools.digits import DigitsCNN
+        from ptqpasses_tools.digits import DigitsCNN
         torch.manual_seed(7)
         m = DigitsCNN(width=8).eval()
         data = [(torch.randn(4, 1, 8, 8),)]

@@ -129,7 +129,7 @@ def test_auto_mixed_precision_raising_to_int16_keeps_integer_ops():
 
 
 def test_report_captures_the_float_model_with_the_same_dynamic_dims():
-    from tools.models import bert_encoder
+    from ptqpasses_tools.models import bert_encoder
 
     m = bert_encoder(take_embeddings=True).eval()
     calib = [(torch.randn(2, 8, 64),), (torch.randn(2, 8, 64),)]

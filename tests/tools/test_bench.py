@@ -5,8 +5,8 @@ import json
 import torch
 
 import ptqpasses
-from tools.bench import count_macs
-from tools.cli import main
+from ptqpasses_tools.bench import count_macs
+from ptqpasses_tools.cli import main
 
 
 class _Macs(torch.nn.Module):

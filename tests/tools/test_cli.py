@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from tests.backends.conftest import host_has
-from tools.cli import main
-from tools.inputs import UsageError, calibration_batches, load_model, parse_input_spec
+from ptqpasses_tools.cli import main
+from ptqpasses_tools.inputs import UsageError, calibration_batches, load_model, parse_input_spec
 
 
 def test_input_spec_parsing():
@@ -86,7 +86,7 @@ def test_compile_command_writes_a_loadable_module(tmp_path, capsys):
     assert "compiled for host" in printed
     if host_has("avx2") and not host_has("avx512vnni"):  # full-range u8 activations
         assert "packed kernels:" in printed and "overflow int16" in printed
-    from backends import tvm as ptq_tvm
+    from ptqpasses_backends import tvm as ptq_tvm
     compiled = ptq_tvm.load(tmp_path / "m.so")
     assert compiled(torch.randn(3, 1, 8, 8)).shape == (3, 10)
     assert main(["compile", *model, "--recipe", str(tmp_path / "recipe"), "--target", "sparc",
@@ -105,12 +105,12 @@ def test_demo_runs_and_is_bit_exact():
 
 
 def test_readme_tables_are_generated_from_the_registries():
-    from tools.gen_readme import main as gen_main
+    from ptqpasses_tools.gen_readme import main as gen_main
     assert gen_main(["--check"]) == 0
 
 
 def test_peak_microbenchmark_reports_fma_and_int8_rates():
-    from tools.peak import measure
+    from ptqpasses_tools.peak import measure
     peaks = measure(iterations=2_000_000)
     assert {"fp32_fma_avx2", "int8_vpmaddwd_avx2", "int8_vpmaddubsw_avx2"} <= set(peaks)
     assert all(0.5 < v < 10_000 for v in peaks.values())  # GMAC/s on any real CPU
@@ -130,7 +130,7 @@ def test_tune_then_compile_with_the_database(tmp_path, capsys):
     assert "0 new trials" in capsys.readouterr().out  # the database is reused
     assert main(["compile", *model, "--recipe", str(tmp_path / "recipe"), "--database",
                  str(tmp_path / "db"), "--out", str(tmp_path / "m.so")]) == 0
-    from backends import tvm as ptq_tvm
+    from ptqpasses_backends import tvm as ptq_tvm
     assert ptq_tvm.load(tmp_path / "m.so")(torch.randn(2, 1, 8, 8)).shape == (2, 10)
 
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import ptqpasses
-from backends.tvm.runtime import CompiledModule
-from tools import fuzz
-from tools.fuzz import Fuzzer, ModelSpec, layer
+from ptqpasses_backends.tvm.runtime import CompiledModule
+from ptqpasses_tools import fuzz
+from ptqpasses_tools.fuzz import Fuzzer, ModelSpec, layer
 
 
 def test_short_fuzz_run_is_clean():

@@ -2,7 +2,7 @@
 
 import torch
 
-from tools import observer_zoo as oz
+from ptqpasses_tools import observer_zoo as oz
 
 
 def _task():

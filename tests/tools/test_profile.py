@@ -2,8 +2,8 @@
 
 import json
 
-from tools.cli import main
-from tools.profile import kind_of, macs
+from ptqpasses_tools.cli import main
+from ptqpasses_tools.profile import kind_of, macs
 
 
 def test_profile_digits_lists_every_kernel_call(tmp_path, capsys):

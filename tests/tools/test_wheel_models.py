@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tools import models
-from tools import wheel_models as wm
-from tools.onnx_module import OnnxModule
+from ptqpasses_tools import models
+from ptqpasses_tools import wheel_models as wm
+from ptqpasses_tools.onnx_module import OnnxModule
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

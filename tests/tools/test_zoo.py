@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from tools import zoo
-from tools.cli import main
+from ptqpasses_tools import zoo
+from ptqpasses_tools.cli import main
 
 #: Architectures that pass every stage today and take a few seconds each (issue 14); bert:
 #: a dynamic sequence its position table bounds (capture applies the bound).
@@ -110,7 +110,7 @@ def test_list_and_unknown_names(capsys):
 def test_library_never_imports_transformers():
     import subprocess
     import sys
-    code = ("import sys, ptqpasses, backends.tvm; "
+    code = ("import sys, ptqpasses, ptqpasses_backends.tvm; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -9,10 +9,10 @@ with the ``aarch64-linux-gnu-gcc`` cross compiler.
 
 from __future__ import annotations
 
-from backends.tvm import cpu
-from backends.tvm.aarch64 import sdot
-from backends.tvm.cpu import dot
-from backends.tvm.strategy import Layout, Strategy, Variant
+from ptqpasses_backends.tvm import cpu
+from ptqpasses_backends.tvm.aarch64 import sdot
+from ptqpasses_backends.tvm.cpu import dot
+from ptqpasses_backends.tvm.strategy import Layout, Strategy, Variant
 
 LAYOUT = Layout("int8", 4, 4)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from backends.tvm.cpu.dot_intrin import dot_desc, register_once
+from ptqpasses_backends.tvm.cpu.dot_intrin import dot_desc, register_once
 
 SDOT_INTRIN = "ptq_dot_4x4_i8i8s32_sdot"
 

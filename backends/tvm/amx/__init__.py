@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from backends.tvm import x86
-from backends.tvm.amx import emit, kernels
-from backends.tvm.strategy import Choice, KernelFacts, Layout, Strategy, Variant
+from ptqpasses_backends.tvm import x86
+from ptqpasses_backends.tvm.amx import emit, kernels
+from ptqpasses_backends.tvm.strategy import Choice, KernelFacts, Layout, Strategy, Variant
 
 #: Below these the VNNI template is chosen. Measured on one Emerald Rapids core (dense K = N =
 #: 768, kernel alone, us): rows 1: AMX 7.6 / VNNI ~6.8; 2: 8.1 / ~7.4; 4: 8.0 / 10.0;

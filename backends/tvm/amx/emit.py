@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from tvm import relax, tirx
 
-from backends.tvm.amx import kernels
+from ptqpasses_backends.tvm.amx import kernels
 
 _OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps leaves ptq kernels alone.
 

@@ -55,8 +55,8 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from backends.tvm.packing import pack_conv, pack_dense
-from backends.tvm.requant import f32
+from ptqpasses_backends.tvm.packing import pack_conv, pack_dense
+from ptqpasses_backends.tvm.requant import f32
 
 #: Rows of an A / C tile (batch rows or output pixels per tile).
 TILE_M = 16

@@ -9,10 +9,10 @@ block with any dot-product intrinsic (``dot_intrin.py``: the one description the
 
 from __future__ import annotations
 
-from backends.tvm.cpu.depthwise import schedule_depthwise, schedule_depthwise_nhwc
-from backends.tvm.cpu.matmul import schedule_matmul
-from backends.tvm.cpu.pool import schedule_max_pool2d, schedule_max_pool2d_nhwc
-from backends.tvm.cpu.wide import schedule_wide
+from ptqpasses_backends.tvm.cpu.depthwise import schedule_depthwise, schedule_depthwise_nhwc
+from ptqpasses_backends.tvm.cpu.matmul import schedule_matmul
+from ptqpasses_backends.tvm.cpu.pool import schedule_max_pool2d, schedule_max_pool2d_nhwc
+from ptqpasses_backends.tvm.cpu.wide import schedule_wide
 
 
 def nhwc(func) -> bool:

@@ -35,7 +35,7 @@ from tvm import s_tir, tirx
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
-from backends.tvm.kernels.shapes import divisor_at_most
+from ptqpasses_backends.tvm.kernels.shapes import divisor_at_most
 
 #: int32 accumulators per tile (one AVX2 register; the compute's ``width_block``).
 LANES = 8

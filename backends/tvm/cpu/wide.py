@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from tvm import s_tir, tirx
 
-from backends.tvm.kernels.wide import KINDS
+from ptqpasses_backends.tvm.kernels.wide import KINDS
 
 
 def schedule_wide(func: tirx.PrimFunc, kind: str) -> tirx.PrimFunc:

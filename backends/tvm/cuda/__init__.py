@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from backends.tvm.strategy import Device, Layout, Strategy, Variant
+from ptqpasses_backends.tvm.strategy import Device, Layout, Strategy, Variant
 
 CUDA = Strategy("cuda", "cuda", (Variant("", Layout("int8", 4, 4), summary="dlight rules"),),
                 schedule_glue=False, nhwc=False, device=Device.CUDA,

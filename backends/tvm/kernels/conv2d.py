@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
-from backends.tvm.kernels.shapes import static_shape
-from backends.tvm.requant import requant_te
+from ptqpasses_backends.tvm.kernels.shapes import static_shape
+from ptqpasses_backends.tvm.requant import requant_te
 
 
 def out_size(size, k: int, stride: int, pad: int, dil: int):

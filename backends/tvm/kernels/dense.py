@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
-from backends.tvm.requant import requant_te
+from ptqpasses_backends.tvm.requant import requant_te
 
 
 def dense(x, w_packed, corr, mult, *, n_out: int, k_in: int, shift: int, act_dtype: str,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
-from backends.tvm.requant import f32
+from ptqpasses_backends.tvm.requant import f32
 
 #: ``P`` (highest power first), ``Q`` likewise: erf(x) ~ x * P(x^2) / Q(x^2) on [-4, 4].
 _P = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,

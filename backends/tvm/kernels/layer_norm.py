@@ -22,7 +22,7 @@ from typing import Optional
 
 from tvm import te, tirx
 
-from backends.tvm.cpu.glue import LANE_PARTIALS
+from ptqpasses_backends.tvm.cpu.glue import LANE_PARTIALS
 
 #: Partial sums per row (two AVX2 float64 registers).
 LANES = 8

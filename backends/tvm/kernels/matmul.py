@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
-from backends.tvm.requant import f32, requant_te
+from ptqpasses_backends.tvm.requant import f32, requant_te
 
 
 def _is_one(dim) -> bool:

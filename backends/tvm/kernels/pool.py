@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
-from backends.tvm.kernels.shapes import static_shape
-from backends.tvm.requant import f32, requant_te
+from ptqpasses_backends.tvm.kernels.shapes import static_shape
+from ptqpasses_backends.tvm.requant import f32, requant_te
 
 
 def pool_out_size(size, k: int, stride: int, pad: int, dil: int, ceil_mode: bool):

@@ -33,8 +33,8 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
-from backends.tvm.cpu.glue import LANE_PARTIALS
-from backends.tvm.requant import f32
+from ptqpasses_backends.tvm.cpu.glue import LANE_PARTIALS
+from ptqpasses_backends.tvm.requant import f32
 
 #: Partial row max / sum per lane (one AVX2 float32 register).
 LANES = 8

@@ -24,8 +24,8 @@ from math import comb, factorial
 
 from tvm import te, tirx
 
-from backends.tvm.kernels.softmax import exp_nonpositive
-from backends.tvm.requant import f32
+from ptqpasses_backends.tvm.kernels.softmax import exp_nonpositive
+from ptqpasses_backends.tvm.requant import f32
 
 #: Below this ``|x|`` the Taylor series is used.
 SMALL = 0.5

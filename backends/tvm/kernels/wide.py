@@ -16,9 +16,9 @@ from typing import Optional
 import numpy as np
 from tvm import te, tirx
 
-from backends.tvm.kernels.conv2d import out_size
-from backends.tvm.kernels.shapes import static_shape
-from backends.tvm.requant import requant_te
+from ptqpasses_backends.tvm.kernels.conv2d import out_size
+from ptqpasses_backends.tvm.kernels.shapes import static_shape
+from ptqpasses_backends.tvm.requant import requant_te
 
 #: Kernel kinds (``ptq.kernel`` attribute) of the computes in this file.
 KINDS = ("dense_wide", "conv2d_wide")

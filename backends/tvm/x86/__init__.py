@@ -15,7 +15,7 @@
   instruction. 8-bit ``matmul`` s are packed per call and run on the template too.
 * :data:`GENERIC` (x86 without AVX2): the VNNI layout, TVM's default lowering.
 
-Tuned records (``backends.tvm.tune``) win over the fixed template; the template seeds the
+Tuned records (``ptqpasses_backends.tvm.tune``) win over the fixed template; the template seeds the
 search.
 """
 
@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from backends.tvm import cpu
-from backends.tvm.cpu.matmul import is_packed, schedule_matmul
-from backends.tvm.strategy import Choice, KernelFacts, Layout, Strategy, Variant
-from backends.tvm.x86 import avx2, template, vnni
+from ptqpasses_backends.tvm import cpu
+from ptqpasses_backends.tvm.cpu.matmul import is_packed, schedule_matmul
+from ptqpasses_backends.tvm.strategy import Choice, KernelFacts, Layout, Strategy, Variant
+from ptqpasses_backends.tvm.x86 import avx2, template, vnni
 
 #: Output rows x weight blocks per register tile of the AVX2 template (16 int32 lanes per
 #: block: 4 x 1 x 2 ymm = 8 accumulators of AVX2's 16 registers).

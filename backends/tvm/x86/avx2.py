@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from backends.tvm.cpu.dot_intrin import dot_desc, register_once
+from ptqpasses_backends.tvm.cpu.dot_intrin import dot_desc, register_once
 
 AVX2_INTRIN = "ptq_dot_8x2_i16i8i32_avx2"
 

@@ -16,7 +16,7 @@ from typing import Optional
 import tvm
 from tvm import s_tir, tirx
 
-from backends.tvm.kernels.shapes import divisor_at_most
+from ptqpasses_backends.tvm.kernels.shapes import divisor_at_most
 
 
 def schedule_packed(func: tirx.PrimFunc, kind: str, intrin: str, lanes: int = 16,

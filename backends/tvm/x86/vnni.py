@@ -17,7 +17,7 @@ from __future__ import annotations
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
-from backends.tvm.cpu.dot_intrin import dot_desc, register_once
+from ptqpasses_backends.tvm.cpu.dot_intrin import dot_desc, register_once
 
 VNNI_INTRIN = "ptq_dot_16x4_u8i8i32_vnni"
 TVM_VNNI_INTRIN = "dot_16x4_vnni"
