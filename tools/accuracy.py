@@ -20,8 +20,8 @@ peers ``fx`` (torch.ao prepare_fx/convert_fx, 'x86'), ``pt2e`` (torchao
 X86InductorQuantizer), ``ort-static`` (ONNX Runtime static QDQ, per-channel) and
 ``ort-dynamic`` (ONNX Runtime dynamic int8), each skipped with a note when not installed.
 ptqpasses rows run the lowered integer-op graph (torch.ops.ptq reference kernels); with
-``--backend tvm`` they run that graph compiled by ``ptqpasses_backends.tvm`` for the host (metrics from
-the TVM outputs; the note says whether they equal the torch reference's, bit for bit).
+``--backend tvm`` they run that graph compiled by ``ptqpasses_backends.tvm`` for the host
+(metrics from the TVM outputs; the note says whether they equal the torch reference's, bit for bit).
 
 Measured (torch 2.13 CPU, onnxruntime 1.32, torchao 0.18; data and metrics as above):
 
@@ -390,7 +390,8 @@ METHODS: dict[str, Callable] = {
 
 
 def _tvm_outputs(q, batches: list[tuple], ref_out: list) -> tuple[list, str]:
-    """Compile the integer graph ``q`` for the host with ``ptqpasses_backends.tvm`` and run ``batches``;
+    """Compile the integer graph ``q`` for the host with ``ptqpasses_backends.tvm`` and run
+    ``batches``;
     the note compares the outputs with the torch reference run ``ref_out``."""
     import ptqpasses_backends.tvm as ptq_tvm
 

@@ -11,7 +11,6 @@ ms and ratio to torch int8) and writes JSON with ``--json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -20,6 +19,7 @@ import time
 import torch
 
 import ptqpasses.ops  # noqa: F401  (registers torch.ops.ptq)
+from ptqpasses_tools.tables import markdown_table, write_json
 
 P = torch.ops.ptq
 
@@ -147,15 +147,12 @@ def main(argv=None) -> None:
     print(f"\nmachine: {platform.processor() or platform.machine()}, "
           f"cpu {bt.targets.system_cpu()}, tvm {tvm.__version__}, torch {torch.__version__}, "
           f"median of {a.runs} interleaved runs\n")
-    print("| kernel | threads | variant | median ms | speed vs torch int8 |")
-    print("|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['kernel']} | {r['threads']} | {r['variant']} | {r['median_ms']:.3f} | "
-              f"{r['vs_torch_int8']:.2f}x |")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=1)
-
+    print("\n".join(markdown_table(
+        ["kernel", "threads", "variant", "median ms", "speed vs torch int8"],
+        ([r["kernel"], r["threads"], r["variant"], f"{r['median_ms']:.3f}",
+          f"{r['vs_torch_int8']:.2f}x"] for r in rows),
+        right=["threads", "median ms", "speed vs torch int8"])))
+    write_json(a.json, rows)
 
 if __name__ == "__main__":
     main()

@@ -270,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("compile", "apply a recipe and compile the integer graph with TVM", cmd_compile)
     _add_model_args(p)
     p.add_argument("--recipe", required=True, help="recipe from `ptq quantize`")
-    p.add_argument("--target", default="host", help="named target (see ptqpasses_backends.tvm.targets)")
+    p.add_argument("--target", default="host",
+                   help="named target (see ptqpasses_backends.tvm.targets)")
     p.add_argument("--out", required=True, help="output .so (metadata JSON written beside it)")
     p.add_argument("--database", help="tuning database from `ptq tune` (compiles for the "
                    "--input shapes)")

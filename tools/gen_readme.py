@@ -1,4 +1,5 @@
-"""Regenerates the README's tables of integer operators and targets from the registries.
+"""Regenerates the README's tables of integer operators, the ATen op table and the targets from
+the registries.
 
     python -m tools.gen_readme          # rewrite README.md in place
     python -m tools.gen_readme --check  # exit 1 if README.md is out of date (a test runs this)
@@ -29,6 +30,24 @@ def ops_table() -> str:
     return "\n".join(rows)
 
 
+def aten_table() -> str:
+    """The op table (``ptqpasses.opsets.OPS``), one row per kind and lowering, ATen ops grouped."""
+    from ptqpasses.opsets import OPS
+
+    groups: dict[tuple, list[str]] = {}
+    for target, op in OPS.items():
+        traits = [t for t, on in (("weight", op.weighted), ("fuses ReLU", op.fuses_activation),
+                                  ("float output", op.float_output),
+                                  ("erased", op.identity)) if on]
+        key = (op.kind.value, op.rule or "", ", ".join(f"`ptq.{e}`" for e in op.emits),
+               ", ".join(traits))
+        groups.setdefault(key, []).append(f"`{target.name()}`".replace("aten::", ""))
+    rows = ["| ATen ops | kind | lowering rule | lowers to | also |", "|---|---|---|---|---|"]
+    for (kind, rule, emits, traits), names in groups.items():
+        rows.append(f"| {' '.join(names)} | {kind} | {rule} | {emits} | {traits} |")
+    return "\n".join(rows)
+
+
 def targets_table() -> str:
     from ptqpasses_backends.tvm.registry import strategy_for
     from ptqpasses_backends.tvm.targets import TARGETS
@@ -45,7 +64,7 @@ def targets_table() -> str:
     return "\n".join(rows)
 
 
-SECTIONS = {"ops": ops_table, "targets": targets_table}
+SECTIONS = {"ops": ops_table, "aten": aten_table, "targets": targets_table}
 
 
 def render(text: str) -> str:

@@ -1,7 +1,7 @@
 """Where a compiled model's time goes: every kernel call of one inference, timed alone.
 
 ``python -m tools.profile --model minilm --config recipe`` (also ``ptq profile``) builds a bench
-model (``tools.bench.MODELS``) under a ptqpasses configuration (``defaults``, ``reduce_range``,
+model (``tools.MODELS``) under a ptqpasses configuration (``defaults``, ``reduce_range``,
 ``recipe``), compiles it for the host with the fixed templates, and:
 
 1. times whole calls of the compiled model (median, min);
@@ -170,7 +170,8 @@ def to_text(title: str, result: dict, top: int = 15) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ptqpasses_tools.bench import CONFIGS, MODELS
+    from ptqpasses_tools.bench_models import MODELS
+    from ptqpasses_tools.bench_peers import CONFIGS
 
     p.add_argument("--model", default="resnet18", help=f"one of {', '.join(MODELS)}")
     p.add_argument("--batch", type=int, default=1)
@@ -186,19 +187,19 @@ def run(args) -> int:
     import torch
 
     import ptqpasses_backends.tvm as bt
-    from ptqpasses_tools import bench
-
+    from ptqpasses_tools.bench_models import MODELS, Skip
+    from ptqpasses_tools.bench_peers import CONFIGS, int8_graph
     from ptqpasses_tools.inputs import UsageError
 
     torch.set_num_threads(args.threads)
-    for what, value, known in (("model", args.model, bench.MODELS),
-                               ("configuration", args.config, bench.CONFIGS)):
+    for what, value, known in (("model", args.model, MODELS),
+                               ("configuration", args.config, CONFIGS)):
         if value not in known:
             raise UsageError(f"unknown {what} {value!r}; choose from {', '.join(known)}")
     try:
-        case = bench.MODELS[args.model][0](args.batch)
-        qgraph, note = bench.int8_graph(case, args.config)
-    except bench.Skip as e:
+        case = MODELS[args.model][0](args.batch)
+        qgraph, note = int8_graph(case, args.config)
+    except Skip as e:
         raise UsageError(f"{args.model} / {args.config}: {e}") from None
     compiled = bt.compile(qgraph, "host", example_inputs=list(case.inputs), dynamic_batch=False)
     result = profile(compiled, list(case.inputs), args.runs)

@@ -16,12 +16,13 @@ servers are up and registered before). The model: the digits CNN (``tools.digits
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import tempfile
 import time
 
 import torch
+
+from ptqpasses_tools.tables import markdown_table, write_json
 
 
 def _model():
@@ -74,14 +75,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     rows = [time_tuning(n, args.device, args.target, args.trials) for n in args.servers]
     print(f"{platform.processor() or platform.machine()}, {time.strftime('%Y-%m-%d')}\n")
-    print("| servers | device | target | kernels | candidates measured | tune wall (s) |")
-    print("|---:|---|---|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['servers']} | {r['device']} | {r['target']} | {r['kernels']} | "
-              f"{r['measured']} | {r['wall_s']:.1f} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    print("\n".join(markdown_table(
+        ["servers", "device", "target", "kernels", "candidates measured", "tune wall (s)"],
+        ([r["servers"], r["device"], r["target"], r["kernels"], r["measured"],
+          f"{r['wall_s']:.1f}"] for r in rows),
+        right=["servers", "kernels", "candidates measured", "tune wall (s)"])))
+    write_json(args.json, rows)
     return 0
 
 
