@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from ptqpasses import distributed as dist_
 from ptqpasses import meta
+from ptqpasses.meta import Role
 from ptqpasses.observers import CalibrationError, Observer
 
 log = logging.getLogger(__name__)
@@ -115,23 +116,23 @@ def _leave_float(gm: fx.GraphModule, obs: fx.Node, ob: Observer) -> None:
     src = obs.args[0]
     sq = meta.get_qspec(src)
     users, todo = [], list(obs.users)
-    if sq is not None and sq.role in ("compute", "fused"):  # its own output: no int8 range
+    if sq is not None and sq.role in (Role.COMPUTE, Role.FUSED):  # its own output: no int8 range
         users.append(src)
     while todo:  # the ops that asked for the value quantized, through shape ops
         u = todo.pop()
         q = meta.get_qspec(u)
-        if q is not None and q.role == "share":
-            meta.set_qspec(u, q.replace(role="float", reason="input is not quantized"))
+        if q is not None and q.role == Role.SHARE:
+            meta.set_qspec(u, q.replace(role=Role.FLOAT, reason="input is not quantized"))
             todo.extend(u.users)
-        elif q is not None and q.role in ("compute", "fused"):
+        elif q is not None and q.role in (Role.COMPUTE, Role.FUSED):
             users.append(u)
     for u in users:
         q = meta.get_qspec(u)
-        meta.set_qspec(u, q.replace(role="float", weight=None, fused_into=None, reason=why))
+        meta.set_qspec(u, q.replace(role=Role.FLOAT, weight=None, fused_into=None, reason=why))
         for f in u.users:  # an activation fused into it stays its own float op
             fq = meta.get_qspec(f)
-            if fq is not None and fq.role == "fused" and fq.fused_into == u.name:
-                meta.set_qspec(f, fq.replace(role="float", fused_into=None, reason=why))
+            if fq is not None and fq.role == Role.FUSED and fq.fused_into == u.name:
+                meta.set_qspec(f, fq.replace(role=Role.FLOAT, fused_into=None, reason=why))
     log.warning("calibrate: node %r held Inf during calibration: left float (%s)", name,
                 ", ".join(repr(u.name) for u in users) + " made float" if users
                 else "no integer op used it")

@@ -41,6 +41,7 @@ import torch
 import torch.fx as fx
 
 from ptqpasses import meta
+from ptqpasses.meta import Role
 from ptqpasses.calibrate import _as_args, calibrate, observers
 from ptqpasses.config import QuantConfig
 from ptqpasses.observer_base import weight_qparams
@@ -515,7 +516,7 @@ class _Alone(fx.Interpreter):
             if n.op == "call_module":
                 return meta.get_qparams(n)
             q = meta.get_qspec(n)
-            if q is None or q.role != "share" or not n.args:
+            if q is None or q.role != Role.SHARE or not n.args:
                 return None
             n = n.args[0]
         return None

@@ -7,9 +7,9 @@ side tables keyed by node name).
 
 from __future__ import annotations
 
-import re
-
 import dataclasses
+import enum
+import re
 from dataclasses import dataclass
 from typing import Optional
 
@@ -20,7 +20,6 @@ QSPEC = "ptq.qspec"          # NodeQuant: what Annotate decided for this node
 QPARAMS = "ptq.qparams"      # QParams of the node's (integer) output, after calibration
 OBSERVED = "ptq.observed"    # on an observer call: name of the node whose output it watches
 SOURCE = "ptq.source"        # name of the node in the float graph this node computes
-FLOAT_REASON = "ptq.float"   # why a compute node stayed in float (coverage report)
 
 _DTYPES = {"int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16}
 
@@ -63,29 +62,48 @@ class QSpec:
         return lo, hi
 
 
+class Role(enum.StrEnum):
+    """What Annotate decided a node is (``NodeQuant.role``): a closed set. A StrEnum, so a
+    role compares equal to its value (``Role.COMPUTE == "compute"``)."""
+
+    INPUT = "input"         # a placeholder or constant whose output is observed
+    COMPUTE = "compute"     # lowered to a ptq op
+    FUSED = "fused"         # an activation folded into the clamp of ``fused_into``
+    SHARE = "share"         # passes the qparams of its first input through
+    FLOAT = "float"         # stays in float; ``reason`` says why
+    OBSERVER = "observer"   # an observer call inserted by InsertObservers
+
+
 @dataclass(frozen=True)
 class NodeQuant:
     """Annotate's decision for one node.
 
     Attributes:
-        role: "compute" (lowered to a ptq op), "fused" (an activation folded into the
-            clamp of ``fused_into``), "share" (passes qparams of its first input through),
-            or "float" (stays in float; see ``reason``).
+        role: a :class:`Role` (a string of the set is accepted and converted; any other
+            value raises).
         output: spec of the observed output, or None when not observed here.
         weight: spec of the weight input (conv / linear).
         fused_into: name of the compute node whose clamp absorbs this activation.
-        reason: for role "float", why; for a float output, which rule decided.
+        reason: for role "float", why (the coverage report's reason: the one place it is
+            kept); for a float output, which rule decided.
         float_output: a "compute" node (conv / linear / matmul) whose consumers are all
             float: it computes on integers and hands its dequantized accumulator
             ``float32(acc) * s_x * s_w`` straight to them (no output quantization).
     """
 
-    role: str
+    role: Role
     output: Optional[QSpec] = None
     weight: Optional[QSpec] = None
     fused_into: Optional[str] = None
     reason: str = ""
     float_output: bool = False
+
+    def __post_init__(self):
+        try:
+            object.__setattr__(self, "role", Role(self.role))
+        except ValueError:
+            raise ValueError(f"NodeQuant: unknown role {self.role!r}; one of "
+                             f"{', '.join(r.value for r in Role)}") from None
 
     def replace(self, **kw) -> "NodeQuant":
         return dataclasses.replace(self, **kw)
@@ -174,11 +192,16 @@ def location(node: fx.Node) -> str:
 
 
 def float_reason(node: fx.Node) -> Optional[str]:
-    return node.meta.get(FLOAT_REASON)
+    """Why ``node`` runs in float (its NodeQuant's reason), or None when it is not float."""
+    q = get_qspec(node)
+    return q.reason if q is not None and q.role is Role.FLOAT else None
 
 
 def set_float_reason(node: fx.Node, reason: str) -> None:
-    node.meta[FLOAT_REASON] = reason
+    """Marks ``node`` float with ``reason`` (keeping what is observed about its output)."""
+    q = get_qspec(node)
+    set_qspec(node, NodeQuant(Role.FLOAT, reason=reason) if q is None else q.replace(
+        role=Role.FLOAT, reason=reason, fused_into=None, float_output=False))
 
 
 # --- statistics recorded from data for the data-dependent recovery passes ----------------

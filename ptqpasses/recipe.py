@@ -30,7 +30,7 @@ from ptqpasses import meta
 from ptqpasses.calibrate import observers
 from ptqpasses.capture import WEIGHTS_KEY, capture
 from ptqpasses.files import atomic_path, atomic_write_text
-from ptqpasses.meta import QParams
+from ptqpasses.meta import QParams, Role
 from ptqpasses.pipeline import Pipeline
 
 FORMAT = "ptqpasses-recipe/2"  # 2: binds the model's weights (``weights_sha256``)
@@ -106,7 +106,7 @@ def save_recipe(observed: fx.GraphModule, path: str | Path, *, pipeline: Pipelin
     decisions = {}
     for n in observed.graph.nodes:
         q = meta.get_qspec(n)
-        if q is not None and q.role != "observer":
+        if q is not None and q.role != Role.OBSERVER:
             decisions[n.name] = json.loads(json.dumps(dataclasses.asdict(q)))
     body = {
         "format": FORMAT,

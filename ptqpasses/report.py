@@ -12,6 +12,7 @@ import torch.fx as fx
 from ptqpasses import meta
 from ptqpasses.calibrate import _as_args
 from ptqpasses.capture import capture
+from ptqpasses.opsets import in_coverage
 
 ptq = torch.ops.ptq
 _CONVERSIONS = {"quantize", "dequantize", "dequantize_per_channel", "requantize"}
@@ -46,7 +47,7 @@ def coverage(qgraph: fx.GraphModule) -> list[CoverageEntry]:
                 rule = spec.reason if spec is not None and spec.float_output else ""
                 out.append(CoverageEntry(node.name, f"ptq.{_ptq_name(node)}", True, rule,
                                          where=meta.location(node)))
-        elif meta.float_reason(node) is not None:
+        elif in_coverage(node) and meta.float_reason(node) is not None:
             out.append(CoverageEntry(node.name, str(node.target), False, meta.float_reason(node),
                                      meta.location(node)))
     return out

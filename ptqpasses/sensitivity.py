@@ -32,6 +32,7 @@ import torch
 import torch.fx as fx
 
 from ptqpasses import meta
+from ptqpasses.meta import Role
 from ptqpasses.calibrate import _as_args, calibrate, observers
 from ptqpasses.config import QuantConfig, Scheme
 from ptqpasses.passes import Annotate, ConvertToQDQ, FoldBatchNorm, InsertObservers
@@ -79,11 +80,11 @@ class _Evaluator:
         self.observed = observed  # calibrated: qparams on every observer node
         self.stats = {meta.observed_node(n): ob for n, ob in observers(observed)}
         self.compute = [n.name for n in observed.graph.nodes
-                        if meta.get_qspec(n) is not None and meta.get_qspec(n).role == "compute"]
+                        if meta.get_qspec(n) is not None and meta.get_qspec(n).role == Role.COMPUTE]
         self.output_of = {c: c for c in self.compute}  # the node whose value c's op produces
         for n in observed.graph.nodes:
             q = meta.get_qspec(n)
-            if q is not None and q.role == "fused" and q.fused_into in self.output_of:
+            if q is not None and q.role == Role.FUSED and q.fused_into in self.output_of:
                 self.output_of[q.fused_into] = n.name
         by_name = {n.name: n for n in observed.graph.nodes}
         self.inputs_of = {c: _observed_inputs(by_name, c) for c in self.compute}
@@ -145,14 +146,14 @@ def _observed_inputs(by_name: dict[str, fx.Node], name: str) -> tuple[str, ...]:
     for a in node.all_input_nodes:
         while a.op != "call_module":
             q = meta.get_qspec(a)
-            if q is None or q.role != "share" or not a.all_input_nodes:
+            if q is None or q.role != Role.SHARE or not a.all_input_nodes:
                 break
             a = a.all_input_nodes[0]
         if a.op == "call_module" and meta.observed_node(a) is not None:
             producer = by_name[meta.observed_node(a)]
             q = meta.get_qspec(producer)
-            if producer.op == "call_function" and q is not None and q.role in ("compute", "fused"):
-                out.append(q.fused_into if q.role == "fused" else producer.name)
+            if producer.op == "call_function" and q is not None and q.role in (Role.COMPUTE, Role.FUSED):
+                out.append(q.fused_into if q.role == Role.FUSED else producer.name)
     return tuple(out)
 
 

@@ -23,8 +23,8 @@ def _signature(mod: tvm.IRModule, target: Any) -> tuple[dict, _targets.NamedTarg
     attrs = mod.attrs
     if attrs is None or SIGNATURE_ATTR not in attrs:
         raise ValueError(f"IRModule has no {SIGNATURE_ATTR!r} attribute: make it with "
-                         "ptqpasses_backends.tvm.emit(qgraph, target), and keep module attributes in "
-                         "your passes (IRModule(functions) drops them; use mod.with_attr)")
+                         "ptqpasses_backends.tvm.emit(qgraph, target), and keep module attributes "
+                         "in your passes (IRModule(functions) drops them; use mod.with_attr)")
     sig = json.loads(str(attrs[SIGNATURE_ATTR]))
     emitted = _targets.NamedTarget(sig["target"], sig["family"], sig["target_spec"])
     if target is None:
@@ -74,7 +74,8 @@ def compile(qgraph: fx.GraphModule | tvm.IRModule, target: Any = None, *,
             sdot tensorization, the generic CPU schedules of ``cpu/``) and, on CPU, the
             schedule of the glue and float islands (``cpu/glue.py``); tuned records apply
             regardless. Kernels built already scheduled (AMX) stay as they are.
-        database: Root folder of tuning records (``ptqpasses_backends.tvm.tune``); the target's keyed
+        database: Root folder of tuning records (``ptqpasses_backends.tvm.tune``); the
+            target's keyed
             subfolder is used. Kernels with a record get the tuned schedule, the others the
             fixed one. ``dynamic_batch`` defaults to False then (records are per static shape;
             a symbolic batch without ``example_inputs`` becomes 1, as in ``tune``).

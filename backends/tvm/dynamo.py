@@ -380,7 +380,8 @@ class _Graph:
 
     def fall_back(self, reason: str) -> None:
         how = self.backend.fallback
-        log.warning("ptqpasses_backends.tvm.dynamo_backend: %s falls back to %s: %s", self.name, how, reason)
+        log.warning("ptqpasses_backends.tvm.dynamo_backend: %s falls back to %s: %s",
+                    self.name, how, reason)
         self.status.served_by, self.status.reason = how, reason
         if how == "eager":
             self.impl = self.gm
@@ -408,7 +409,8 @@ class _Graph:
 class DynamoBackend:
     """A ``torch.compile`` backend that quantizes every captured graph and runs it with TVM.
 
-    Build it with ``ptqpasses_backends.tvm.dynamo_backend``; see this module's docstring for the design.
+    Build it with ``ptqpasses_backends.tvm.dynamo_backend``; see this module's docstring for
+    the design.
     """
 
     def __init__(self, calibration_data: Optional[Iterable[Any]], target: Any,
@@ -507,7 +509,8 @@ def dynamo_backend(calibration_data: Optional[Iterable[Any]], target: Any = "hos
         calibration_data: model input batches (tuples, or single tensors) for
             ``backend.calibrate(compiled_model)``; ``None`` to calibrate each graph on its
             first ``calibration_calls`` calls instead (those run in float).
-        target: a TVM target the outputs run on here (``ptqpasses_backends.tvm.TARGETS`` name or dict).
+        target: a TVM target the outputs run on here (``ptqpasses_backends.tvm.TARGETS`` name
+            or dict).
         config: the QuantConfig. Module paths are as in ``model.named_modules()``; each
             graph gets the entries that match something in it, and ``calibrate`` raises
             ConfigError for an entry that matched no graph. Node names are each graph's own.

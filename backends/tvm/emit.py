@@ -824,6 +824,8 @@ def _is_prim(value) -> bool:
 
 
 #: aten ops whose output is a view of their first input (an in-place op on it writes there).
+#: Memory aliasing, not ``ptqpasses.opsets.VIEWS`` (the shape-only ops that pass qparams
+#: through): ``clone`` / ``contiguous`` copy, ``split`` / ``unbind`` alias.
 _VIEWS = {"view", "_unsafe_view", "reshape", "permute", "transpose", "t", "unsqueeze",
           "squeeze", "expand", "slice", "select", "alias", "flatten", "unflatten", "narrow",
           "as_strided", "diagonal", "split", "chunk", "unbind", "getitem", "detach"}

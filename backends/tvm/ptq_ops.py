@@ -1,6 +1,7 @@
 """Relax emission of each ``torch.ops.ptq`` operator (one function per op).
 
-Every function takes the :class:`~ptqpasses_backends.tvm.emit.Emitter` and the op's arguments bound by
+Every function takes the :class:`~ptqpasses_backends.tvm.emit.Emitter` and the op's arguments
+bound by
 name (``args``), and returns the Relax expression of the result.
 """
 

@@ -4,7 +4,8 @@ A device is named ``host:port:key`` (an RPC tracker and the key its servers regi
 ``python -m tvm.exec.rpc_server --tracker host:port --key key``) or ``host:port`` (one server,
 no tracker). ``RemoteModule(compiled, "host:port:key")`` links the module for its target (the
 strategy's cross compiler for a cross target), uploads it, and runs it there on torch tensors;
-``time`` measures it with the remote clock. ``ptqpasses_backends.tvm.tune(..., rpc=...)`` measures tuning
+``time`` measures it with the remote clock. ``ptqpasses_backends.tvm.tune(..., rpc=...)``
+measures tuning
 candidates the same way (MetaSchedule's RPC runner).
 """
 

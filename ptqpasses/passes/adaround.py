@@ -61,7 +61,7 @@ from tqdm.auto import tqdm
 from ptqpasses import meta
 from ptqpasses.calibrate import _as_args
 from ptqpasses.graph_utils import add_constant, get_attr_value, remove_unused_attributes
-from ptqpasses.meta import QParams
+from ptqpasses.meta import QParams, Role
 from ptqpasses.opsets import WEIGHTED, activation_bounds
 from ptqpasses.passes.bias_correction import _layers
 from ptqpasses.passes.convert_to_qdq import NotCalibratedError, weight_grid
@@ -120,7 +120,7 @@ def _input_qparams(node: fx.Node) -> Optional[QParams]:
         q = meta.get_qspec(x)
         if q is None:
             return None
-        if q.role == "observer":
+        if q.role == Role.OBSERVER:
             p = meta.get_qparams(x)
             if p is None:
                 raise NotCalibratedError(
@@ -128,7 +128,7 @@ def _input_qparams(node: fx.Node) -> Optional[QParams]:
                     f"{meta.observed_node(x)!r} has no qparams: run ptqpasses.calibrate(graph, "
                     "data) before adaround")
             return p
-        if q.role != "share" or not x.args:
+        if q.role != Role.SHARE or not x.args:
             return None
         x = x.args[0]
     return None
@@ -160,7 +160,7 @@ class _Layer:
         self.stride, self.padding, self.dilation = a[3] or [1, 1], a[4] or [0, 0], a[5] or [1, 1]
         self.groups = (a[6] or 1) if self.conv else 1
         specs = [(u, meta.get_qspec(u)) for u in node.users]
-        fused = [u for u, q in specs if q is not None and q.role == "fused"
+        fused = [u for u, q in specs if q is not None and q.role == Role.FUSED
                  and q.fused_into == node.name]
         self.act = activation_bounds(fused[0]) if fused else None  # f in the objective
 

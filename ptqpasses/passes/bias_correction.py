@@ -33,6 +33,7 @@ import torch.fx as fx
 
 from ptqpasses import distributed as dist_
 from ptqpasses import meta
+from ptqpasses.meta import Role
 from ptqpasses.calibrate import _as_args
 from ptqpasses.graph_utils import add_constant, get_attr_value
 from ptqpasses.opsets import WEIGHTED
@@ -47,7 +48,7 @@ def _layers(gm: fx.GraphModule) -> list[fx.Node]:
     for n in gm.graph.nodes:
         q = meta.get_qspec(n)
         if n.op == "call_function" and n.target in WEIGHTED and q is not None \
-                and q.role == "compute" and q.weight is not None:
+                and q.role == Role.COMPUTE and q.weight is not None:
             out.append(n)
     return out
 

@@ -10,7 +10,7 @@ import torch.fx as fx
 
 from ptqpasses import meta
 from ptqpasses.graph_utils import add_constant, get_attr_value, remove_unused_attributes
-from ptqpasses.meta import QParams
+from ptqpasses.meta import QParams, Role
 from ptqpasses.observers import weight_qparams
 from ptqpasses.opsets import WEIGHTED
 from ptqpasses.pipeline import Pass, register_pass
@@ -56,7 +56,7 @@ class ConvertToQDQ(Pass):
             q = meta.get_qspec(node)
             if q is None:
                 continue
-            if q.role == "observer":
+            if q.role == Role.OBSERVER:
                 params = meta.get_qparams(node)
                 if params is None:
                     raise NotCalibratedError(
@@ -64,12 +64,12 @@ class ConvertToQDQ(Pass):
                         "ptqpasses.calibrate(graph, data) before ConvertToQDQ")
                 _replace_with_qdq(gm, node, node.args[0], params)
                 modified = True
-            elif q.role == "share":
+            elif q.role == Role.SHARE:
                 src = node.args[0]
                 if _is_dequantize(src):
                     _insert_qdq_after(gm, node, meta.get_qparams(src.args[0]))
                     modified = True
-            elif q.role == "compute" and node.target in WEIGHTED and q.weight is not None:
+            elif q.role == Role.COMPUTE and node.target in WEIGHTED and q.weight is not None:
                 _quantize_weight_and_bias(gm, node, q.weight)
                 modified = True
         if modified:
@@ -104,7 +104,7 @@ def _replace_with_qdq(gm, obs: fx.Node, x: fx.Node, params: QParams) -> None:
     with gm.graph.inserting_before(obs):
         _, dq = _qdq_nodes(gm, x, params)
     source = meta.get_qspec(x)
-    if source is not None and source.role in ("float", "input"):
+    if source is not None and source.role in (Role.FLOAT, Role.INPUT):
         obs.replace_all_uses_with(dq, delete_user_cb=lambda u: not _is_float_op(u))
         obs.replace_all_uses_with(x)
     else:
@@ -114,7 +114,7 @@ def _replace_with_qdq(gm, obs: fx.Node, x: fx.Node, params: QParams) -> None:
 
 def _is_float_op(user: fx.Node) -> bool:
     q = meta.get_qspec(user)
-    return q is not None and q.role == "float"
+    return q is not None and q.role == Role.FLOAT
 
 
 def _insert_qdq_after(gm, node: fx.Node, params: QParams) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ptqpasses import meta
-from ptqpasses.meta import NodeQuant
+from ptqpasses.meta import NodeQuant, Role
 from ptqpasses.observers import make_observer
 from ptqpasses.pipeline import Pass, register_pass
 
@@ -48,7 +48,7 @@ class InsertObservers(Pass):
                 obs = gm.graph.call_module(name, (node,))
             node.replace_all_uses_with(obs, delete_user_cb=lambda u: u is not obs)
             meta.set_observed_node(obs, node.name)
-            meta.set_qspec(obs, NodeQuant("observer", output=q.output))
+            meta.set_qspec(obs, NodeQuant(Role.OBSERVER, output=q.output))
             meta.set_source(obs, meta.source(node))
             if "val" in node.meta:
                 obs.meta["val"] = node.meta["val"]

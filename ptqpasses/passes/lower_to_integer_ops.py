@@ -10,15 +10,12 @@ import torch.fx as fx
 
 from ptqpasses import meta
 from ptqpasses.graph_utils import add_constant, get_attr_value, remove_unused_attributes
-from ptqpasses.meta import QParams
-from ptqpasses.opsets import COMPUTE, VIEWS, op_name
+from ptqpasses.meta import QParams, Role
+from ptqpasses.opsets import COMPUTE, IDENTITY_VIEWS, VIEWS, in_coverage, op_name
 from ptqpasses.pipeline import Pass, register_pass
 
 aten, ptq = torch.ops.aten, torch.ops.ptq
 ADD_COMMON_BITS = 14  # add: inputs are put on a common scale with integer factors <= 2**14
-#: Share ops that are the identity on the integer tensor. Not ``contiguous`` / ``clone``:
-#: a later ``view`` needs their layout (Swin's ``permute -> contiguous -> view``).
-_IDENTITY_VIEWS = {aten.dropout.default, aten.alias.default}
 
 
 def f32(x: float) -> float:
@@ -216,7 +213,7 @@ class _Lowering:
         if not _is_dq(x) or _dq_params(x) != out:
             return "input is not quantized with the same parameters"
         xq = x.args[0]
-        if op.target in _IDENTITY_VIEWS:
+        if op.target in IDENTITY_VIEWS:
             return xq
         if op.target is aten.view.default:  # the same, on any layout our ops give it
             return self.call(aten.reshape.default, [xq, *op.args[1:]])
@@ -255,7 +252,7 @@ class LowerToIntegerOps(Pass):
                         %multiplier, 0, 0, 255, uint8)
 
     Ops that could not be lowered stay in float between dequantize and quantize, with the
-    reason in ``node.meta["ptq.float"]``. Finally ``quantize(dequantize(x))`` pairs become
+    reason in their NodeQuant (``meta.float_reason``). Finally ``quantize(dequantize(x))`` pairs become
     ``x`` (same parameters) or ``ptq.requantize``, and a requantize that is the identity on
     every value its input can hold (same zero point and dtype, a multiplier within float32
     rounding of 1: attention scores scaled by ``1 / sqrt(d)`` into a scale that absorbed it)
@@ -275,12 +272,12 @@ class LowerToIntegerOps(Pass):
                 continue
             spec = meta.get_qspec(x)
             act, op = None, x
-            if spec is not None and spec.role == "fused":
+            if spec is not None and spec.role == Role.FUSED:
                 act, op = x, x.args[0]
                 spec = meta.get_qspec(op)
-            if spec is None or spec.role not in ("compute", "share"):
+            if spec is None or spec.role not in (Role.COMPUTE, Role.SHARE):
                 continue
-            rule = _Lowering.share if spec.role == "share" else _RULES[COMPUTE[op.target]]
+            rule = _Lowering.share if spec.role == Role.SHARE else _RULES[COMPUTE[op.target]]
             out = meta.get_qparams(q)
             with gm.graph.inserting_before(q):
                 new = rule(lowering, op, act, out, q)
@@ -312,7 +309,7 @@ def _lower_float_outputs(gm: fx.GraphModule, lowering: _Lowering) -> bool:
     modified = False
     for op in list(gm.graph.nodes):
         spec = meta.get_qspec(op)
-        if (op.op != "call_function" or spec is None or spec.role != "compute"
+        if (op.op != "call_function" or spec is None or spec.role != Role.COMPUTE
                 or not spec.float_output):
             continue
         with gm.graph.inserting_before(op):
@@ -354,20 +351,15 @@ def _fold_quantize_dequantize(gm: fx.GraphModule) -> bool:
 
 
 def _record_float_reasons(gm: fx.GraphModule) -> None:
+    """Every float node the coverage report counts gets its reason (Annotate's, or "not in the
+    integer operator set")."""
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target in VIEWS or not isinstance(
-                node.target, torch._ops.OpOverload) or node.target is aten.sym_size.int:
+        if not in_coverage(node):
             continue
-        if node.target.namespace == "ptq" or not node.target._schema.returns:
-            continue  # our own ops, and checks such as aten._assert_tensor_metadata
-        val = node.meta.get("val")
-        if isinstance(val, torch.Tensor) and not val.is_floating_point():
-            continue  # index / mask arithmetic, not a quantization candidate
-        if meta.float_reason(node) is None:
-            spec = meta.get_qspec(node)
-            reason = spec.reason if spec is not None and spec.reason else (
-                f"{op_name(node)} is not in the integer operator set")
-            meta.set_float_reason(node, reason)
+        spec = meta.get_qspec(node)
+        if spec is None or spec.role is not Role.FLOAT or not spec.reason:
+            meta.set_float_reason(node, spec.reason if spec is not None and spec.reason else (
+                f"{op_name(node)} is not in the integer operator set"))
 
 
 def _drop_identity_requantize(gm: fx.GraphModule) -> bool:

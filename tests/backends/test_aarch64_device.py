@@ -205,7 +205,8 @@ def test_ptq_bench_and_tune_with_rpc(aarch64_device, tmp_path, capsys):
     assert "--rpc: RPC device 'nohost'" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not __import__("ptqpasses_backends.tvm.amx", fromlist=["x"]).kernels.cpu_has_amx(),
+@pytest.mark.skipif(not __import__("ptqpasses_backends.tvm.amx",
+                                    fromlist=["x"]).kernels.cpu_has_amx(),
                     reason="the CPU has no AMX")
 def test_amx_module_runs_on_a_native_rpc_server(tvm_backend, x86_server):
     """An AMX build (``host`` here) uploaded to the native RPC server: its kernels ask for the

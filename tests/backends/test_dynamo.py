@@ -1,5 +1,5 @@
-"""ptqpasses_backends.tvm.dynamo_backend: torch.compile -> per-graph quantization -> TVM, against the direct
-path (ptqpasses.quantize, whose torch reference the TVM module equals bit for bit: see
+"""ptqpasses_backends.tvm.dynamo_backend: torch.compile -> per-graph quantization -> TVM,
+against the direct path (ptqpasses.quantize, whose torch reference the TVM module equals bit for bit: see
 test_end_to_end), across graph breaks, and falling back with a logged reason."""
 
 import logging

@@ -87,7 +87,7 @@ def _tune_script(db: Path, trials: int, kill_after: int = 0) -> str:
     return textwrap.dedent(f"""
         import os, signal, json, sys
         import ptqpasses_backends.tvm.tune
-        t = sys.modules["ptqpasses_backends.tvm.tune"]  # (ptqpasses_backends.tvm.tune is also the function)
+        t = sys.modules["ptqpasses_backends.tvm.tune"]  # (the package's `tune` is the function)
         from tests.backends.test_tune import TARGET, _dense
         if {kill_after}:
             @t.derived_object
