@@ -80,7 +80,7 @@ class _Evaluator:
         self.observed = observed  # calibrated: qparams on every observer node
         self.stats = {meta.observed_node(n): ob for n, ob in observers(observed)}
         self.compute = [n.name for n in observed.graph.nodes
-                        if meta.get_qspec(n) is not None and meta.get_qspec(n).role == Role.COMPUTE]
+                        if getattr(meta.get_qspec(n), "role", None) == Role.COMPUTE]
         self.output_of = {c: c for c in self.compute}  # the node whose value c's op produces
         for n in observed.graph.nodes:
             q = meta.get_qspec(n)
@@ -152,7 +152,8 @@ def _observed_inputs(by_name: dict[str, fx.Node], name: str) -> tuple[str, ...]:
         if a.op == "call_module" and meta.observed_node(a) is not None:
             producer = by_name[meta.observed_node(a)]
             q = meta.get_qspec(producer)
-            if producer.op == "call_function" and q is not None and q.role in (Role.COMPUTE, Role.FUSED):
+            if producer.op == "call_function" and q is not None \
+                    and q.role in (Role.COMPUTE, Role.FUSED):
                 out.append(q.fused_into if q.role == Role.FUSED else producer.name)
     return tuple(out)
 

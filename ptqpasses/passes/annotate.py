@@ -28,7 +28,7 @@ class AnnotateConfig:
 class Annotate(Pass):
     """Decides, per node, what is quantized and how; writes ``node.meta["ptq.qspec"]``.
 
-    Compute ops in the integer set get role Role.COMPUTE and ask for their activation inputs
+    Compute ops in the integer set get role "compute" and ask for their activation inputs
     to be quantized (which marks the producer's output as observed, looking through
     shape ops). A ReLU/ReLU6 that is the only user of a conv/linear/add is "fused". Shape
     ops and max pooling on quantized tensors "share" their input's qparams. Everything
@@ -171,13 +171,15 @@ def _float(node: fx.Node, reason: str, observed: bool = True) -> None:
 
 def _is_quantized(node) -> bool:
     q = meta.get_qspec(node) if isinstance(node, fx.Node) else None
-    return q is not None and (q.output is not None or q.role in (Role.SHARE, Role.COMPUTE, Role.FUSED))
+    return q is not None and (q.output is not None
+                              or q.role in (Role.SHARE, Role.COMPUTE, Role.FUSED))
 
 
 def _request(node: fx.Node, spec: QSpec) -> None:
     """Makes ``node``'s output quantized: observe it, or look through a shape op."""
     q = meta.get_qspec(node)
-    if q is not None and (q.role in (Role.COMPUTE, Role.FUSED, Role.SHARE) or q.output is not None):
+    if q is not None and (q.role in (Role.COMPUTE, Role.FUSED, Role.SHARE)
+                          or q.output is not None):
         return
     if node.op == "call_function" and node.target in SHARE and node.target not in ACTIVATIONS \
             and q is None and is_tensor_node(node.args[0]):

@@ -252,7 +252,8 @@ class LowerToIntegerOps(Pass):
                         %multiplier, 0, 0, 255, uint8)
 
     Ops that could not be lowered stay in float between dequantize and quantize, with the
-    reason in their NodeQuant (``meta.float_reason``). Finally ``quantize(dequantize(x))`` pairs become
+    reason in their NodeQuant (``meta.float_reason``). Finally ``quantize(dequantize(x))``
+    pairs become
     ``x`` (same parameters) or ``ptq.requantize``, and a requantize that is the identity on
     every value its input can hold (same zero point and dtype, a multiplier within float32
     rounding of 1: attention scores scaled by ``1 / sqrt(d)`` into a scale that absorbed it)
