@@ -12,6 +12,8 @@ import torch
 import torch.fx as fx
 from torch.export import Dim, ExportedProgram
 
+from ptqpasses.graph_utils import add_constant, get_attr_value
+
 log = logging.getLogger(__name__)
 
 
@@ -388,6 +390,53 @@ def _where_scalar(gm: fx.GraphModule, node: fx.Node) -> None:
     _replace(gm, node, _aten.where.self, (cond, a, b))
 
 
+def _constant_matrix(gm: fx.GraphModule, node: Any) -> Optional[torch.Tensor]:
+    v = get_attr_value(gm, node) if isinstance(node, fx.Node) else None
+    return v if isinstance(v, torch.Tensor) and v.dim() == 2 and v.is_floating_point() else None
+
+
+def _linear_weight(gm: fx.GraphModule, w: fx.Node, before: fx.Node) -> Optional[fx.Node]:
+    """The ``[out, in]`` weight that makes ``x @ w`` a ``linear``: the constant behind
+    ``permute(W, [1, 0])`` / ``t(W)`` / ``transpose(W, 0, 1)`` as it is, or a transposed copy
+    of a constant ``[in, out]`` ``w``; None where ``w`` is not a constant."""
+    if w.op == "call_function" and _constant_matrix(gm, w.args[0]) is not None:
+        t = w.target
+        if t is _aten.t.default or (t is _aten.permute.default and [
+                d % 2 for d in w.args[1]] == [1, 0]) or (t is _aten.transpose.int and (
+                w.args[1] - w.args[2]) % 2):
+            return w.args[0]
+    value = _constant_matrix(gm, w)
+    if value is None:
+        return None
+    c = add_constant(gm, f"{w.target}_t", value.t().contiguous(), before)
+    c.meta["val"] = get_attr_value(gm, c)
+    return c
+
+
+def _as_linear(gm: fx.GraphModule, node: fx.Node) -> None:
+    """``x @ W`` on a constant matrix (``mm`` / ``matmul``; Falcon's ``x @ W.T``) and
+    ``addmm(b, x, W)`` (GPT-2's ``Conv1D``: ``W`` is ``[in, out]``) -> ``linear(x, W', b)``, so
+    they quantize per output channel as any linear; ``W'`` is the constant behind a
+    transpose, or a transposed copy."""
+    if node.target is _aten.addmm.default:
+        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+            return
+        bias, x, w = node.args[:3]
+        b = get_attr_value(gm, bias) if isinstance(bias, fx.Node) else None
+        if b is None or b.dim() != 1:
+            return
+    else:
+        (x, w), bias = node.args[:2], None
+    if not isinstance(w, fx.Node):
+        return
+    weight = _linear_weight(gm, w, node)
+    if weight is None:
+        return
+    _replace(gm, node, _aten.linear.default, (x, weight) + ((bias,) if bias is not None else ()))
+    if not w.users and w.op == "call_function":  # the transpose only this product read
+        gm.graph.erase_node(w)
+
+
 #: Aliases of ops, by the name passes and backends know (``torch.multiply``: ConvBERT).
 _ALIASES = {_aten.multiply.Tensor: _aten.mul.Tensor, _aten.multiply.Scalar: _aten.mul.Scalar,
             _aten.subtract.Tensor: _aten.sub.Tensor, _aten.divide.Tensor: _aten.div.Tensor}
@@ -403,16 +452,28 @@ def _alias(gm: fx.GraphModule, node: fx.Node) -> None:
 
 #: Ops written in a form passes and backends know (their meta is kept).
 _REWRITES = {_aten.numpy_T.default: _numpy_t, _aten.where.ScalarOther: _where_scalar,
+             _aten.addmm.default: _as_linear, _aten.mm.default: _as_linear,
+             _aten.matmul.default: _as_linear,
              _aten.where.ScalarSelf: _where_scalar, _aten.where.Scalar: _where_scalar,
              **{op: _alias for op in _ALIASES}}
+
+
+def _drop_tensor(gm: fx.GraphModule, target: str) -> None:
+    """Deletes the parameter or buffer ``target`` (a dotted path) that no node reads."""
+    owner, _, leaf = target.rpartition(".")
+    module = gm.get_submodule(owner) if owner else gm
+    if leaf in module._parameters:
+        del module._parameters[leaf]
+    elif leaf in module._buffers:
+        del module._buffers[leaf]
 
 
 def _cleanup(gm: fx.GraphModule) -> fx.GraphModule:
     """Drops export's guard-check call, which later passes would see as an unknown module,
     the identities of inference (``detach_``, eval dropout, ``to`` the same device and
     dtype) and empty inputs of ``cat``; writes ``conv2d(padding="same")``,
-    ``to(device, dtype)``, ``x.T``, ``where`` with a scalar and op aliases (``multiply``)
-    in the forms passes and backends know."""
+    ``to(device, dtype)``, ``x.T``, ``where`` with a scalar, op aliases (``multiply``) and
+    products with a constant matrix (``linear``) in the forms passes and backends know."""
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
             gm.graph.erase_node(node)
@@ -429,9 +490,11 @@ def _cleanup(gm: fx.GraphModule) -> fx.GraphModule:
             _drop_empty_cat_inputs(gm, node)
         elif node.op == "call_function" and node.target in _REWRITES:
             _REWRITES[node.target](gm, node)
-    for node in list(gm.graph.nodes):  # constants only the dropped cat inputs used
-        if node.op == "get_attr" and not node.users:
+    for node in list(gm.graph.nodes):  # constants only rewritten nodes used (cat inputs,
+        if node.op == "get_attr" and not node.users:  # weights now held transposed): dropped
             gm.graph.erase_node(node)
+            if not any(n.op == "get_attr" and n.target == node.target for n in gm.graph.nodes):
+                _drop_tensor(gm, node.target)
     gm.graph.lint()
     gm.recompile()
     return gm

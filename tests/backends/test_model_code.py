@@ -94,6 +94,23 @@ def test_integer_tensors_pass_through_untouched():
     torch.testing.assert_close(cm(ids), q(ids), rtol=0, atol=0)
 
 
+def test_products_with_constant_matrices_compile_as_linears():
+    """GPT-2's ``Conv1D`` (``addmm`` on an ``[in, out]`` weight) and Falcon's ``x @ W.T``
+    become int8 linears (capture) and compile bit-exact on another batch size."""
+    from tests.ptqpasses.test_capture import ConstantProducts
+
+    torch.manual_seed(0)
+    model = ConstantProducts().eval()
+    g = torch.Generator().manual_seed(3)
+    calib = [(torch.randn(2, 8, 8, generator=g),) for _ in range(4)]
+    q = ptqpasses.quantize(model, calib[0], calib, progress=False, guard=False)
+    assert sum(c.integer for c in ptqpasses.coverage(q) if "linear" in c.op) == 3
+    cm = ptq_tvm.compile(q, target="host")
+    x = torch.randn(3, 8, 8, generator=g)
+    for got, want in zip(cm(x), q(x)):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 class _Identities(nn.Module):
     """No-ops of real model code: ``detach``, eval dropout, ``to``
     the same device, and a ``padding="same"`` conv with an even and an odd total."""

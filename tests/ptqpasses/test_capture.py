@@ -129,7 +129,8 @@ class TransposeAndMask(nn.Module):
 
     def forward(self, x):
         y = x @ self.w.T
-        return torch.where(y > 0, y, 0.5), torch.where(y > 1, -1.0, y)
+        s = y[0] @ y[0].T  # x.T of an activation: stays a permute
+        return torch.where(y > 0, y, 0.5), torch.where(y > 1, -1.0, y), s
 
 
 def test_numpy_t_and_where_with_a_scalar_become_permute_and_where_self():
@@ -138,8 +139,53 @@ def test_numpy_t_and_where_with_a_scalar_become_permute_and_where_self():
     targets = {n.target for n in gm.graph.nodes}
     aten = torch.ops.aten
     assert aten.numpy_T.default not in targets and aten.permute.default in targets
+    assert aten.linear.default in targets  # x @ W.T on the constant W: a linear
     assert aten.where.ScalarOther not in targets and aten.where.ScalarSelf not in targets
     assert aten.where.self in targets
     x = torch.randn(3, 3, 8)
     for got, want in zip(gm(x), m(x)):
         torch.testing.assert_close(got, want)
+
+
+class Conv1D(nn.Module):
+    """GPT-2's ``Conv1D``: ``addmm(bias, x, W)`` with ``W`` stored ``[in, out]``."""
+
+    def __init__(self, nx: int, nf: int):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.randn(nx, nf)), nn.Parameter(torch.randn(nf))
+
+    def forward(self, x):
+        y = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return y.view(*x.shape[:-1], -1)
+
+
+class ConstantProducts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = Conv1D(8, 12)
+        self.w_t = nn.Parameter(torch.randn(6, 12))   # used as x @ w_t.T (Falcon)
+        self.w = nn.Parameter(torch.randn(6, 5))      # used as x @ w
+        self.scale = nn.Parameter(torch.randn(8, 8))  # used as scale @ x: left, stays
+
+    def forward(self, x):
+        h = self.c(x).relu()
+        return torch.mm(self.scale, x[0]), torch.matmul(h @ self.w_t.transpose(0, 1), self.w)
+
+
+def test_products_with_a_constant_matrix_become_linears():
+    m = ConstantProducts().eval()
+    gm = ptqpasses.capture(m, (torch.randn(2, 8, 8),))
+    calls = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    aten = torch.ops.aten
+    assert calls.count(aten.linear.default) == 3 and aten.addmm.default not in calls
+    assert calls.count(aten.mm.default) == 1  # the constant on the left is not a weight
+    # the transposed weights replace the originals (no tensor held twice); w_t is used as is
+    names = dict(gm.named_parameters()) | dict(gm.named_buffers())
+    assert "c.weight" not in names and "w" not in names and "w_t" in names
+    x = torch.randn(3, 8, 8)
+    for got, want in zip(gm(x), m(x)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    q = ptqpasses.quantize(m, (torch.randn(2, 8, 8),), [(torch.randn(2, 8, 8),)] * 4,
+                           progress=False, guard=False)
+    cov = [c for c in ptqpasses.coverage(q) if "linear" in c.op]
+    assert len(cov) == 3 and all(c.integer for c in cov)
