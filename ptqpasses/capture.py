@@ -306,6 +306,42 @@ def _explicit_padding(gm: fx.GraphModule, node: fx.Node) -> None:
     gm.graph.erase_node(node)
 
 
+def _conv1d(gm: fx.GraphModule, node: fx.Node) -> None:
+    """``conv1d`` on a constant weight (ConvBERT's span convolutions, audio front ends) ->
+    ``squeeze(conv2d(unsqueeze(x, 2), W[:, :, None, :]), 2)``: the 1-D conv as a 2-D one of
+    height 1, so it quantizes and compiles as any conv2d."""
+    x, w = node.args[0], node.args[1]
+    weight = get_attr_value(gm, w) if isinstance(w, fx.Node) else None
+    out = node.meta.get("val")
+    xval = x.meta.get("val") if isinstance(x, fx.Node) else None
+    if weight is None or weight.dim() != 3 or out is None or xval is None or xval.dim() != 3:
+        return
+    args = list(node.args[2:])
+    bias = args[0] if args else None
+    # (height 1: stride and dilation 1, no padding)
+    stride, padding, dilation = ([d, *(args[i] if len(args) > i else [d])]
+                                 for i, d in ((1, 1), (2, 0), (3, 1)))
+    groups = args[4] if len(args) > 4 else 1
+    padded = node.target is _aten.conv1d.padding
+    if padded:  # "same" / "valid": conv2d.padding, then made explicit as conv2d's
+        padding = args[2] if len(args) > 2 else "valid"
+    with gm.graph.inserting_before(node):
+        w2 = add_constant(gm, f"{w.target}_2d", weight.unsqueeze(2).contiguous(), node)
+        w2.meta["val"] = get_attr_value(gm, w2)
+        x2 = gm.graph.call_function(_aten.unsqueeze.default, (x, 2))
+        conv = gm.graph.call_function(
+            _aten.conv2d.padding if padded else _aten.conv2d.default,
+            (x2, w2, bias, stride, padding, dilation, groups))
+        y = gm.graph.call_function(_aten.squeeze.dim, (conv, 2))
+    for new, val in ((x2, xval.unsqueeze(2)), (conv, out.unsqueeze(2)), (y, out)):
+        new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+        new.meta["val"] = val
+    node.replace_all_uses_with(y)
+    gm.graph.erase_node(node)
+    if padded:
+        _explicit_padding(gm, conv)
+
+
 def _to_dtype(gm: fx.GraphModule, node: fx.Node) -> None:
     """``to(device, dtype)`` on the tensor's own device -> ``to.dtype``: transformers' masks
     (``attention_mask.to(device, torch.bool)``); backends convert ``to.dtype``."""
@@ -453,6 +489,7 @@ def _alias(gm: fx.GraphModule, node: fx.Node) -> None:
 #: Ops written in a form passes and backends know (their meta is kept).
 _REWRITES = {_aten.numpy_T.default: _numpy_t, _aten.where.ScalarOther: _where_scalar,
              _aten.addmm.default: _as_linear, _aten.mm.default: _as_linear,
+             _aten.conv1d.default: _conv1d, _aten.conv1d.padding: _conv1d,
              _aten.matmul.default: _as_linear,
              _aten.where.ScalarSelf: _where_scalar, _aten.where.Scalar: _where_scalar,
              **{op: _alias for op in _ALIASES}}
@@ -472,8 +509,9 @@ def _cleanup(gm: fx.GraphModule) -> fx.GraphModule:
     """Drops export's guard-check call, which later passes would see as an unknown module,
     the identities of inference (``detach_``, eval dropout, ``to`` the same device and
     dtype) and empty inputs of ``cat``; writes ``conv2d(padding="same")``,
-    ``to(device, dtype)``, ``x.T``, ``where`` with a scalar, op aliases (``multiply``) and
-    products with a constant matrix (``linear``) in the forms passes and backends know."""
+    ``to(device, dtype)``, ``x.T``, ``where`` with a scalar, op aliases (``multiply``),
+    products with a constant matrix (``linear``) and ``conv1d`` (a ``conv2d`` of height 1)
+    in the forms passes and backends know."""
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
             gm.graph.erase_node(node)

@@ -111,6 +111,21 @@ def test_products_with_constant_matrices_compile_as_linears():
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def test_conv1d_compiles_as_an_int8_conv2d():
+    from tests.ptqpasses.test_capture import Conv1dStack
+
+    torch.manual_seed(0)
+    model = Conv1dStack().eval()
+    g = torch.Generator().manual_seed(4)
+    calib = [(torch.randn(2, 8, 20, generator=g),) for _ in range(4)]
+    q = ptqpasses.quantize(model, calib[0], calib, progress=False, guard=False)
+    convs = [c for c in ptqpasses.coverage(q) if "conv" in c.op]
+    assert len(convs) == 4 and all(c.integer for c in convs)
+    cm = ptq_tvm.compile(q, target="host")
+    x = torch.randn(3, 8, 20, generator=g)
+    torch.testing.assert_close(cm(x), q(x), rtol=0, atol=0)
+
+
 class _Identities(nn.Module):
     """No-ops of real model code: ``detach``, eval dropout, ``to``
     the same device, and a ``padding="same"`` conv with an even and an odd total."""

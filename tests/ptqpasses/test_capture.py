@@ -189,3 +189,33 @@ def test_products_with_a_constant_matrix_become_linears():
                            progress=False, guard=False)
     cov = [c for c in ptqpasses.coverage(q) if "linear" in c.op]
     assert len(cov) == 3 and all(c.integer for c in cov)
+
+
+
+class Conv1dStack(nn.Module):
+    """ConvBERT-like 1-D convs: depthwise (no bias), pointwise, "same" with dilation, strided."""
+
+    def __init__(self):
+        super().__init__()
+        self.dw = nn.Conv1d(8, 8, 9, padding=4, groups=8, bias=False)
+        self.pw = nn.Conv1d(8, 16, 1)
+        self.same = nn.Conv1d(16, 16, 4, padding="same", dilation=2)
+        self.strided = nn.Conv1d(16, 8, 3, stride=2)
+
+    def forward(self, x):
+        return self.strided(self.same(torch.relu(self.pw(self.dw(x)))))
+
+
+def test_conv1d_becomes_a_conv2d_of_height_one():
+    m = Conv1dStack().eval()
+    gm = ptqpasses.capture(m, (torch.randn(2, 8, 20),))
+    calls = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    aten = torch.ops.aten
+    assert calls.count(aten.conv2d.default) == 4
+    assert not {aten.conv1d.default, aten.conv1d.padding} & set(calls)
+    conv = next(n for n in gm.graph.nodes if n.target is aten.conv2d.default)
+    assert "dw" in str(conv.meta.get("nn_module_stack"))  # the user's module, for reports
+    x = torch.randn(3, 8, 20)
+    torch.testing.assert_close(gm(x), m(x), rtol=1e-5, atol=1e-5)
+    names = dict(gm.named_parameters()) | dict(gm.named_buffers())
+    assert "dw.weight" not in names and names["dw_weight_2d"].shape == (8, 1, 1, 9)
