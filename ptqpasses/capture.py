@@ -307,9 +307,12 @@ def _explicit_padding(gm: fx.GraphModule, node: fx.Node) -> None:
 
 
 def _conv1d(gm: fx.GraphModule, node: fx.Node) -> None:
-    """``conv1d`` on a constant weight (ConvBERT's span convolutions, audio front ends) ->
-    ``squeeze(conv2d(unsqueeze(x, 2), W[:, :, None, :]), 2)``: the 1-D conv as a 2-D one of
-    height 1, so it quantizes and compiles as any conv2d."""
+    """``conv1d`` on a constant weight (ConvBERT's separable span convolutions, audio front
+    ends) in forms that quantize and compile as the 2-D ops: a pointwise one (kernel 1, stride
+    1, no groups) -> ``permute -> linear -> permute`` (any length); a depthwise one, or any
+    over a static length -> ``squeeze(conv2d(unsqueeze(x, 2), W[:, :, None, :]), 2)`` (height
+    1). Others (a dense kxk conv over a dynamic length: the int8 conv2d kernels need static
+    sizes) stay ``conv1d``, in float, reported."""
     x, w = node.args[0], node.args[1]
     weight = get_attr_value(gm, w) if isinstance(w, fx.Node) else None
     out = node.meta.get("val")
@@ -325,6 +328,15 @@ def _conv1d(gm: fx.GraphModule, node: fx.Node) -> None:
     padded = node.target is _aten.conv1d.padding
     if padded:  # "same" / "valid": conv2d.padding, then made explicit as conv2d's
         padding = args[2] if len(args) > 2 else "valid"
+    k = weight.shape[-1]
+    if k == 1 and stride[1] == 1 and groups == 1 and (padded or padding[1] == 0):
+        _pointwise_as_linear(gm, node, x, weight[:, :, 0], bias, xval, out)
+        return
+    depthwise = groups > 1 and weight.shape[1] == 1
+    if not (depthwise or isinstance(xval.shape[-1], int)):
+        if padded:  # stays conv1d: with its padding explicit, as conv2d's
+            _explicit_padding_1d(gm, node, padding, dilation[1] * (k - 1))
+        return
     with gm.graph.inserting_before(node):
         w2 = add_constant(gm, f"{w.target}_2d", weight.unsqueeze(2).contiguous(), node)
         w2.meta["val"] = get_attr_value(gm, w2)
@@ -333,13 +345,48 @@ def _conv1d(gm: fx.GraphModule, node: fx.Node) -> None:
             _aten.conv2d.padding if padded else _aten.conv2d.default,
             (x2, w2, bias, stride, padding, dilation, groups))
         y = gm.graph.call_function(_aten.squeeze.dim, (conv, 2))
-    for new, val in ((x2, xval.unsqueeze(2)), (conv, out.unsqueeze(2)), (y, out)):
-        new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
-        new.meta["val"] = val
-    node.replace_all_uses_with(y)
-    gm.graph.erase_node(node)
+    _take_place(node, y, ((x2, xval.unsqueeze(2)), (conv, out.unsqueeze(2)), (y, out)))
     if padded:
         _explicit_padding(gm, conv)
+
+
+def _explicit_padding_1d(gm: fx.GraphModule, node: fx.Node, mode: str, total: int) -> None:
+    """``conv1d(padding="same" | "valid")`` -> ``conv1d`` with explicit padding (an odd "same"
+    total: a ``constant_pad_nd`` first, the extra column last, as PyTorch)."""
+    x, args = node.args[0], list(node.args)
+    pad = total // 2 if mode == "same" else 0
+    with gm.graph.inserting_before(node):
+        if mode == "same" and total % 2:
+            x = gm.graph.call_function(_aten.constant_pad_nd.default, (x, [pad, pad + 1], 0.0))
+            pad = 0
+        args = [x, args[1], args[2] if len(args) > 2 else None,
+                args[3] if len(args) > 3 else [1], [pad],
+                args[5] if len(args) > 5 else [1], args[6] if len(args) > 6 else 1]
+        conv = gm.graph.call_function(_aten.conv1d.default, tuple(args))
+    conv.meta.update(node.meta)
+    node.replace_all_uses_with(conv)
+    gm.graph.erase_node(node)
+
+
+def _pointwise_as_linear(gm: fx.GraphModule, node: fx.Node, x: fx.Node, weight: torch.Tensor,
+                         bias: Any, xval: torch.Tensor, out: torch.Tensor) -> None:
+    with gm.graph.inserting_before(node):
+        wl = add_constant(gm, f"{node.args[1].target}_linear", weight.contiguous(), node)
+        wl.meta["val"] = get_attr_value(gm, wl)
+        xt = gm.graph.call_function(_aten.permute.default, (x, [0, 2, 1]))
+        lin = gm.graph.call_function(_aten.linear.default, (xt, wl, bias))
+        y = gm.graph.call_function(_aten.permute.default, (lin, [0, 2, 1]))
+    _take_place(node, y, ((xt, xval.permute(0, 2, 1)), (lin, out.permute(0, 2, 1)), (y, out)))
+
+
+def _take_place(node: fx.Node, result: fx.Node, vals) -> None:
+    """``result`` replaces ``node``; the new nodes get ``node``'s meta (module path, source
+    line) with their own ``val``."""
+    for new, val in vals:
+        new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+        new.meta["val"] = val
+    node.replace_all_uses_with(result)
+    node.graph.erase_node(node)
 
 
 def _to_dtype(gm: fx.GraphModule, node: fx.Node) -> None:
