@@ -275,6 +275,14 @@ def _is_identity(node: fx.Node) -> bool:
     return False
 
 
+def _same_padding(mode: str, dilation, kernel) -> tuple[list[int], list[int]]:
+    """``(pads, extra)`` per spatial dim of ``padding=mode``: "valid" none; "same" half the
+    total ``dilation * (kernel - 1)`` each side, and the odd one left over (PyTorch puts it
+    last)."""
+    totals = [d * (k - 1) if mode == "same" else 0 for d, k in zip(dilation, kernel)]
+    return [t // 2 for t in totals], [t % 2 for t in totals]
+
+
 def _explicit_padding(gm: fx.GraphModule, node: fx.Node) -> None:
     """``conv2d(padding="same" | "valid")`` -> ``conv2d`` with explicit padding; where "same"
     needs an odd total (PyTorch puts the extra row / column last), a ``constant_pad_nd``
@@ -288,12 +296,7 @@ def _explicit_padding(gm: fx.GraphModule, node: fx.Node) -> None:
     wval = w.meta.get("val") if isinstance(w, fx.Node) else None
     if wval is None:
         return
-    pads = [0, 0]
-    extra = [0, 0]
-    if mode == "same":
-        totals = [d * (k - 1) for d, k in zip(dilation, wval.shape[2:])]
-        pads = [t // 2 for t in totals]
-        extra = [t - 2 * (t // 2) for t in totals]
+    pads, extra = _same_padding(mode, dilation, wval.shape[2:])
     with gm.graph.inserting_before(node):
         if any(extra):  # [left, right, top, bottom] for the last two dims
             x = gm.graph.call_function(_aten.constant_pad_nd.default, (
@@ -335,7 +338,7 @@ def _conv1d(gm: fx.GraphModule, node: fx.Node) -> None:
     depthwise = groups > 1 and weight.shape[1] == 1
     if not (depthwise or isinstance(xval.shape[-1], int)):
         if padded:  # stays conv1d: with its padding explicit, as conv2d's
-            _explicit_padding_1d(gm, node, padding, dilation[1] * (k - 1))
+            _explicit_padding_1d(gm, node, padding, k)
         return
     with gm.graph.inserting_before(node):
         w2 = add_constant(gm, f"{w.target}_2d", weight.unsqueeze(2).contiguous(), node)
@@ -350,19 +353,20 @@ def _conv1d(gm: fx.GraphModule, node: fx.Node) -> None:
         _explicit_padding(gm, conv)
 
 
-def _explicit_padding_1d(gm: fx.GraphModule, node: fx.Node, mode: str, total: int) -> None:
+def _explicit_padding_1d(gm: fx.GraphModule, node: fx.Node, mode: str, kernel: int) -> None:
     """``conv1d(padding="same" | "valid")`` -> ``conv1d`` with explicit padding (an odd "same"
     total: a ``constant_pad_nd`` first, the extra column last, as PyTorch)."""
-    x, args = node.args[0], list(node.args)
-    pad = total // 2 if mode == "same" else 0
+    args = list(node.args)
+    dilation = args[5] if len(args) > 5 else [1]
+    (pad,), (extra,) = _same_padding(mode, dilation, [kernel])
+    x = args[0]
     with gm.graph.inserting_before(node):
-        if mode == "same" and total % 2:
+        if extra:
             x = gm.graph.call_function(_aten.constant_pad_nd.default, (x, [pad, pad + 1], 0.0))
             pad = 0
-        args = [x, args[1], args[2] if len(args) > 2 else None,
-                args[3] if len(args) > 3 else [1], [pad],
-                args[5] if len(args) > 5 else [1], args[6] if len(args) > 6 else 1]
-        conv = gm.graph.call_function(_aten.conv1d.default, tuple(args))
+        conv = gm.graph.call_function(_aten.conv1d.default, (
+            x, args[1], args[2] if len(args) > 2 else None, args[3] if len(args) > 3 else [1],
+            [pad], dilation, args[6] if len(args) > 6 else 1))
     conv.meta.update(node.meta)
     node.replace_all_uses_with(conv)
     gm.graph.erase_node(node)

@@ -42,7 +42,7 @@ class FoldBatchNorm(Pass):
             match = _match(gm, bn)
             if match is None:
                 continue
-            producer, out, (gamma, beta, mean, var, eps) = match
+            producer, result, out, (gamma, beta, mean, var, eps) = match
             w = get_attr_value(gm, producer.args[1]).double()
             b = (get_attr_value(gm, producer.args[2]).double()
                  if len(producer.args) > 2 and producer.args[2] is not None
@@ -57,7 +57,7 @@ class FoldBatchNorm(Pass):
             args[1], args[2] = w_node, b_node
             producer.args = tuple(args)
             meta.set_source(producer, meta.source(out))
-            out.replace_all_uses_with(producer)
+            out.replace_all_uses_with(result)
             if out is not bn:
                 gm.graph.erase_node(out)
             gm.graph.erase_node(bn)
@@ -69,7 +69,8 @@ class FoldBatchNorm(Pass):
 
 
 def _match(gm: fx.GraphModule, bn: fx.Node):
-    """Returns (producer, node whose uses to replace, bn params) or None."""
+    """Returns (producer, the node that replaces the batch norm's output, the node whose
+    uses to replace, bn params) or None."""
     if is_call(bn, aten.batch_norm.default):
         x, gamma, beta, mean, var, training, _, eps = bn.args[:8]
         if training:
@@ -83,6 +84,7 @@ def _match(gm: fx.GraphModule, bn: fx.Node):
         out = getitems[0]
     else:
         return None
+    result, x = x, _through_layout(x)
     if not (isinstance(x, fx.Node) and is_call(x, *_PRODUCERS) and len(x.users) == 1):
         return None
     if get_attr_value(gm, x.args[1]) is None:
@@ -98,4 +100,19 @@ def _match(gm: fx.GraphModule, bn: fx.Node):
     beta_v = values[1] if values[1] is not None else torch.zeros(n)
     if gamma is not None and values[0] is None or beta is not None and values[1] is None:
         return None
-    return x, out, (gamma_v, beta_v, values[2], values[3], float(eps))
+    return x, result, out, (gamma_v, beta_v, values[2], values[3], float(eps))
+
+
+def _through_layout(x):
+    """The conv / linear behind the layout op capture writes a ``conv1d`` with (the squeeze
+    of a height-1 ``conv2d``; the permute back after a pointwise ``linear``), whose output
+    channel is the batch norm's channel; ``x`` itself otherwise."""
+    if not isinstance(x, fx.Node) or len(x.users) != 1:
+        return x
+    if is_call(x, aten.squeeze.dim) and x.args[1] == 2 \
+            and is_call(x.args[0], aten.conv2d.default):
+        return x.args[0]
+    if is_call(x, aten.permute.default) and list(x.args[1]) == [0, 2, 1] \
+            and is_call(x.args[0], aten.linear.default):
+        return x.args[0]
+    return x

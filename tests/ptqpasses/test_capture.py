@@ -220,3 +220,19 @@ def test_conv1d_becomes_a_conv2d_of_height_one_or_a_linear():
     torch.testing.assert_close(gm(x), m(x), rtol=1e-5, atol=1e-5)
     names = dict(gm.named_parameters()) | dict(gm.named_buffers())
     assert "dw.weight" not in names and names["dw_weight_2d"].shape == (8, 1, 1, 9)
+
+
+def test_a_dense_conv1d_over_a_dynamic_length_gets_explicit_padding():
+    """Over a dynamic length a kxk conv1d stays conv1d (float); "same" with an odd total
+    pads the extra column last, as PyTorch."""
+    m = nn.Sequential(nn.Conv1d(4, 6, 4, padding="same"), nn.Conv1d(6, 6, 5, padding="same",
+                                                                      dilation=2)).eval()
+    gm = ptqpasses.capture(m, (torch.randn(2, 4, 16),),
+                           dynamic_dims={0: {2: torch.export.Dim("length", min=8, max=64)}})
+    calls = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    aten = torch.ops.aten
+    assert calls.count(aten.conv1d.default) == 2 and aten.conv1d.padding not in calls
+    assert calls.count(aten.constant_pad_nd.default) == 1  # total 3 (odd); 8 is even
+    for length in (9, 23):
+        x = torch.randn(3, 4, length)
+        torch.testing.assert_close(gm(x), m(x), rtol=1e-5, atol=1e-5)

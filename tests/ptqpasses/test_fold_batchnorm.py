@@ -39,11 +39,13 @@ class Mixed(nn.Module):
         self.b2 = _randomize(nn.BatchNorm2d(4))
         self.fc = nn.Linear(4, 7)
         self.b3 = _randomize(nn.BatchNorm1d(7))
+        self.pw = nn.Conv1d(5, 6, 1)  # pointwise: captured as permute -> linear -> permute
+        self.b4 = _randomize(nn.BatchNorm1d(6))
 
     def forward(self, x1, x2):
-        y1 = self.b1(self.c1(x1))
+        y1 = self.b1(self.c1(x1))  # captured as unsqueeze -> conv2d -> squeeze
         y2 = self.b2(self.c2(x2)).mean([2, 3])
-        return y1, self.b3(self.fc(y2))
+        return self.b4(self.pw(y1)), self.b3(self.fc(y2))
 
 
 def _max_rel(a, b):
