@@ -198,7 +198,6 @@ def _where(pred: Callable[[Op], bool]) -> set:
 
 #: ATen op -> lowering rule, for the ops lowered to a ``ptq`` op with their own qparams.
 COMPUTE = {t: op.rule for t, op in OPS.items() if op.kind in (Kind.COMPUTE, Kind.LOOKUP)}
-LOOKUP = {t: op.rule for t, op in OPS.items() if op.kind is Kind.LOOKUP}
 WEIGHTED = {t: op.rule for t, op in OPS.items() if op.weighted}
 FUSES_ACTIVATION = _where(lambda op: op.fuses_activation)
 FLOAT_OUTPUT = _where(lambda op: op.float_output)
