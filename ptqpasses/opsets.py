@@ -9,7 +9,7 @@ An entry says what the op is and how every stage treats it:
 * lowering (``passes/lower_to_integer_ops.py``): :attr:`Op.rule`, the lowering rule it takes;
 * the reference (``ops/reference.py``) and every backend: :attr:`Op.emits`, the ``ptq`` ops
   that rule may produce (each has a torch reference, and the TVM backend an emitter for each:
-  ``tests/test_layers.py`` checks both).
+  ``tests/backends/test_op_table.py`` checks both).
 
 Kinds:
 
@@ -37,7 +37,7 @@ from ptqpasses.graph_utils import get_attr_value, is_tensor_node
 aten = torch.ops.aten
 
 
-class Kind(str, enum.Enum):
+class Kind(enum.StrEnum):
     COMPUTE = "compute"
     LOOKUP = "lookup"
     SHARE = "share"

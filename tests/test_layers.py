@@ -16,6 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Repository folder -> the import name it installs as (pyproject's package-dir).
 FOLDERS = {"ptqpasses": "ptqpasses", "backends": "ptqpasses_backends", "tools": "ptqpasses_tools"}
 PACKAGES = tuple(FOLDERS.values())
+#: The folder names the code must not import by (only installed, they would clash).
+BARE = ("backends", "tools")
 
 
 def _module_name(path: Path) -> str:
@@ -48,7 +50,7 @@ def _imports(path: Path, module: str, top_level_only: bool) -> set[str]:
                 base = ".".join(anchor + ([base] if base else []))
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)
-    return {name for name in found if name.split(".")[0] in PACKAGES + ("backends", "tools")}
+    return {name for name in found if name.split(".")[0] in PACKAGES + BARE}
 
 
 def test_ptqpasses_never_imports_backends_or_tools():
@@ -57,8 +59,7 @@ def test_ptqpasses_never_imports_backends_or_tools():
         if module.split(".")[0] != "ptqpasses":
             continue
         bad = {name for name in _imports(path, module, top_level_only=False)
-               if name.split(".")[0] in ("ptqpasses_backends", "ptqpasses_tools", "backends",
-                                                  "tools")}
+               if name.split(".")[0] in ("ptqpasses_backends", "ptqpasses_tools", *BARE)}
         if bad:
             offenders.append(f"{path.relative_to(ROOT)}: {sorted(bad)}")
     assert not offenders, "ptqpasses/ must not import backends/ or tools/:\n" + "\n".join(
@@ -144,9 +145,9 @@ def test_installed_names_cannot_clash():
     assert config["package-dir"] == {name: folder for folder, name in FOLDERS.items()}
     packages = {m for m, p in _modules().items() if p.name == "__init__.py"}
     assert set(config["packages"]) == packages, "pyproject's package list is not the folders'"
-    assert not {p.split(".")[0] for p in config["packages"]} & {"tools", "backends"}
+    assert not {p.split(".")[0] for p in config["packages"]} & set(BARE)
     bare = [f"{path.relative_to(ROOT)}: {sorted(bad)}" for module, path in _modules().items()
             if (bad := {n for n in _imports(path, module, top_level_only=False)
-                        if n.split(".")[0] in ("tools", "backends")})]
+                        if n.split(".")[0] in BARE})]
     assert not bare, "imports by the repository folder name, not the installed one:\n" + \
         "\n".join(bare)
