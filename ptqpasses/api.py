@@ -8,7 +8,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import torch.fx as fx
 
 from ptqpasses import distributed
-from ptqpasses.calibrate import calibrate
+from ptqpasses.calibrate import calibrate, observers
 from ptqpasses.capture import capture
 from ptqpasses.config import QuantConfig
 from ptqpasses.guard import Guard, run_guard
@@ -58,7 +58,8 @@ def quantize(model, example_inputs: Sequence[Any], calibration_data: Iterable[An
     """
     if guard is False or guard is None:
         gm = prepare(model, example_inputs, config, **capture_options)
-        calibrate(gm, calibration_data, progress=progress)
+        if observers(gm):  # (nothing to observe: every integer op reads per-token inputs)
+            calibrate(gm, calibration_data, progress=progress)
         return convert(gm)
     if guard is True:
         guard = Guard()

@@ -531,6 +531,8 @@ class _Alone(fx.Interpreter):
             if p is not None and isinstance(args[i], torch.Tensor) and args[i].is_floating_point():
                 args[i] = _fake_quant(args[i], p)
         spec = meta.get_qspec(n)
+        if spec is not None and spec.dynamic:  # a per-token linear: its input row by row
+            args[0] = torch.ops.ptq.fake_quantize_per_token(args[0])
         if spec is not None and spec.weight is not None and len(args) > 1:
             w, ws = args[1], spec.weight
             scale, zp = weight_qparams(w, ws)

@@ -33,6 +33,13 @@ class QSpec:
     unchanged (the range is the ``qmin``/``qmax`` of every op writing the tensor); backends
     use it to prove that a pair of u8 x s8 products fits int16, which lets x86 without VNNI
     run the fast ``vpmaddubsw`` dot product exactly (see backends/tvm/x86/avx2.py).
+
+    ``dynamic`` (activations of a ``linear`` over tokens, an input ``[..., tokens, features]``
+    of rank 3 or more): per-token quantization at run time, each row of the input with its
+    own uint8 scale and zero point from its own min / max (``ptq.linear_dynamic``); nothing is
+    observed for it, and the other fields but ``dtype`` (uint8) do not apply. On any other op
+    (a linear over ``[batch, features]`` included) the spec reads as the static one
+    (``static()``). The default activation spec has it (``config.DEFAULT_ACTIVATION``).
     """
 
     dtype: str = "uint8"
@@ -42,10 +49,18 @@ class QSpec:
     observer: str = "mse"  # (chosen by the observer zoo: README, "Which activation observer")
     percentile: float = 99.99
     reduce_range: bool = False
+    dynamic: bool = False
 
     def __post_init__(self):
         if self.dtype not in _DTYPES:
             raise ValueError(f"QSpec.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.dynamic and (self.dtype != "uint8" or self.per_channel):
+            raise ValueError("QSpec(dynamic=True): per-token activations are uint8 and per "
+                             f"row, got dtype {self.dtype!r}, per_channel={self.per_channel}")
+
+    def static(self) -> "QSpec":
+        """This spec without ``dynamic`` (what ops other than linear read it as)."""
+        return dataclasses.replace(self, dynamic=False) if self.dynamic else self
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -89,6 +104,8 @@ class NodeQuant:
         float_output: a "compute" node (conv / linear / matmul) whose consumers are all
             float: it computes on integers and hands its dequantized accumulator
             ``float32(acc) * s_x * s_w`` straight to them (no output quantization).
+        dynamic: a "compute" linear whose input is quantized per token at run time
+            (``QSpec.dynamic``): it reads a float tensor, nothing observes it for this node.
     """
 
     role: Role
@@ -97,6 +114,7 @@ class NodeQuant:
     fused_into: Optional[str] = None
     reason: str = ""
     float_output: bool = False
+    dynamic: bool = False
 
     def __post_init__(self):
         try:
@@ -123,6 +141,10 @@ class QParams:
     def torch_dtype(self) -> torch.dtype:
         return torch.float32 if self.dtype == "float32" else _DTYPES[self.dtype]
 
+
+#: The reason (coverage report) of the float add that gives a per-token linear
+#: (``ptq.linear_dynamic``) its bias: the only float node lowering writes itself.
+PER_TOKEN_BIAS = "the float bias of per-token linear"
 
 #: The output "parameters" of a float-output integer op (``NodeQuant.float_output``): scale 1,
 #: so its multiplier is ``s_x * s_w``; no zero point or clamp; float32.

@@ -161,7 +161,8 @@ _VIEW = Op(Kind.VIEW)
 #: backend.
 OPS: dict[torch._ops.OpOverload, Op] = {
     aten.conv2d.default: Op(rule="conv2d", emits=("conv2d",), **_WEIGHTED),
-    aten.linear.default: Op(rule="linear", emits=("linear",), **_WEIGHTED),
+    aten.linear.default: Op(rule="linear", emits=("linear", "linear_dynamic", "quantize"),
+                            **_WEIGHTED),
     aten.matmul.default: _MATMUL,
     aten.bmm.default: _MATMUL,
     aten.add.Tensor: Op(Kind.COMPUTE, "add", "pair", fuses_activation=True, check=_check_binary,

@@ -15,7 +15,8 @@ from ptqpasses.capture import capture
 from ptqpasses.opsets import in_coverage
 
 ptq = torch.ops.ptq
-_CONVERSIONS = {"quantize", "dequantize", "dequantize_per_channel", "requantize"}
+_CONVERSIONS = {"quantize", "dequantize", "dequantize_per_channel", "requantize",
+                "fake_quantize_per_token"}
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ def sqnr_db(signal_power: float, noise_power: float) -> float:
 
 
 def sqnr(reference: torch.Tensor, approx: torch.Tensor) -> float:
-    r, a = reference.double(), approx.double()
+    r, a = reference.detach().double(), approx.detach().double()
     return sqnr_db(float((r * r).sum()), float(((r - a) ** 2).sum()))
 
 
@@ -88,7 +89,8 @@ class NodeSQNR:
     op: str
     source: str
     sqnr_db: float
-    precision: str = ""  # the integer type of the node's output (uint8, int8, int16)
+    precision: str = ""  # the integer type of the node's output (uint8, int8, int16), or
+                         # how a float output is computed
 
 
 @dataclass
@@ -214,9 +216,7 @@ def report(qgraph: fx.GraphModule, float_model: Any, data: Iterable[Any],
         raise ValueError("report needs at least one batch of data")
     fgm = float_model if isinstance(float_model, fx.GraphModule) else capture(
         float_model, batches[0], **capture_options)
-    int_nodes = {n.name: n for n in qgraph.graph.nodes
-                 if _is_ptq(n) and _ptq_name(n) not in _CONVERSIONS | {"quantize"}
-                 and meta.get_qparams(n) is not None}
+    int_nodes = {n.name: n for n in qgraph.graph.nodes if _compared(n)}
     float_names = {n.name for n in fgm.graph.nodes}
     pairs = {name: meta.source(n) for name, n in int_nodes.items() if meta.source(n) in float_names}
     power = {name: [0.0, 0.0] for name in pairs}
@@ -228,18 +228,52 @@ def report(qgraph: fx.GraphModule, float_model: Any, data: Iterable[Any],
             qrec = _Recorder(qgraph, set(pairs))
             q_out = qrec.run(*args)
             for name, src in pairs.items():
-                p = meta.get_qparams(int_nodes[name])
-                deq = (qrec.values[name].to(torch.int32) - p.zero_point).float() * p.scale
+                value, p = qrec.values[name], meta.get_qparams(int_nodes[name])
+                deq = value if value.is_floating_point() else (  # (a float-output op)
+                    value.to(torch.int32) - p.zero_point).float() * p.scale
                 ref = frec.values[src].double()
                 power[name][0] += float((ref * ref).sum())
                 power[name][1] += float(((ref - deq.double()) ** 2).sum())
             for fo, qo in zip(_flat(f_out), _flat(q_out)):
                 out_power[0] += float((fo.double() ** 2).sum())
                 out_power[1] += float(((fo.double() - qo.double()) ** 2).sum())
-    rows = [NodeSQNR(name, f"ptq.{_ptq_name(int_nodes[name])}", src, sqnr_db(*power[name]),
-                     meta.get_qparams(int_nodes[name]).dtype)
-            for name, src in pairs.items()]
+    rows = [NodeSQNR(name, _op_label(int_nodes[name]), src, sqnr_db(*power[name]),
+                     _precision(int_nodes[name])) for name, src in pairs.items()]
     return Report(rows, coverage(qgraph), sqnr_db(*out_power), len(batches))
+
+
+def _per_token_bias(n: fx.Node) -> bool:
+    reason = meta.float_reason(n)
+    return reason is not None and reason.startswith(meta.PER_TOKEN_BIAS)
+
+
+def _compared(n: fx.Node) -> bool:
+    """Whether the per-node SQNR covers ``n``: an integer op that is not a conversion (with
+    an integer or a float output), or the bias add that completes a per-token linear (the
+    float linear it stands for includes the bias)."""
+    if _per_token_bias(n):
+        return True
+    if not _is_ptq(n) or _ptq_name(n) in _CONVERSIONS | {"quantize"}:
+        return False
+    if any(_per_token_bias(u) for u in n.users):
+        return False  # (its bias add is compared)
+    q = meta.get_qparams(n)
+    return q is not None or _ptq_name(n) == "linear_dynamic" or (
+        n.args and n.args[-1] == torch.float32)
+
+
+def _op_label(n: fx.Node) -> str:
+    if _per_token_bias(n):
+        n = n.args[0]
+    return f"ptq.{_ptq_name(n)}"
+
+
+def _precision(n: fx.Node) -> str:
+    """The integer type of ``n``'s output, or how its float output is computed."""
+    if _per_token_bias(n) or _ptq_name(n) == "linear_dynamic":
+        return "float32 (per-token uint8 in)"
+    q = meta.get_qparams(n)
+    return "float32" if q is None else q.dtype
 
 
 def _flat(x) -> list[torch.Tensor]:

@@ -106,7 +106,8 @@ class _Evaluator:
             # the producers of its observed inputs too (a node's activations, both sides)
             names = tuple(dict.fromkeys(
                 m for n in names for m in (n, *self.inputs_of.get(n, ()))))
-            act = dataclasses.replace(self.config.activation, dtype="int16", symmetric=True)
+            act = dataclasses.replace(self.config.activation.static(), dtype="int16",
+                                      symmetric=True)
             pattern = "|".join(re.escape(n) for n in names)
             return dataclasses.replace(self.config, by_node_regex={
                 pattern: Scheme(act, self.config.weight), **self.config.by_node_regex})

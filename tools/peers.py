@@ -225,5 +225,6 @@ def fx_int8_count(q: torch.nn.Module) -> int:
 def ptq_integer_count(q: torch.fx.GraphModule) -> int:
     """Convs / linears / matmuls of a ptqpasses integer graph that run as integer ops."""
     import ptqpasses
-    return sum(c.integer and c.op in ("ptq.conv2d", "ptq.linear", "ptq.matmul",
-                                      "ptq.conv_transpose2d") for c in ptqpasses.coverage(q))
+    return sum(c.integer and c.op in ("ptq.conv2d", "ptq.linear", "ptq.linear_dynamic",
+                                      "ptq.matmul", "ptq.conv_transpose2d")
+               for c in ptqpasses.coverage(q))

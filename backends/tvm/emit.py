@@ -901,7 +901,7 @@ def _im2col_te(x, kernel, dilation, padding, stride):
     return te.compute((n, c * kh * kw, out_h * out_w), f, name="im2col")
 
 
-_CONSTANT_ARGS = ("weight", "bias", "multiplier", "scales", "zero_points", "table")
+_CONSTANT_ARGS = ("weight", "bias", "multiplier", "scales", "zero_points", "table", "w_scale")
 
 
 #: Elementwise float functions that torch also applies to integer tensors (in float).

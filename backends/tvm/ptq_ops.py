@@ -18,6 +18,7 @@ from ptqpasses_backends.tvm.kernels import conv2d as conv_k
 from ptqpasses_backends.tvm.kernels import dense as dense_k
 from ptqpasses_backends.tvm.kernels import matmul as matmul_k
 from ptqpasses_backends.tvm.kernels import pool as pool_k
+from ptqpasses_backends.tvm.kernels import token as token_k
 from ptqpasses_backends.tvm.kernels import wide as wide_k
 from ptqpasses_backends.tvm.requant import (centered_relax, dequantize_relax, quantize_relax,
                                   requant_relax)
@@ -115,14 +116,14 @@ def clamp(em, a):
     return em.bb.emit(relax.op.minimum(relax.op.maximum(x, lo), hi))
 
 
-def _packed_choice(em, a, kind: str, in_dt: str, pack, **shape) -> tuple:
+def _packed_choice(em, a, kind: str, in_dt: str, pack, bounds=None, **shape) -> tuple:
     """``(choice, encode shift)`` of a packed dense / conv kernel, as the
     target's strategy chooses (``Strategy.choose``, e.g. x86 AVX2's pairwise variant where its
     proof holds) from the node's facts: the activations' range ``[lo, hi]`` as the graph
     guarantees it (``fxgraph.value_range``; the zero point, which pads convs, included) and
     the GEMM's shape. The choice and its reason are recorded in ``em.variants`` (``compile``
     reports them)."""
-    lo, hi = value_range(bind_args(em.node)["x"]) or _dtype_bounds(in_dt)
+    lo, hi = bounds or value_range(bind_args(em.node)["x"]) or _dtype_bounds(in_dt)
     x_zp = int(a["x_zp"])
     facts = KernelFacts(kind, em.node.name, in_dt, (min(lo, x_zp), max(hi, x_zp)), pack=pack,
                         **shape)
@@ -157,24 +158,69 @@ def _dtype_bounds(dt: str) -> tuple[int, int]:
 def linear(em, a):
     x = a["x"]
     w = em.numpy(a["weight"]).astype(np.int8)
-    n_out, k_in = w.shape
     in_dt = dtype_name(x.ty.dtype)
     bias = None if a["bias"] is None else em.numpy(a["bias"])
     if in_dt not in _EIGHT_BIT and not _wide_fits_packed(em, a, w, bias, in_dt):
         return _linear_wide(em, a, w)
+    return _linear_packed(em, a, x, w, bias, in_dt)
+
+
+def _linear_packed(em, a, x, w: np.ndarray, bias, in_dt: str, bounds=None):
+    """The packed 8-bit dense the target's strategy picks (``a``: the requantization and
+    ``x_zp`` arguments; ``bounds``: the activations' range where the node's own ``x`` does
+    not say it)."""
+    n_out, k_in = w.shape
     rows = 1
     for d in x.ty.shape.values[:-1]:
         rows = None if rows is None or _static(d) is None else rows * _static(d)
     def pack(lanes, depth, k_block):
         return packing.pack_dense(w, lanes, depth, k_block)
 
-    choice, shift = _packed_choice(em, a, "dense", in_dt, pack, rows=rows, cols=n_out,
+    choice, shift = _packed_choice(em, a, "dense", in_dt, pack, bounds, rows=rows, cols=n_out,
                                    depth=k_in)
     corr = packing.correction(w, bias, int(a["x_zp"]) + shift)
     mult = _per_channel(em.numpy(a["multiplier"]), n_out)
     return _packed_kernel(em, "dense", choice, dense_k.dense, x, w, pack, corr, mult,
                           n_out=n_out, k_in=k_in, shift=shift,
                           act_dtype=choice.variant.layout.act_dtype, **_requant_args(a))
+
+
+def _token_quantized(em, x):
+    """``(q, p)``: ``x`` quantized per token (uint8) and its per-row ``[..., 3]`` scale /
+    inverse / zero point; computed once per tensor (a transformer's Q, K and V projections
+    read one)."""
+    cache = em.__dict__.setdefault("_per_token", {})
+    if x not in cache:
+        f = x if _dt(x) == "float32" else em.bb.emit(relax.op.astype(x, "float32"))
+        p = em.bb.emit_te(token_k.token_params, f, primfunc_name_hint="token_params")
+        q = em.bb.emit_te(token_k.token_quantize, f, p, primfunc_name_hint="token_quantize")
+        cache[x] = (q, p)
+    return cache[x]
+
+
+def fake_quantize_per_token(em, a):
+    q, p = _token_quantized(em, a["x"])
+    return em.bb.emit_te(token_k.token_dequantize, q, p, primfunc_name_hint="token_dequantize")
+
+
+def linear_dynamic(em, a):
+    """Per-token uint8 activations (``token_params``, ``token_quantize``: glue kernels), the
+    target's packed dense on them with a float32 output and multiplier 1 (``float32`` of the
+    exact sum), then the per-row zero-point correction and scales (``token_epilogue``, kept
+    out of fusion: its last multiply must reach memory before the graph's float bias add, or
+    LLVM would contract the two into an FMA)."""
+    q, p = _token_quantized(em, a["x"])
+    w = em.numpy(a["weight"]).astype(np.int8)
+    n_out = w.shape[0]
+    ones = np.ones(n_out, np.float32)
+    raw = _linear_packed(em, dict(x_zp=0, multiplier=ones, out_zp=0, qmin=0, qmax=0,
+                                  out_dtype="float32"),
+                         q, w, None, "uint8", bounds=(0, 255))
+    colsum = w.astype(np.int32).sum(1).astype(np.int32)
+    ws = em.numpy(a["w_scale"]).astype(np.float32).reshape(n_out)
+    return em.bb.emit_te(token_k.token_epilogue, raw, p, relax.const(colsum),
+                         relax.const(ws), primfunc_name_hint="token_epilogue",
+                         primfunc_attrs={"op_pattern": _OPAQUE})
 
 
 def conv2d(em, a):
@@ -461,7 +507,7 @@ def lut(em, a):
 #: ``torch.ops.ptq`` op name -> emission function.
 HANDLERS = {f.__name__: f for f in (
     quantize, dequantize, dequantize_per_channel, requantize, clamp, linear, conv2d, matmul,
-    add, mul, cat, max_pool2d, avg_pool2d, mean, lut)}
+    add, mul, cat, max_pool2d, avg_pool2d, mean, lut, fake_quantize_per_token, linear_dynamic)}
 
 
 # -- layouts ---------------------------------------------------------------------------

@@ -107,6 +107,61 @@ def clamp(x: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     return x.clamp(qmin, qmax)
 
 
+# --- per-token (dynamic) activations ---------------------------------------------------
+
+#: The smallest scale a per-token row gets (the smallest normal float32, 2**-126): a row of
+#: zeros quantizes to zero with a finite reciprocal.
+TOKEN_SCALE_MIN = 2.0 ** -126
+
+
+def token_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row (last axis) uint8 parameters of ``x``, in float32, as every backend computes
+    them: ``lo = min(min_k x, 0)``, ``hi = max(max_k x, 0)`` (NaN read as 0),
+    ``s = max(hi / 255 - lo / 255, 2**-126)``, ``inv = 1 / s``,
+    ``zp = clamp(rne(-lo * inv), 0, 255)``. Returns ``(s, inv, zp)``, each ``[..., 1]``
+    float32 (``zp`` holds an integer)."""
+    x = torch.where(torch.isnan(x), 0.0, x.to(torch.float32))
+    lo = x.amin(-1, keepdim=True).clamp(max=0.0)
+    hi = x.amax(-1, keepdim=True).clamp(min=0.0)
+    c = torch.tensor(255.0, dtype=torch.float32)
+    s = (hi / c - lo / c).clamp(min=TOKEN_SCALE_MIN)
+    inv = torch.tensor(1.0, dtype=torch.float32) / s
+    zp = _rne(-lo * inv).clamp(0.0, 255.0)
+    return s, inv, zp
+
+
+def _token_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q, s, zp)``: ``q = clamp(rne(x * inv) + zp, 0, 255)`` per row (float32 values)."""
+    s, inv, zp = token_qparams(x)
+    x = torch.where(torch.isnan(x), 0.0, x.to(torch.float32))
+    return (_rne(x * inv) + zp).clamp(0.0, 255.0), s, zp
+
+
+@torch.library.custom_op(f"{_NS}::fake_quantize_per_token", mutates_args=())
+def fake_quantize_per_token(x: torch.Tensor) -> torch.Tensor:
+    """The QDQ simulation of a per-token activation: ``(q - zp) * s`` with ``q``, ``s``,
+    ``zp`` of :func:`token_qparams` (row by row, at run time)."""
+    q, s, zp = _token_quantize(x)
+    return (q - zp) * s
+
+
+@torch.library.custom_op(f"{_NS}::linear_dynamic", mutates_args=())
+def linear_dynamic(x: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """A linear layer on per-token uint8 activations, float32 output (no bias: the graph adds
+    it in float after the op).
+
+    Each row of the float ``x[..., K]`` is quantized at run time (:func:`token_qparams`,
+    ``q`` uint8), then ``raw[.., n] = sum_k q[.., k] * weight[n, k]`` (exact integer sum) and
+    ``y = ((float32(raw) - float32(zp * colsum[n])) * s) * w_scale[n]``, with
+    ``colsum[n] = sum_k weight[n, k]``: the integer parts exact, three float32 operations
+    after them, none a multiply feeding an add (so no fused multiply-add changes them)."""
+    q, s, zp = _token_quantize(x)
+    w = weight.to(torch.float64)
+    raw = (q.to(torch.float64) @ w.T).to(torch.float32)
+    corr = (zp.to(torch.float64) * w.sum(1)).to(torch.float32)
+    return ((raw - corr) * s) * w_scale.to(torch.float32)
+
+
 # --- compute ops ------------------------------------------------------------------------
 
 
@@ -326,10 +381,20 @@ def _(x, table, x_min):
     return torch.empty_like(x, dtype=table.dtype)
 
 
+@fake_quantize_per_token.register_fake
+def _(x):
+    return torch.empty_like(x, dtype=torch.float32)
+
+
+@linear_dynamic.register_fake
+def _(x, weight, w_scale):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]), dtype=torch.float32)
+
+
 #: Every integer operator, by short name (``torch.ops.ptq.<name>.default``).
 INTEGER_OPS = {
     name: getattr(torch.ops.ptq, name).default
     for name in ("quantize", "dequantize", "dequantize_per_channel", "requantize", "clamp",
                  "conv2d", "linear", "matmul", "add", "mul", "cat", "max_pool2d",
-                 "avg_pool2d", "mean", "lut")
+                 "avg_pool2d", "mean", "lut", "fake_quantize_per_token", "linear_dynamic")
 }

@@ -83,10 +83,14 @@ class Annotate(Pass):
         return True
 
     def _annotate_compute(self, gm, node, act: QSpec, weight: QSpec, cfg: QuantConfig):
-        inputs = activation_inputs(node)
-        for x in inputs:
-            _request(x, act)
-        nq = NodeQuant(Role.COMPUTE, output=act,
+        # a linear over tokens with a dynamic spec quantizes its input per token at run time:
+        # nothing is requested of the producer; any other op reads the spec as the static one
+        dynamic = act.dynamic and _over_tokens(node)
+        act = act.static()
+        if not dynamic:
+            for x in activation_inputs(node):
+                _request(x, act)
+        nq = NodeQuant(Role.COMPUTE, output=act, dynamic=dynamic,
                        weight=weight if node.target in WEIGHTED else None)
         users = list(node.users)
         if node.target in FUSES_ACTIVATION and len(users) == 1:
@@ -96,6 +100,15 @@ class Annotate(Pass):
                 meta.set_qspec(user, NodeQuant(Role.FUSED, output=act, fused_into=node.name))
                 nq = nq.replace(output=None)
         meta.set_qspec(node, nq)
+
+
+def _over_tokens(node: fx.Node) -> bool:
+    """A linear whose input is a sequence of tokens, ``[..., tokens, features]`` (rank 3 or
+    more): what per-token quantization is for. A linear over ``[batch, features]`` (a
+    classifier head after a pool) stays static, so the integer chain in front of it does."""
+    x = node.args[0] if node.args else None
+    val = x.meta.get("val") if isinstance(x, fx.Node) else None
+    return node.target is aten.linear.default and isinstance(val, torch.Tensor) and val.dim() >= 3
 
 
 def _cost_policy(gm: fx.GraphModule) -> None:
@@ -157,7 +170,7 @@ def _reads_integer(user: fx.Node, node: fx.Node, needed: dict) -> bool:
     """Whether ``user`` (decided) reads ``node``'s output as an integer tensor."""
     role = _role(user)
     if role == Role.COMPUTE:
-        return node in activation_inputs(user)
+        return node in activation_inputs(user) and not meta.get_qspec(user).dynamic
     return role in (Role.SHARE, Role.FUSED) and needed.get(user, False)
 
 

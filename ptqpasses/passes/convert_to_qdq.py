@@ -45,7 +45,9 @@ class ConvertToQDQ(Pass):
         %conv = aten.conv2d(%dq, %wq, %bq, ...)
 
     Shape ops and max pooling marked "share" get a quantize/dequantize pair with their
-    input's parameters, so every integer op is bracketed by explicit conversions.
+    input's parameters, so every integer op is bracketed by explicit conversions. A linear
+    quantizing its input per token reads ``ptq.fake_quantize_per_token(%x)`` and keeps a
+    float bias.
     """
 
     name = "convert-to-qdq"
@@ -70,6 +72,8 @@ class ConvertToQDQ(Pass):
                     _insert_qdq_after(gm, node, meta.get_qparams(src.args[0]))
                     modified = True
             elif q.role == Role.COMPUTE and node.target in WEIGHTED and q.weight is not None:
+                if q.dynamic:
+                    _fake_quantize_per_token(gm, node)
                 _quantize_weight_and_bias(gm, node, q.weight)
                 modified = True
         if modified:
@@ -113,8 +117,22 @@ def _replace_with_qdq(gm, obs: fx.Node, x: fx.Node, params: QParams) -> None:
 
 
 def _is_float_op(user: fx.Node) -> bool:
+    """A reader of float tensors: a float op, or a linear quantizing its input per token."""
     q = meta.get_qspec(user)
-    return q is not None and q.role == Role.FLOAT
+    return q is not None and (q.role == Role.FLOAT or q.dynamic)
+
+
+def _fake_quantize_per_token(gm: fx.GraphModule, node: fx.Node) -> None:
+    """A per-token linear (``NodeQuant.dynamic``) reads ``fake_quantize_per_token(x)``: its
+    input quantized row by row at run time (its bias stays float: its scale is not known
+    before the data is)."""
+    x = node.args[0]
+    with gm.graph.inserting_before(node):
+        fq = gm.graph.call_function(ptq.fake_quantize_per_token.default, (x,))
+    meta.set_source(fq, meta.source(x))
+    if isinstance(x, fx.Node) and "val" in x.meta:
+        fq.meta["val"] = x.meta["val"]
+    node.args = (fq, *node.args[1:])
 
 
 def _insert_qdq_after(gm, node: fx.Node, params: QParams) -> None:

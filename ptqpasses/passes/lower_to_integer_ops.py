@@ -103,6 +103,8 @@ class _Lowering:
     def weighted(self, op: fx.Node, act, out: QParams, q: fx.Node):
         x, w_dq = op.args[0], op.args[1]
         b_dq = _arg(op, 2, "bias", None)
+        if isinstance(x, fx.Node) and x.target is ptq.fake_quantize_per_token.default:
+            return self.per_token(op, act, out, q)
         if not _is_dq(x) or w_dq.target is not ptq.dequantize_per_channel.default:
             return "input or weight is not quantized"
         wq, ws, wz = (get_attr_value(self.gm, n) for n in w_dq.args[:3])
@@ -130,6 +132,33 @@ class _Lowering:
         return self.call(ptq.linear.default,
                          [x.args[0], xp.zero_point, w_dq.args[0], bias, m, out.zero_point, lo,
                           hi, out.torch_dtype])
+
+    def per_token(self, op: fx.Node, act, out: QParams, q: fx.Node):
+        """``linear(fake_quantize_per_token(x), w, b)``: ``ptq.linear_dynamic`` (float out),
+        then the float bias added, then (where an integer op reads it) a ``quantize`` that
+        carries a fused ReLU's clamp."""
+        x, w_dq = op.args[0], op.args[1]
+        b = _arg(op, 2, "bias", None)
+        if op.target is not aten.linear.default:
+            return "per-token activations are for linear only"
+        if w_dq.target is not ptq.dequantize_per_channel.default:
+            return "weight is not quantized"
+        if bool((get_attr_value(self.gm, w_dq.args[2]) != 0).any()):
+            return "asymmetric weights (non-zero weight zero point) are not in the integer set"
+        if isinstance(b, fx.Node) and b.target is ptq.dequantize_per_channel.default:
+            return "bias of a per-token linear is quantized"
+        y = self.call(ptq.linear_dynamic.default, [x.args[0], w_dq.args[0], w_dq.args[1]])
+        meta.copy_location(y, op)
+        if b is not None:
+            y = self.call(aten.add.Tensor, [y, b])
+            meta.set_qspec(y, meta.NodeQuant(Role.FLOAT, reason=(
+                f"{meta.PER_TOKEN_BIAS} {op.name!r} (its scale is known at run time only)")))
+            meta.copy_location(y, op)
+        if out.torch_dtype == torch.float32:
+            return y
+        lo, hi = clamp_bounds(act, out)
+        return self.call(ptq.quantize.default,
+                         [y, out.scale, out.zero_point, lo, hi, out.torch_dtype])
 
     def binary(self, op: fx.Node, act, out: QParams, q: fx.Node):
         a, b = op.args[:2]
@@ -289,7 +318,8 @@ class LowerToIntegerOps(Pass):
                 meta.set_qparams(new, out)
                 meta.set_source(new, meta.source(q))
                 meta.copy_location(new, op)
-                meta.set_qspec(new, spec)
+                if meta.get_qspec(new) is None:  # (a per-token linear's float bias add has one)
+                    meta.set_qspec(new, spec)
                 q.replace_all_uses_with(new)
                 gm.graph.erase_node(q)
             modified = True
@@ -320,7 +350,8 @@ def _lower_float_outputs(gm: fx.GraphModule, lowering: _Lowering) -> bool:
             continue
         meta.set_source(new, meta.source(op))
         meta.copy_location(new, op)
-        meta.set_qspec(new, spec)
+        if meta.get_qspec(new) is None:
+            meta.set_qspec(new, spec)
         if "val" in op.meta:
             new.meta["val"] = op.meta["val"]
         op.replace_all_uses_with(new)

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 
 import ptqpasses
 from ptqpasses_backends.tvm.remote import RemoteModule
-from tests.backends import test_int16, test_ops_exact as ops
+from tests.backends import test_int16, test_ops_exact as ops, test_per_token
 from tests.backends.conftest import P, GraphBuilder, assert_exact
 from tests.backends.models import Tables
 from tests.backends.strategies import int_tensor
@@ -84,6 +84,16 @@ def test_int16_ops_are_exact_on_the_device(tvm_backend, aarch64_device, target, 
     got, want = _on_device(tvm_backend, aarch64_device, gm, inputs, target,
                            dynamic_batch=False)
     assert_exact(got, want, f"int16 ops on {target}")
+
+
+@pytest.mark.parametrize("target", AARCH64)
+def test_per_token_linear_is_exact_on_the_device(tvm_backend, aarch64_device, target):
+    """``ptq.linear_dynamic`` and ``fake_quantize_per_token`` (edge rows included: zeros,
+    one sign, NaN, huge values) on each aarch64 family."""
+    gm = test_per_token._graph(70, 33, seed=3)
+    x = test_per_token._rows(70, (2, 37), 70)
+    got, want = _on_device(tvm_backend, aarch64_device, gm, [x], target, dynamic_batch=False)
+    assert_exact(got, want, f"per-token ops on {target}")
 
 
 def _quantized(model, shape, **kw):

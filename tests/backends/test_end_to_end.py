@@ -9,6 +9,7 @@ from torch import nn
 import ptqpasses
 from ptqpasses_backends import tvm as ptq_tvm
 from tests.backends.models import Tables
+from tests.backends.conftest import assert_island_close
 from ptqpasses_tools.digits import DigitsCNN
 from ptqpasses_tools.models import bert_encoder, randomize_bn_stats, resnet18
 
@@ -42,8 +43,8 @@ def test_bert_encoder_dynamic_sequence():
     cm = ptq_tvm.compile(q, target="host")
     for shape in ((2, 16, 64), (3, 7, 64)):
         x = torch.randn(*shape)
-        # the integer ops are exact; the final layer norm runs in float in both
-        torch.testing.assert_close(cm(x), q(x), rtol=0, atol=1e-5)
+        # the integer ops are exact; layer norms and GELU run in float in both
+        assert_island_close(cm(x), q(x), f"bert {shape}")
 
 
 def test_table_lookup_ops_are_bit_exact():

@@ -60,9 +60,14 @@ class Block(nn.Module):
         return self.ln2(h + self.down(nn.functional.gelu(self.up(h))))
 
 
+#: The default with static linears (``QSpec()``: no per-token quantization): what the cost
+#: policy's rules are written against below.
+STATIC_LINEARS = QuantConfig(activation=QSpec())
+
+
 def test_cost_policy_keeps_float_only_consumers_inputs_float():
     gm = ptqpasses.capture(Block().eval(), (torch.randn(2, 5, 16),))
-    Annotate(QuantConfig())(gm)
+    Annotate(STATIC_LINEARS)(gm)
     q = {n.name: meta.get_qspec(n) for n in gm.graph.nodes}
     # the residual adds feed LayerNorm only: float, and they no longer ask for their inputs
     assert q["add"].role == q["add_1"].role == "float"
@@ -81,11 +86,27 @@ def test_cost_policy_keeps_float_only_consumers_inputs_float():
     assert meta.get_qspec(next(n for n in gm.graph.nodes if n.name == "add")).role == "compute"
 
 
+def test_default_linears_over_tokens_read_float_and_free_their_producers():
+    """The default (per-token linears): no linear asks for its input, so GELU, which only a
+    linear read, is float, its producer a float output, and nothing before a linear is
+    observed; a linear over ``[batch, features]`` stays static (``Net``'s head)."""
+    gm = ptqpasses.capture(Block().eval(), (torch.randn(2, 5, 16),))
+    Annotate(QuantConfig())(gm)
+    q = {n.name: meta.get_qspec(n) for n in gm.graph.nodes}
+    assert all(q[n].role == "compute" and q[n].dynamic for n in ("linear", "linear_1",
+                                                                  "linear_2"))
+    assert q["gelu"].role == "float" and q["linear"].float_output
+    assert q["layer_norm"].output is None and q["h"].output is None
+    _, q = _annotated(QuantConfig())
+    assert q["linear"].role == "compute" and not q["linear"].dynamic
+    assert q["mean"].role == "compute"  # the pool in front of the head stays integer
+
+
 def test_cost_policy_float_outputs_lower_to_integer_ops_with_float32_results():
     torch.manual_seed(0)
     m = Block().eval()
     data = [(torch.randn(2, 5, 16),) for _ in range(3)]
-    q = ptqpasses.quantize(m, data[0], data, progress=False)
+    q = ptqpasses.quantize(m, data[0], data, STATIC_LINEARS, progress=False)
     lins = [n for n in q.graph.nodes if n.target is torch.ops.ptq.linear.default]
     assert [n.args[-1] for n in lins] == [torch.float32, torch.uint8, torch.float32]
     assert all(c.integer for c in ptqpasses.coverage(q) if "linear" in c.op)
@@ -214,7 +235,8 @@ def test_calibration_inf_leaves_its_users_float_and_says_why(caplog):
     # (policy "all": integer div / add ask for the value; under the default cost policy no
     # integer op reads it here, so it is never observed)
     with caplog.at_level("WARNING", logger="ptqpasses.calibrate"):
-        q = ptqpasses.quantize(m, (x,), [(x,)] * 2, QuantConfig(policy="all"), progress=False)
+        q = ptqpasses.quantize(m, (x,), [(x,)] * 2, QuantConfig(QSpec(), policy="all"),
+                               progress=False)
     assert "node 'log' held Inf during calibration" in caplog.text
     cov = {c.node: c for c in ptqpasses.coverage(q)}
     assert cov["linear_default"].integer  # quantized tensors are finite: fc stays integer
