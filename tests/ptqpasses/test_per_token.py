@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import ptqpasses
-from ptqpasses import QSpec, QuantConfig, Scheme, meta
+from ptqpasses import QSpec, QuantConfig, meta
 from ptqpasses.report import sqnr
 
 P = torch.ops.ptq
