@@ -25,13 +25,14 @@ class Built:
 
 
 #: ptqpasses configurations ``int8_graph`` builds (the ``tvm-int8*`` peers, ``tools.profile``).
-CONFIGS = ("defaults", "reduce_range", "recipe")
+CONFIGS = ("defaults", "reduce_range", "static_linears", "recipe")
 
 
 def int8_graph(case: Case, config: str = "defaults"):
     """``(integer graph, note)`` of ``case`` under a ptqpasses configuration: ``defaults``
     (``ptqpasses.quantize``), ``reduce_range`` (7-bit activations, ``QSpec(reduce_range=True)``
-    as the FX 'x86' qconfig) or ``recipe`` (the model's accuracy recipe, ``tools.accuracy``;
+    as the FX 'x86' qconfig), ``static_linears`` (the defaults with every linear static, as
+    before per-token linears: ``QSpec(dynamic=False)``) or ``recipe`` (the model's accuracy recipe, ``tools.accuracy``;
     Skip for a model without one). Static shapes (the case's batch size)."""
     import ptqpasses
     from ptqpasses.config import DEFAULT_ACTIVATION, QuantConfig
@@ -47,12 +48,16 @@ def int8_graph(case: Case, config: str = "defaults"):
         if key is None:
             raise Skip("no recipe for this model (tools/accuracy.py RECIPES)")
         return accuracy.ptqpasses_recipe(accuracy.Task(key, case.model, case.calib, [], {}))
-    cfg = None
+    cfg, note = None, "defaults"
     if config == "reduce_range":
         cfg = QuantConfig(activation=dataclasses.replace(DEFAULT_ACTIVATION, reduce_range=True))
+        note = "7-bit activations (reduce_range)"
+    elif config == "static_linears":
+        cfg = QuantConfig(activation=DEFAULT_ACTIVATION.static())
+        note = "defaults with static linears"
     q = ptqpasses.quantize(case.model, case.inputs, case.calib, config=cfg, progress=False,
                            dynamic_batch=False)
-    return q, "ptqpasses " + ("defaults" if cfg is None else "7-bit activations (reduce_range)")
+    return q, "ptqpasses " + note
 
 
 class Context:
@@ -182,15 +187,22 @@ def peer_tvm_int8_vnni(ctx: Context) -> Built:
                  "CPU (" + kernels_note(cm) + ")")
 
 
-def peer_tvm_int8_rr(ctx: Context) -> Built:
-    """Activations quantized to 7 bits (``QSpec(reduce_range=True)``, as the FX 'x86' qconfig
-    does): on x86 without VNNI every packed kernel is proven exact for ``vpmaddubsw``."""
-    import ptqpasses_backends.tvm as bt
+def _tvm_config_peer(config: str) -> Callable[[Context], Built]:
+    """A peer compiling the ``int8_graph`` configuration ``config`` for the host."""
+    def build(ctx: Context) -> Built:
+        import ptqpasses_backends.tvm as bt
 
-    q, _ = int8_graph(ctx.case, "reduce_range")
-    cm = bt.compile(q, "host", example_inputs=list(ctx.case.inputs), dynamic_batch=False)
-    return Built(_fixed(_tvm_call(cm)), "ptqpasses, 7-bit activations (reduce_range), fixed "
-                 "schedules (" + kernels_note(cm) + ")")
+        q, note = int8_graph(ctx.case, config)
+        cm = bt.compile(q, "host", example_inputs=list(ctx.case.inputs), dynamic_batch=False)
+        return Built(_fixed(_tvm_call(cm)), f"{note}, fixed schedules ({kernels_note(cm)})")
+    return build
+
+
+#: Activations quantized to 7 bits (``QSpec(reduce_range=True)``, as the FX 'x86' qconfig
+#: does): on x86 without VNNI every packed kernel is proven exact for ``vpmaddubsw``.
+peer_tvm_int8_rr = _tvm_config_peer("reduce_range")
+#: Every linear static (one per-tensor scale), as before per-token linears became the default.
+peer_tvm_int8_static = _tvm_config_peer("static_linears")
 
 
 def peer_tvm_int8_tuned(ctx: Context) -> Built:
@@ -237,6 +249,8 @@ PEERS: dict[str, Peer] = {
     "tvm-int8": Peer("ptqpasses TVM int8 (host strategy)", "int8", peer_tvm_int8),
     "tvm-int8-vnni": Peer("ptqpasses TVM int8, AVX-512 VNNI only", "int8", peer_tvm_int8_vnni),
     "tvm-int8-rr": Peer("ptqpasses TVM int8, 7-bit activations", "int8", peer_tvm_int8_rr),
+    "tvm-int8-static": Peer("ptqpasses TVM int8, static linears", "int8",
+                            peer_tvm_int8_static),
     "tvm-int8-tuned": Peer("ptqpasses TVM int8 tuned", "int8", peer_tvm_int8_tuned),
     "tvm-int8-recipe": Peer("ptqpasses TVM int8 accuracy recipe", "int8", peer_tvm_int8_recipe),
 }

@@ -59,3 +59,20 @@ def test_bench_unknown_model_or_peer_exits_2_naming_it(tmp_path, capsys):
         err = capsys.readouterr().err
         assert f"ptq bench: error: unknown {flag[2:-1]} {bad!r}; choose from" in err
     assert not any(tmp_path.iterdir())  # refused before measuring anything
+
+
+def test_int8_graph_configurations_differ_in_the_linears():
+    """``defaults``: linears over tokens per token; ``static_linears`` (the ``tvm-int8-static``
+    peer): the same with one static scale each."""
+    from ptqpasses_tools.bench_models import Case
+    from ptqpasses_tools.bench_peers import int8_graph
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.LayerNorm(16), torch.nn.Linear(16, 8)).eval()
+    data = [(torch.randn(1, 12, 16),) for _ in range(4)]
+    case = Case("tiny", 1, model, data[0], data, data, "sqnr_db")
+    ops = {cfg: {str(n.target) for n in int8_graph(case, cfg)[0].graph.nodes}
+           for cfg in ("defaults", "static_linears")}
+    assert "ptq.linear_dynamic.default" in ops["defaults"]
+    assert "ptq.linear.default" in ops["static_linears"]
+    assert "ptq.linear_dynamic.default" not in ops["static_linears"]
