@@ -23,8 +23,8 @@ bit-exact check, but their mismatches are counted apart (``island_mismatch``) wh
 is within ``ISLAND_LSB`` steps of its output scale (a float output: ``ISLAND_FLOAT_RTOL`` of
 the largest float magnitude in the reference run, ``float_magnitude``: an output that cancels
 to ~0, such as the mean of a layer_norm, is judged against the values it was computed from;
-``ISLAND_TOKEN_RTOL`` where a per-token linear reads an island); beyond that they are
-failures. A per-token linear's float bias add is exact and makes no island.
+``tools/islands.py``'s wider tolerance where a per-token linear reads an island); beyond
+that they are failures. A per-token linear's float bias add is exact and makes no island.
 """
 
 from __future__ import annotations
@@ -45,16 +45,11 @@ from hypothesis import seed as hypothesis_seed
 from hypothesis import strategies as st
 from torch import nn
 
-#: Mismatches of float-island graphs within this many output LSBs are counted, not failures.
-ISLAND_LSB = 2
-#: ... and float outputs (a graph ending in a float island) within this much of the largest
-#: float value of the reference run (``float_magnitude``).
-ISLAND_FLOAT_RTOL = 1e-5
-#: ... or, where a per-token linear reads a float island, within two steps of an 8-bit code
-#: (2/255) of it: an ulp of difference in the island's row can move the row's scale and flip
-#: the rounding of an input code (the per-token ops themselves are bit-exact:
-#: tests/backends/test_per_token.py).
-ISLAND_TOKEN_RTOL = 2 / 255
+# Mismatches of float-island graphs within tools/islands.py's tolerances (output LSBs; float
+# outputs relative to the largest float value of the reference run, ``float_magnitude``) are
+# counted, not failures.
+from ptqpasses_tools.islands import ISLAND_FLOAT_RTOL, ISLAND_LSB, float_rtol
+
 ACTIVATIONS = ("relu", "relu6", "hardtanh", "gelu", "sigmoid", "tanh", "hardswish", "silu",
                "leaky_relu")
 
@@ -648,8 +643,6 @@ def has_float_island(q) -> bool:
     return any(not c.reason.startswith(PER_TOKEN_BIAS) for c in float_nodes(q))
 
 
-def has_per_token_linear(q) -> bool:
-    return any(n.target is torch.ops.ptq.linear_dynamic.default for n in q.graph.nodes)
 
 
 def quantize_spec(spec: ModelSpec):
@@ -688,13 +681,13 @@ def check_on_target(q, x: torch.Tensor, want, target: str) -> Optional[str]:
     except Exception as e:
         raise FuzzFailure("run", target, first_line(e)) from e
     island = has_float_island(q)
-    per_token = island and has_per_token_linear(q)
+    rtol = float_rtol(q)
     problem = compare(got, want, _output_scales(q), island,
-                      float_magnitude(q, x) if island else None,
-                      ISLAND_TOKEN_RTOL if per_token else ISLAND_FLOAT_RTOL)
+                      float_magnitude(q, x) if island else None, rtol)
     if problem is None or problem.startswith("island: "):
         return problem
-    tags = ("[float island]" if island else "") + ("[per-token]" if per_token else "") + (
+    tags = ("[float island]" if island else "") + (
+        "[per-token]" if rtol != ISLAND_FLOAT_RTOL else "") + (
         "[saturated int32 bias]" if saturated_bias(q) else "")
     raise FuzzFailure("mismatch", target, f"{tags or '[integer]'}: {problem}")
 

@@ -13,8 +13,8 @@ tensor, and runs for each:
   * compile: ``ptqpasses_backends.tvm.compile(q, target="host")``;
   * run: the compiled module on the new batch;
   * match: equal to the torch integer graph, or (graphs with float islands: LayerNorm,
-    softmax, GELU...) within ``ISLAND_LSB`` steps of the output scale (a float output:
-    ``ISLAND_FLOAT_RTOL`` of its largest magnitude), the tolerance of tools/fuzz.py.
+    softmax, GELU...) within ``ISLAND_LSB`` steps of the output scale (a float output: a
+    share of its largest magnitude), the tolerances of tools/islands.py (as tools/fuzz.py).
 
 A failing stage is recorded as (stage, exception type, first line of its message); the stages
 after it that need its result are skipped. Peers (``--peers pt2e ort``): how many convs/linears
@@ -47,11 +47,10 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+# (graphs with float islands: mismatches within tools/islands.py's tolerances pass)
+from ptqpasses_tools.islands import ISLAND_LSB, float_rtol
+
 STAGES = ("build", "quantize", "coverage", "int-graph", "sqnr", "compile", "run", "match")
-#: Mismatches within this many steps of the output scale pass (graphs with float islands).
-ISLAND_LSB = 2
-#: ... and float outputs within this much of the largest |reference| value.
-ISLAND_FLOAT_RTOL = 1e-5
 INSTALL = ("transformers is not installed: pip install -e '.[zoo]' && "
            "pip install --no-deps 'transformers==5.25.*'")
 
@@ -346,7 +345,8 @@ def output_scale(q) -> Optional[float]:
     return float(arg.args[1]) if ok and isinstance(arg.args[1], (float, int)) else None
 
 
-def compare(got: torch.Tensor, want: torch.Tensor, scale: Optional[float]) -> dict:
+def compare(got: torch.Tensor, want: torch.Tensor, scale: Optional[float],
+            rtol: float) -> dict:
     """Exactness of ``got`` against ``want``; ``lsb``: max |diff| in steps of ``scale`` (or, a
     float output, relative to max |want|)."""
     if got.shape != want.shape or got.dtype != want.dtype:
@@ -359,7 +359,7 @@ def compare(got: torch.Tensor, want: torch.Tensor, scale: Optional[float]) -> di
         rel, unit, ok = worst / scale, "LSB", worst <= ISLAND_LSB * scale * (1 + 1e-6)
     else:
         rel, unit = worst / max(mag, 1e-30), "of max abs ref"
-        ok = worst <= ISLAND_FLOAT_RTOL * mag
+        ok = worst <= rtol * mag
     return {"exact": worst == 0.0, "max_diff": worst, "rel": rel, "unit": unit,
             "differ": int((diff > 0).sum()), "numel": want.numel(), "ok": ok}
 
@@ -491,7 +491,8 @@ def run_arch(arch: Arch, peer_names: tuple = (), report: Callable[[str], None] =
         state["got"] = _first(state["cm"](*state["check"]))
 
     def match():
-        m = compare(state["got"], state["want"], output_scale(state["q"]))
+        m = compare(state["got"], state["want"], output_scale(state["q"]),
+                    float_rtol(state["q"]))
         row["match"] = m
         if not m["ok"]:
             raise ZooError(f"{m['differ']} of {m['numel']} outputs differ, max "

@@ -91,12 +91,18 @@ def test_crash_and_budget_are_failures_of_the_stage_they_hit():
 
 
 def test_match_tolerance_in_output_steps():
+    from ptqpasses_tools.islands import ISLAND_FLOAT_RTOL, ISLAND_TOKEN_RTOL
+
     want = torch.tensor([0.0, 0.5, 1.0])
-    assert zoo.compare(want.clone(), want, 0.5)["exact"]
-    m = zoo.compare(want + torch.tensor([0.0, 0.0, 1.0]), want, 0.5)
+    rtol = ISLAND_FLOAT_RTOL
+    assert zoo.compare(want.clone(), want, 0.5, rtol)["exact"]
+    m = zoo.compare(want + torch.tensor([0.0, 0.0, 1.0]), want, 0.5, rtol)
     assert not m["exact"] and m["ok"] and m["rel"] == 2.0 and m["differ"] == 1
-    assert not zoo.compare(want + 1.5, want, 0.5)["ok"]
-    assert not zoo.compare(want + 1e-3, want, None)["ok"]  # float output: 1e-5 of max |ref|
+    assert not zoo.compare(want + 1.5, want, 0.5, rtol)["ok"]
+    assert not zoo.compare(want + 1e-3, want, None, rtol)["ok"]  # float: 1e-5 of max |ref|
+    # a graph with per-token linears: two 8-bit steps of the largest value
+    assert zoo.compare(want + 1e-3, want, None, ISLAND_TOKEN_RTOL)["ok"]
+    assert not zoo.compare(want + 1e-2, want, None, ISLAND_TOKEN_RTOL)["ok"]
 
 
 def test_list_and_unknown_names(capsys):
