@@ -96,6 +96,9 @@ class Emitter:
         #: arithmetic, DeBERTa's attention span): their value as a ``PrimExpr``, which
         #: ``item`` returns (TVM's converter would read it back as a fresh, unrelated var).
         self.scalars: dict[fx.Node, Any] = {}
+        #: A float tensor's per-token codes and row parameters (``ptq_ops._token_quantized``),
+        #: computed once for every per-token linear reading it.
+        self.per_token: dict[Any, tuple] = {}
         self._float = ExportedProgramImporter()
         self._float.env = self.env
         self._float.block_builder = self.bb

@@ -121,8 +121,9 @@ def _packed_choice(em, a, kind: str, in_dt: str, pack, bounds=None, **shape) -> 
     target's strategy chooses (``Strategy.choose``, e.g. x86 AVX2's pairwise variant where its
     proof holds) from the node's facts: the activations' range ``[lo, hi]`` as the graph
     guarantees it (``fxgraph.value_range``; the zero point, which pads convs, included) and
-    the GEMM's shape. The choice and its reason are recorded in ``em.variants`` (``compile``
-    reports them)."""
+    the GEMM's shape; ``bounds`` gives the range where the node's own ``x`` does not (the
+    per-token codes of ``linear_dynamic``: [0, 255]). The choice and its reason are recorded
+    in ``em.variants`` (``compile`` reports them)."""
     lo, hi = bounds or value_range(bind_args(em.node)["x"]) or _dtype_bounds(in_dt)
     x_zp = int(a["x_zp"])
     facts = KernelFacts(kind, em.node.name, in_dt, (min(lo, x_zp), max(hi, x_zp)), pack=pack,
@@ -189,7 +190,7 @@ def _token_quantized(em, x):
     """``(q, p)``: ``x`` quantized per token (uint8) and its per-row ``[..., 3]`` scale /
     inverse / zero point; computed once per tensor (a transformer's Q, K and V projections
     read one)."""
-    cache = em.__dict__.setdefault("_per_token", {})
+    cache = em.per_token
     if x not in cache:
         f = x if _dt(x) == "float32" else em.bb.emit(relax.op.astype(x, "float32"))
         p = em.bb.emit_te(token_k.token_params, f, primfunc_name_hint="token_params")
