@@ -219,6 +219,12 @@ def float_reason(node: fx.Node) -> Optional[str]:
     return q.reason if q is not None and q.role is Role.FLOAT else None
 
 
+def is_per_token_bias(node: fx.Node) -> bool:
+    """Whether ``node`` is the float add that gives a per-token linear its bias."""
+    reason = float_reason(node)
+    return reason is not None and reason.startswith(PER_TOKEN_BIAS)
+
+
 def set_float_reason(node: fx.Node, reason: str) -> None:
     """Marks ``node`` float with ``reason`` (keeping what is observed about its output)."""
     q = get_qspec(node)

@@ -242,20 +242,15 @@ def report(qgraph: fx.GraphModule, float_model: Any, data: Iterable[Any],
     return Report(rows, coverage(qgraph), sqnr_db(*out_power), len(batches))
 
 
-def _per_token_bias(n: fx.Node) -> bool:
-    reason = meta.float_reason(n)
-    return reason is not None and reason.startswith(meta.PER_TOKEN_BIAS)
-
-
 def _compared(n: fx.Node) -> bool:
     """Whether the per-node SQNR covers ``n``: an integer op that is not a conversion (with
     an integer or a float output), or the bias add that completes a per-token linear (the
     float linear it stands for includes the bias)."""
-    if _per_token_bias(n):
+    if meta.is_per_token_bias(n):
         return True
     if not _is_ptq(n) or _ptq_name(n) in _CONVERSIONS | {"quantize"}:
         return False
-    if any(_per_token_bias(u) for u in n.users):
+    if any(meta.is_per_token_bias(u) for u in n.users):
         return False  # (its bias add is compared)
     q = meta.get_qparams(n)
     return q is not None or _ptq_name(n) == "linear_dynamic" or (
@@ -263,14 +258,14 @@ def _compared(n: fx.Node) -> bool:
 
 
 def _op_label(n: fx.Node) -> str:
-    if _per_token_bias(n):
+    if meta.is_per_token_bias(n):
         n = n.args[0]
     return f"ptq.{_ptq_name(n)}"
 
 
 def _precision(n: fx.Node) -> str:
     """The integer type of ``n``'s output, or how its float output is computed."""
-    if _per_token_bias(n) or _ptq_name(n) == "linear_dynamic":
+    if meta.is_per_token_bias(n) or _ptq_name(n) == "linear_dynamic":
         return "float32 (per-token uint8 in)"
     q = meta.get_qparams(n)
     return "float32" if q is None else q.dtype

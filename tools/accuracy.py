@@ -224,8 +224,7 @@ def ptqpasses_default(task: Task):
     raised = ", ".join(f"{sum(r.to == to for r in rep.raised)} {to}" for to in ("int16", "float"))
     per_token = " (per token for linears over tokens)" if a.dynamic else ""
     return q, (f"{a.dtype} {a.observer} activations{per_token}, {w.dtype} per-channel "
-               f"{w.observer} "
-               f"weights, policy {cfg.policy!r}; accuracy guard raised {raised} "
+               f"{w.observer} weights, policy {cfg.policy!r}; accuracy guard raised {raised} "
                f"({rep.before} -> {rep.after} on held-out calibration batches); "
                f"{peers.ptq_integer_count(q)}/{_total(task)} convs/linears/matmuls integer")
 

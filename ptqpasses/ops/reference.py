@@ -120,7 +120,16 @@ def token_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     ``s = max(hi / 255 - lo / 255, 2**-126)``, ``inv = 1 / s``,
     ``zp = clamp(rne(-lo * inv), 0, 255)``. Returns ``(s, inv, zp)``, each ``[..., 1]``
     float32 (``zp`` holds an integer)."""
-    x = torch.where(torch.isnan(x), 0.0, x.to(torch.float32))
+    return _row_qparams(_finite(x))
+
+
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 with NaN read as 0.0."""
+    return torch.where(torch.isnan(x), 0.0, x.to(torch.float32))
+
+
+def _row_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`token_qparams` of a float32 ``x`` without NaN."""
     lo = x.amin(-1, keepdim=True).clamp(max=0.0)
     hi = x.amax(-1, keepdim=True).clamp(min=0.0)
     c = torch.tensor(255.0, dtype=torch.float32)
@@ -132,8 +141,8 @@ def token_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 def _token_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(q, s, zp)``: ``q = clamp(rne(x * inv) + zp, 0, 255)`` per row (float32 values)."""
-    s, inv, zp = token_qparams(x)
-    x = torch.where(torch.isnan(x), 0.0, x.to(torch.float32))
+    x = _finite(x)
+    s, inv, zp = _row_qparams(x)
     return (_rne(x * inv) + zp).clamp(0.0, 255.0), s, zp
 
 
