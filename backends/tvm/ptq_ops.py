@@ -189,10 +189,13 @@ def _linear_packed(em, a, x, w: np.ndarray, bias, in_dt: str, bounds=None):
 def _token_quantized(em, x):
     """``(q, p)``: ``x`` quantized per token (uint8) and its per-row ``[..., 3]`` scale /
     inverse / zero point; computed once per tensor (a transformer's Q, K and V projections
-    read one)."""
+    read one): by the strategy's one-pass kernel (CPU), else the two TE glue kernels."""
     cache = em.per_token
     if x not in cache:
         f = x if _dt(x) == "float32" else em.bb.emit(relax.op.astype(x, "float32"))
+        if em.strategy.token_quantize is not None:
+            cache[x] = em.strategy.token_quantize(em, f)
+            return cache[x]
         p = em.bb.emit_te(token_k.token_params, f, primfunc_name_hint="token_params")
         q = em.bb.emit_te(token_k.token_quantize, f, p, primfunc_name_hint="token_quantize")
         cache[x] = (q, p)

@@ -152,6 +152,10 @@ class Strategy:
             centered to int16 and the right one packed per call in blocks of this shape
             (``kernels/matmul.py::matmul_packed``; x86: ``vpmaddwd`` / ``vpdpwssd`` pairs);
             None: the plain compute.
+        token_quantize: Builds the per-token codes and row parameters of a float32
+            ``[..., K]`` tensor (``linear_dynamic``'s input) as one kernel:
+            ``(em, x) -> (q, p)`` (CPU: ``cpu/token.py``); None: the two TE glue kernels of
+            ``kernels/token.py``.
         schedule_glue: Schedule the non-ptq PrimFuncs with ``cpu/glue.py``.
         nhwc: Keep 4-D activations channel-last between the integer ops that take them
             (``ptq_ops.LAYOUTS``): convs read and write NHWC, no transpose around each.
@@ -167,6 +171,7 @@ class Strategy:
     choose: Callable[["Strategy", KernelFacts], Choice] = _choose_main
     schedules: Mapping[str, ScheduleFn] = dataclasses.field(default_factory=dict)
     matmul_block: Optional[tuple[int, int]] = None
+    token_quantize: Optional[Callable] = None
     schedule_glue: bool = True
     nhwc: bool = True
     device: Device = Device.CPU

@@ -12,7 +12,10 @@ from tests.backends.conftest import P, GraphBuilder, assert_exact, host_has
 
 #: x86 strategies and the CPU flags they need to run here.
 FAMILIES = {"x86-avx2": ("avx2",), "x86-avx512-vnni": ("avx512f", "avx512vnni"),
-            "x86-amx": ("avx512vnni", "amx-int8", "amx-tile"), "host": ()}
+            "x86-amx": ("avx512vnni", "amx-int8", "amx-tile"), "x86-avx-vnni": ("avxvnni",),
+            "x86-generic": (), "host": ()}
+#: Families without a named target: x86-64 without AVX2 (SSE: the 4-lane kernel).
+TARGETS = {"x86-generic": {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64"}}
 
 
 def _rows(seed: int, lead, k: int) -> torch.Tensor:
@@ -40,18 +43,72 @@ def _graph(k: int, n: int, seed: int):
 
 
 @pytest.mark.parametrize("target", list(FAMILIES))
-@pytest.mark.parametrize("lead,k,n", [((2, 37), 70, 33), ((1, 5), 16, 64), ((3, 40), 384, 96)])
-def test_linear_dynamic_is_exact_on_every_family(tvm_backend, target, lead, k, n):
+@pytest.mark.parametrize("lead,k,n,dynamic", [((2, 37), 70, 33, True), ((1, 5), 16, 64, True),
+                                               ((3, 40), 384, 96, True),
+                                               ((4, 130), 161, 48, False)])
+def test_linear_dynamic_is_exact_on_every_family(tvm_backend, target, lead, k, n, dynamic):
+    """Symbolic rows (``dynamic_batch``) and 520 static rows x 161 run the CPU families'
+    one-pass kernel in parallel (rows not a multiple of its task); K = 16 / 384 fill its
+    vectors, 70 / 161 leave lane and scalar tails."""
     if not all(host_has(f) for f in FAMILIES[target]):
         pytest.skip(f"this CPU cannot run {target}")
     gm = _graph(k, n, seed=k + n)
     x = _rows(k, lead, k)
     want = gm(x)
     assert torch.isfinite(want[0][0]).all()  # the zero row's output is exactly 0
-    cm = tvm_backend.compile(gm, target, example_inputs=(x,), dynamic_batch=True)
+    cm = tvm_backend.compile(gm, TARGETS.get(target, target), example_inputs=(x,),
+                             dynamic_batch=dynamic)
     assert_exact(cm(x), want, target)
+    if not dynamic:
+        return
     x2 = _rows(k + 1, (lead[0] + 1, *lead[1:]), k)  # another batch through the same module
     assert_exact(cm(x2), gm(x2), target)
+
+
+@pytest.mark.parametrize("rows,k", [(5, 70), (40, 384), (3, 7)])
+@pytest.mark.parametrize("lanes,avx512", [(16, True), (8, False), (4, False)])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_cpu_one_pass_kernel_matches_the_reference(tvm_backend, rows, k, lanes, avx512,
+                                                   parallel):
+    """``cpu/token.py`` alone: codes and (scale, inverse, zero point) bit for bit against
+    ``reference.token_qparams`` / ``_token_quantize``, every lane width it is built with."""
+    import numpy as np
+    import tvm
+
+    from ptqpasses.ops import reference
+    from ptqpasses_backends.tvm.cpu.token import token_quantize_rows
+
+    if not host_has("avx512f" if avx512 else "avx2"):
+        pytest.skip("this CPU cannot run the kernel's target")
+    x = _rows(rows, (rows,), k)
+    func = token_quantize_rows(None, k, lanes=lanes, avx512=avx512, parallel=parallel)
+    from ptqpasses_backends.tvm import targets
+
+    target = targets.resolve("host" if avx512 else "x86-avx2").target()
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}),
+                      target=target)
+    out = [tvm.runtime.tensor(x.numpy()), tvm.runtime.tensor(np.zeros((rows, k), np.uint8)),
+           tvm.runtime.tensor(np.zeros((rows, 3), np.float32))]
+    lib(*out)
+    q, s, zp = reference._token_quantize(x)
+    want_p = torch.cat(reference.token_qparams(x), 1)
+    assert torch.equal(torch.from_numpy(out[1].numpy()), q.to(torch.uint8))
+    assert torch.equal(torch.from_numpy(out[2].numpy()), want_p)
+
+
+def test_cpu_families_quantize_each_row_in_one_kernel(tvm_backend):
+    """Every CPU strategy builds per-token inputs with the one-pass kernel (no separate row
+    statistics kernel); CUDA keeps the TE pair (``test_cuda_builds_the_per_token_kernels``)."""
+    from ptqpasses_backends.tvm import registry
+    from ptqpasses_backends.tvm.strategy import Device
+
+    for strategy in registry.all_strategies():
+        assert (strategy.token_quantize is not None) == (strategy.device is Device.CPU), \
+            strategy.name
+    gm = _graph(64, 48, seed=5)
+    x = _rows(64, (2, 8), 64)
+    src = tvm_backend.compile(gm, "x86-avx2", example_inputs=(x,)).source("ll")
+    assert "token_quantize" in src and "token_params" not in src
 
 
 def test_reference_matches_the_float_formula():

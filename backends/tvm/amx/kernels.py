@@ -55,6 +55,7 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
+from ptqpasses_backends.tvm.cpu.vector import round_to_int32
 from ptqpasses_backends.tvm.packing import pack_conv, pack_dense
 from ptqpasses_backends.tvm.requant import f32
 
@@ -324,7 +325,7 @@ class Requant:
         y = T.Cast(_vec("float32", lanes), acc) * mult
         y = T.min(T.max(y, _const(self.qmin - self.out_zp, "float32", lanes)),
                   _const(self.qmax - self.out_zp, "float32", lanes))
-        q = _round_to_int(y, lanes)
+        q = round_to_int32(y, lanes)
         if self.out_zp:
             q = q + _const(self.out_zp, "int32", lanes)
         return q
@@ -380,22 +381,6 @@ class ResidualAdd:
         total = ((q - _const(self.a_zp, "int32", lanes)) * _const(self.a_mult, "int32", lanes)
                  + (r - _const(self.b_zp, "int32", lanes)) * _const(self.b_mult, "int32", lanes))
         return self.out.value(total, _const(self.multiplier, "float32", lanes), lanes)
-
-
-def _round_to_int(y, lanes: int):
-    """``int32(rne(y))`` of a float32 value already inside the int32 range: 16 lanes in
-    one ``vcvtps2dq`` with embedded round-to-nearest-even (``{rn-sae}``), which LLVM does
-    not form from ``round`` + cast (``vrndscaleps`` + ``vcvttps2dq``: one more 512-bit op
-    in the epilogue, whose vector ports bound it)."""
-    if lanes != 16:
-        return T.Cast("int32" if lanes == 1 else f"int32x{lanes}", T.round(y))
-    return T.call_llvm_pure_intrin(
-        "int32x16", "llvm.x86.avx512.mask.cvtps2dq.512", y,
-        T.broadcast(T.int32(0), 16), T.int16(-1), T.int32(_RN_SAE))
-
-
-#: ``_MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC``.
-_RN_SAE = 8
 
 
 def _epilogue_row(rq, scratch, half, acc: int, r, o0, n_out: int, mult_p, out,

@@ -5,6 +5,8 @@ register-tiled ``matmul`` (``matmul.py``), depthwise convs (``depthwise.py``), `
 (``pool.py``) and the int16-activation kernels (``wide.py``). The glue and float islands get
 ``glue.py`` (``pipeline.ApplyGlueSchedules``); ``dot.py`` tensorizes a packed kernel's ``acc``
 block with any dot-product intrinsic (``dot_intrin.py``: the one description they share).
+``token.py`` is the one-pass per-token quantize of ``linear_dynamic`` inputs
+(``Strategy.token_quantize``, from :func:`token_quantizer`).
 """
 
 from __future__ import annotations
@@ -34,6 +36,15 @@ def _depthwise(func, _kind, _target):
 
 def _matmul(func, _kind, _target):
     return schedule_matmul(func)
+
+
+def token_quantizer(lanes: int, avx512: bool = False):
+    """A ``Strategy.token_quantize``: ``cpu/token.py``'s kernel with ``lanes`` float lanes
+    (``avx512``: the round is ``vcvtps2dq {rn-sae}``)."""
+    def build(em, x):
+        from ptqpasses_backends.tvm.cpu import token  # (imports kernels/, which imports glue)
+        return token.emit(em, x, lanes=lanes, avx512=avx512)
+    return build
 
 
 #: Kernel kind -> fixed schedule, for every CPU strategy.

@@ -113,6 +113,7 @@ AVX512_VNNI = Strategy(
      INT16_VARIANT),
     choose=_choose_vnni, schedules={**cpu.SCHEDULES, "matmul": _matmul_vnni},
     matmul_block=(vnni.WIDE_LANES, vnni.WIDE_DEPTH),
+    token_quantize=cpu.token_quantizer(16, avx512=True),
     summary="AVX-512 VNNI: u8 x s8 vpdpbusd on zmm, register-tiled template")
 
 AVX_VNNI = Strategy(
@@ -121,7 +122,7 @@ AVX_VNNI = Strategy(
                        rows=VNNI256_ROWS, blocks=VNNI256_BLOCKS,
                        intrin_lanes=vnni.VNNI256_LANES,
                        summary=f"vpdpbusd ymm, {VNNI256_ROWS}x{VNNI256_BLOCKS * 16} tile"),),
-    schedules=cpu.SCHEDULES,
+    schedules=cpu.SCHEDULES, token_quantize=cpu.token_quantizer(8),
     summary="AVX-VNNI: u8 x s8 vpdpbusd on ymm, register-tiled template")
 
 
@@ -153,8 +154,10 @@ AVX2 = Strategy(
     "x86-avx2", "x86", (_AVX2_MAIN, _AVX2_PAIRWISE), choose=_choose_avx2,
     schedules={**cpu.SCHEDULES, "matmul": _matmul_avx2},
     matmul_block=(_AVX2_MAIN.layout.lanes, _AVX2_MAIN.layout.depth),
+    token_quantize=cpu.token_quantizer(8),
     summary="AVX2: exact vpmaddwd on int16 activations (vpmaddubsw where proven exact)")
 
 GENERIC = Strategy(
     "x86-generic", "x86", (Variant("", Layout("uint8", 16, 4), summary="default lowering"),),
-    schedules=cpu.SCHEDULES, summary="x86 without AVX2: TVM's default lowering of the kernels")
+    schedules=cpu.SCHEDULES, token_quantize=cpu.token_quantizer(4),
+    summary="x86 without AVX2: TVM's default lowering of the kernels")
