@@ -85,6 +85,10 @@ class Emitter:
         #: into their producer's epilogue (their producer's plain call is then dead code).
         self.epilogue_fusions: dict[Any, Any] = {}
         self.fused: list[str] = []
+        #: Float values whose kernel can store them quantized (the CPU row softmax): value
+        #: -> builder of that call (``ptq_ops.quantize`` calls it, and lists itself in
+        #: ``fused``).
+        self.quantize_epilogues: dict[Any, Any] = {}
         #: torch's symbolic input sizes by name (``s0``...): their size in the module (a
         #: ``tir.Var``, or an int where the input spec made the size static).
         self.sizes: dict[str, Any] = {}
@@ -667,9 +671,10 @@ class Emitter:
         return bb.emit(op.matmul(p, v))
 
     def _softmax(self, node: fx.Node):
-        """``aten.softmax`` / ``aten._softmax`` on float32 with ``kernels/softmax.py`` (a
-        vectorizable ``exp``, see its docstring for the accuracy against ATen); a dim other than
-        the last is moved last and back. None (TVM's own converter) for other dtypes."""
+        """``aten.softmax`` / ``aten._softmax`` on float32 with the strategy's row kernel
+        (``Strategy.softmax``, CPU) or ``kernels/softmax.py`` (a vectorizable ``exp``, see its
+        docstring for the accuracy against ATen); a dim other than the last is moved last and
+        back. None (TVM's own converter) for other dtypes."""
         x = self.env[node.args[0]]
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)
         if node.target is torch.ops.aten.softmax.int:
@@ -685,7 +690,9 @@ class Emitter:
             order = [a for a in range(ndim) if a != dim] + [dim]
             back = [order.index(a) for a in range(ndim)]
             x = bb.emit(op.permute_dims(x, order))
-        y = bb.emit_te(softmax_k.softmax_last_axis, x, primfunc_name_hint="softmax")
+        y = self.strategy.softmax(self, x) if self.strategy.softmax else None
+        if y is None:
+            y = bb.emit_te(softmax_k.softmax_last_axis, x, primfunc_name_hint="softmax")
         if dim != ndim - 1:
             y = bb.emit(op.permute_dims(y, back))
         return y

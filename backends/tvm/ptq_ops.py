@@ -82,6 +82,13 @@ def _sum_dtype(bound, *dtypes: str) -> str:
 
 
 def quantize(em, a):
+    build = em.quantize_epilogues.get(a["x"])
+    node = bind_args(em.node)["x"]
+    if (build is not None and isinstance(node, fx.Node) and len(node.users) == 1
+            and dtype_name(a["dtype"]) in _EIGHT_BIT):
+        em.fused.append(em.node.name)  # stored quantized by its producer's kernel
+        return build(scale=float(a["scale"]), zero_point=int(a["zero_point"]),
+                     qmin=int(a["qmin"]), qmax=int(a["qmax"]), dtype=dtype_name(a["dtype"]))
     return quantize_relax(em.bb, a["x"], float(a["scale"]), int(a["zero_point"]),
                           int(a["qmin"]), int(a["qmax"]), dtype_name(a["dtype"]))
 
@@ -166,20 +173,31 @@ def linear(em, a):
     return _linear_packed(em, a, x, w, bias, in_dt)
 
 
-def _linear_packed(em, a, x, w: np.ndarray, bias, in_dt: str, bounds=None):
+def _linear_packed(em, a, x, w: np.ndarray, bias, in_dt: str, bounds=None, per_token=None):
     """The packed 8-bit dense the target's strategy picks (``a``: the requantization and
     ``x_zp`` arguments; ``bounds``: the activations' range where the node's own ``x`` does
-    not say it)."""
+    not say it). ``per_token``: ``(params, colsum, w_scale)`` of ``linear_dynamic``: where the
+    chosen variant has a ``dense_per_token`` kernel, that kernel's float output (epilogue
+    included); otherwise None."""
     n_out, k_in = w.shape
     rows = 1
     for d in x.ty.shape.values[:-1]:
         rows = None if rows is None or _static(d) is None else rows * _static(d)
+
     def pack(lanes, depth, k_block):
         return packing.pack_dense(w, lanes, depth, k_block)
 
     choice, shift = _packed_choice(em, a, "dense", in_dt, pack, bounds, rows=rows, cols=n_out,
                                    depth=k_in)
     corr = packing.correction(w, bias, int(a["x_zp"]) + shift)
+    if per_token is not None:
+        build = choice.variant.kernels.get("dense_per_token")
+        if build is None:
+            return None
+        params, colsum, ws = per_token
+        return build(em, x, w, corr, ws, variant=choice.variant.name, n_out=n_out,
+                     k_in=k_in, shift=shift, act_dtype=choice.variant.layout.act_dtype,
+                     per_token=(params, colsum), **_requant_args(a))
     mult = _per_channel(em.numpy(a["multiplier"]), n_out)
     return _packed_kernel(em, "dense", choice, dense_k.dense, x, w, pack, corr, mult,
                           n_out=n_out, k_in=k_in, shift=shift,
@@ -208,20 +226,24 @@ def fake_quantize_per_token(em, a):
 
 
 def linear_dynamic(em, a):
-    """Per-token uint8 activations (``token_params``, ``token_quantize``: glue kernels), the
-    target's packed dense on them with a float32 output and multiplier 1 (``float32`` of the
-    exact sum), then the per-row zero-point correction and scales (``token_epilogue``, kept
-    out of fusion: its last multiply must reach memory before the graph's float bias add, or
-    LLVM would contract the two into an FMA)."""
+    """Per-token uint8 activations (``_token_quantized``), the target's packed dense on them
+    with a float32 output and multiplier 1 (``float32`` of the exact sum), then the per-row
+    zero-point correction and scales: in the dense's own epilogue where its variant has a
+    ``dense_per_token`` kernel (AMX), else ``token_epilogue``, kept out of fusion: its last
+    multiply must reach memory before the graph's float bias add, or LLVM would contract
+    the two into an FMA."""
     q, p = _token_quantized(em, a["x"])
     w = em.numpy(a["weight"]).astype(np.int8)
     n_out = w.shape[0]
     ones = np.ones(n_out, np.float32)
-    raw = _linear_packed(em, dict(x_zp=0, multiplier=ones, out_zp=0, qmin=0, qmax=0,
-                                  out_dtype="float32"),
-                         q, w, None, "uint8", bounds=(0, 255))
     colsum = w.astype(np.int32).sum(1).astype(np.int32)
     ws = em.numpy(a["w_scale"]).astype(np.float32).reshape(n_out)
+    spec = dict(x_zp=0, multiplier=ones, out_zp=0, qmin=0, qmax=0, out_dtype="float32")
+    fused = _linear_packed(em, spec, q, w, None, "uint8", bounds=(0, 255),
+                           per_token=(p, colsum, ws))
+    if fused is not None:  # the variant's kernel took the epilogue (AMX)
+        return fused
+    raw = _linear_packed(em, spec, q, w, None, "uint8", bounds=(0, 255))
     return em.bb.emit_te(token_k.token_epilogue, raw, p, relax.const(colsum),
                          relax.const(ws), primfunc_name_hint="token_epilogue",
                          primfunc_attrs={"op_pattern": _OPAQUE})
@@ -366,7 +388,14 @@ def matmul(em, a):
                                         * wide_k.max_centered(_dt(y), b_zp))
     acc_dtype = _sum_dtype(bound, _dt(x), _dt(y))
     block = em.strategy.matmul_block
-    if (block is not None and _dt(x) in _EIGHT_BIT and _dt(y) in _EIGHT_BIT
+    own = None
+    if em.strategy.matmul_kernel is not None and not squeeze:
+        own = em.strategy.matmul_kernel(em, x, y, a_zp=a_zp, b_zp=b_zp,
+                                        multiplier=float(a["multiplier"]), **_requant_args(a))
+    if own is not None:
+        out, variant, why = own
+        em.variants[em.node.name] = (variant, why)
+    elif (block is not None and _dt(x) in _EIGHT_BIT and _dt(y) in _EIGHT_BIT
             and k_dim is not None and _static(y.ty.shape[-1]) is not None):
         out = _kernel(em, matmul_k.matmul_packed, x, y, kind="matmul", a_zp=a_zp, b_zp=b_zp,
                       multiplier=float(a["multiplier"]), lanes=block[0], depth=block[1],

@@ -106,7 +106,9 @@ class Variant:
         kernels: Kernel builders replacing the TE computes of ``kernels/``, by kind
             (AMX: hand-written TIR): ``(em, x, weight, corr, mult, *, variant, **params)
             -> relax value`` with the unpacked int8 weights (the builder packs them for its
-            plan) and the numpy ``corr`` / ``mult`` of the TE computes.
+            plan) and the numpy ``corr`` / ``mult`` of the TE computes. Kind
+            ``dense_per_token``: the dense of ``ptq.linear_dynamic`` with its per-row
+            epilogue, given ``per_token=(params, colsum)`` and the weight scales as ``mult``.
         summary: One line for reports.
     """
 
@@ -156,6 +158,13 @@ class Strategy:
             ``[..., K]`` tensor (``linear_dynamic``'s input) as one kernel:
             ``(em, x) -> (q, p)`` (CPU: ``cpu/token.py``); None: the two TE glue kernels of
             ``kernels/token.py``.
+        softmax: Builds a float32 ``softmax`` over the last axis as one kernel that can take
+            the quantize after it: ``(em, x) -> value``, or None where it does not apply
+            (CPU: ``cpu/softmax.py``); None: ``kernels/softmax.py``'s TE compute.
+        matmul_kernel: Builds an 8-bit ``ptq.matmul`` as a hand-written kernel (AMX tiles):
+            ``(em, a, b, *, a_zp, b_zp, multiplier, out_zp, qmin, qmax, out_dtype) ->
+            (value, variant, why)`` (``compiled.meta['variants']``), or None where the
+            shapes do not suit it; None: the TE computes.
         schedule_glue: Schedule the non-ptq PrimFuncs with ``cpu/glue.py``.
         nhwc: Keep 4-D activations channel-last between the integer ops that take them
             (``ptq_ops.LAYOUTS``): convs read and write NHWC, no transpose around each.
@@ -172,6 +181,8 @@ class Strategy:
     schedules: Mapping[str, ScheduleFn] = dataclasses.field(default_factory=dict)
     matmul_block: Optional[tuple[int, int]] = None
     token_quantize: Optional[Callable] = None
+    softmax: Optional[Callable] = None
+    matmul_kernel: Optional[Callable] = None
     schedule_glue: bool = True
     nhwc: bool = True
     device: Device = Device.CPU

@@ -211,3 +211,57 @@ def test_residual_add_in_the_conv_epilogue(tvm_backend, relu):
     assert_exact(cm(*inputs), gm(*inputs), "residual add in the epilogue")
     other = [int_tensor(5, (3, 64, 10, 10), I8), int_tensor(6, (3, 48, 10, 10), U8)]
     assert_exact(cm(*other), gm(*other), "residual add, another batch size")
+
+
+#: (a shape after the batch, b shape after the batch, a dtype, a_zp, b dtype, b_zp, out dtype,
+#: out_zp): MiniLM's attention products (uint8 scores x uint8 keys, probabilities x values,
+#: float out), odd M / K / N (row, k-group and channel tails; K over one 64-deep step),
+#: int8 operands, 8-bit outputs, one leading dim.
+MATMULS = [
+    ((3, 40, 32), (3, 32, 40), U8, 124, U8, 126, torch.float32, 0),
+    ((3, 40, 40), (3, 40, 32), U8, 0, U8, 135, torch.float32, 0),
+    ((2, 37, 70), (2, 70, 33), I8, -3, U8, 200, I8, 2),
+    ((20, 64), (64, 17), U8, 5, I8, -7, U8, 3),
+    ((2, 20, 130), (2, 130, 48), I8, 0, I8, 0, torch.float32, 0),
+]
+
+
+def _matmul_graph(cases=MATMULS, batch: int = 2, seed: int = 0):
+    b, outs, inputs = GraphBuilder(), [], []
+    for i, (sa, sb, adt, azp, bdt, bzp, odt, ozp) in enumerate(cases):
+        x, y = b.input(f"a{i}"), b.input(f"b{i}")
+        lo, hi = {I8: (-128, 127), U8: (0, 255)}.get(odt, (0, 0))
+        outs.append(b.call(P.matmul.default, x, azp, y, bzp, 2e-4 * (i + 1), ozp, lo, hi, odt))
+        inputs += [int_tensor(seed + 2 * i, (batch, *sa), adt),
+                   int_tensor(seed + 2 * i + 1, (batch, *sb), bdt)]
+    return b.build(tuple(outs)), inputs
+
+
+def test_attention_matmuls_run_on_tiles(tvm_backend):
+    """Cross-built for ``x86-amx`` on any x86 machine: 8-bit matmuls with static M >= 4,
+    N >= 16 run ``matmul_amx`` (both operands packed per call; recorded in the variants);
+    fewer than 4 rows stays on the VNNI block form."""
+    small = [((2, 3, 32), (2, 32, 40), U8, 1, U8, 2, torch.float32, 0)]
+    gm, inputs = _matmul_graph(MATMULS[:2] + small)
+    cm = tvm_backend.compile(gm, "x86-amx", example_inputs=inputs, dynamic_batch=True)
+    variants = _variants(cm)
+    assert variants == {"matmul_default": "amx", "matmul_default_1": "amx"}, variants
+    assert re.search(r"\btdpbusd\b", cm.source("asm"))
+
+
+@pytest.mark.skipif(not HAS_AMX, reason="the CPU has no AMX (amx_int8 / amx_tile flags)")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_amx_matmul_is_exact(tvm_backend, threads):
+    """Every case of ``MATMULS`` bit-exact with the reference, symbolic batch (the kernel's
+    parallel loop over batch entries), two batch sizes, one and two threads."""
+    gm, inputs = _matmul_graph()
+    cm = tvm_backend.compile(gm, "host", example_inputs=inputs, dynamic_batch=True)
+    assert set(_variants(cm).values()) == {"amx"}, _variants(cm)
+    pool = tvm.get_global_func("runtime.config_threadpool")
+    pool(0, threads)
+    try:
+        assert_exact(cm(*inputs), gm(*inputs), f"AMX matmul, {threads} thread(s)")
+        other = _matmul_graph(batch=3, seed=11)[1]
+        assert_exact(cm(*other), gm(*other), "AMX matmul, another batch size")
+    finally:
+        pool(0, 1)

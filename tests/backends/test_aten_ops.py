@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from tests.backends.conftest import P, GraphBuilder, assert_exact
+from tests.backends.conftest import P, GraphBuilder, assert_exact, host_has
 from tests.backends.strategies import int_tensor
 
 aten = torch.ops.aten
@@ -180,6 +181,58 @@ def test_softmax_kernel_matches_torch(tvm_backend):
             torch.testing.assert_close(g, w, equal_nan=True, **SOFTMAX_TOLERANCE,
                                        msg=lambda m: f"softmax output {i} batch {n}: {m}")
         assert torch.isnan(cm(xin)[0][:, 2]).all()  # the fully -inf row
+
+
+@pytest.mark.parametrize("target", ["host", "x86-avx2", "x86-generic"])
+def test_row_softmax_kernel_matches_torch_and_stores_its_quantize(tvm_backend, target):
+    """CPU strategies run a softmax over rows of a multiple of their vector width with
+    ``cpu/softmax.py`` (16 / 8 / 4 lanes here), the ``ptq.quantize`` after it folded into the
+    kernel's store: the float rows within ``SOFTMAX_TOLERANCE`` of ``torch.softmax`` (masked
+    -1e4 and -inf entries, a fully -inf row: NaN), the codes equal to the reference quantize
+    of torch's softmax except where torch's value lies within that tolerance of a rounding
+    boundary (there one code either way). Symbolic rows (batch) and static ones."""
+    from ptqpasses.ops import reference
+    from ptqpasses_backends.tvm.kernels.softmax import SOFTMAX_TOLERANCE
+
+    targets = {"x86-generic": {"kind": "llvm", "mtriple": "x86_64-linux-gnu",
+                               "mcpu": "x86-64"}}
+    if target == "x86-avx2" and not host_has("avx2"):
+        pytest.skip("this CPU has no AVX2")
+    gen = torch.Generator().manual_seed(1)
+    mask = torch.zeros(5, 48)
+    mask[0, 7:] = -1e4
+    mask[1, ::3] = float("-inf")
+    mask[2, :] = float("-inf")
+    mask[3, :20] = -50.0
+    b = GraphBuilder()
+    q = b.input("q")  # int8 [B, 5, 48]
+    f = b.call(aten.add.Tensor, b.call(P.dequantize.default, q, 0.25, 3), b.const(mask))
+    probs = b.call(aten.softmax.int, f, -1)
+    scale = 1 / 255
+    codes = b.call(P.quantize.default, b.call(aten.softmax.int, f, -1), scale, 0, 0, 255,
+                   torch.uint8)
+    gm = b.build((probs, codes))
+    example = [int_tensor(0, (2, 5, 48), torch.int8)]
+    for dynamic in (True, False):
+        mod = tvm_backend.emit(gm, targets.get(target, target), example_inputs=example,
+                               dynamic_batch=dynamic)
+        names = {gv.name_hint for gv in mod.get_global_vars()}
+        assert {"softmax_rows", "softmax_quantize"} <= names, sorted(names)
+        assert not any("nan_to_zero" in n for n in names), sorted(names)  # no quantize kernel
+        cm = tvm_backend.compile(mod)
+        for n in ((2, 3) if dynamic else (2,)):
+            xin = torch.randint(-128, 128, (n, 5, 48), generator=gen, dtype=torch.int8)
+            got_p, got_q = cm(xin)
+            want = gm(xin)[0]
+            torch.testing.assert_close(got_p, want, equal_nan=True, **SOFTMAX_TOLERANCE)
+            assert torch.isnan(got_p[:, 2]).all()
+            ref = reference.quantize(want, scale, 0, 0, 255, torch.uint8)
+            off = got_q.int() - ref.int()
+            assert off.abs().max() <= 1
+            v = torch.nan_to_num(want[off != 0].double(), nan=0.0) / scale
+            slack = (SOFTMAX_TOLERANCE["rtol"] * v.abs() * scale + SOFTMAX_TOLERANCE["atol"]
+                     ) / scale
+            assert ((v - v.floor() - 0.5).abs() <= slack + 1e-9).all(), v
 
 
 def test_tanh_kernel_is_accurate_near_zero(tvm_backend):

@@ -111,6 +111,25 @@ def test_cpu_families_quantize_each_row_in_one_kernel(tvm_backend):
     assert "token_quantize" in src and "token_params" not in src
 
 
+def test_amx_dense_takes_the_per_token_epilogue(tvm_backend):
+    """Cross-built on any x86 machine: on ``x86-amx`` the tile dense computes the per-row
+    correction and scales in its epilogue (it reads the row parameters; no
+    ``token_epilogue`` kernel), on ``x86-avx512-vnni`` the TE epilogue follows the dense.
+    (Bit-exactness: ``test_linear_dynamic_is_exact_on_every_family``.)"""
+    import tvm
+
+    gm = _graph(64, 48, seed=5)
+    x = _rows(64, (2, 8), 64)
+    for target, fused in (("x86-amx", True), ("x86-avx512-vnni", False)):
+        mod = tvm_backend.emit(gm, target, example_inputs=(x,))
+        names = {gv.name_hint for gv in mod.get_global_vars()}
+        dense = [f for f in mod.functions.values() if isinstance(f, tvm.tirx.PrimFunc)
+                 and f.attrs and str(f.attrs.get("ptq.kernel", "")) == "dense"]
+        assert len(dense) == 1, names
+        assert any(p.name == "params" for p in dense[0].params) == fused, target
+        assert any(n.startswith("token_epilogue") for n in names) != fused, (target, names)
+
+
 def test_reference_matches_the_float_formula():
     """The reference op against the plain float computation it stands for: within the
     rounding of ``float32(raw)`` and of the per-row scale."""

@@ -44,7 +44,8 @@ MIN_DEPTH = 1
 
 AMX_VARIANT = Variant(
     "amx", Layout("uint8", 16, 4, k_block=kernels.TILE_K),
-    kernels={"dense": emit.emit_dense, "conv2d": emit.emit_conv2d},
+    kernels={"dense": emit.emit_dense, "conv2d": emit.emit_conv2d,
+             "dense_per_token": emit.emit_dense},
     summary="tdpbusd 16x16x64 tiles, 2x2 accumulator blocks, hand-written TIR")
 
 
@@ -73,7 +74,8 @@ def _choose(strategy: Strategy, facts: KernelFacts) -> Choice:
 AMX = Strategy(
     "x86-amx", "x86", (x86.AVX512_VNNI.main, AMX_VARIANT, x86.INT16_VARIANT), choose=_choose,
     schedules=x86.AVX512_VNNI.schedules, matmul_block=x86.AVX512_VNNI.matmul_block,
-    token_quantize=x86.AVX512_VNNI.token_quantize,
+    token_quantize=x86.AVX512_VNNI.token_quantize, softmax=x86.AVX512_VNNI.softmax,
+    matmul_kernel=emit.emit_matmul,
     summary="AMX: u8 x s8 tdpbusd tiles (hand-written TIR), AVX-512 VNNI template for small "
             "shapes")
 

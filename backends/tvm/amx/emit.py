@@ -37,8 +37,11 @@ def _call(em, func: tirx.PrimFunc, kind: str, variant: str, args: list, shape: l
 
 def emit_dense(em, x, w: np.ndarray, corr: np.ndarray, mult: np.ndarray, *, variant: str,
                n_out: int, k_in: int, shift: int, act_dtype: str, out_zp: int, qmin: int,
-               qmax: int, out_dtype: str):
-    """``x [..., K]`` (leading dims flattened into the GEMM's rows) times ``w [N, K]``."""
+               qmax: int, out_dtype: str, per_token=None):
+    """``x [..., K]`` (leading dims flattened into the GEMM's rows) times ``w [N, K]``.
+    ``per_token``: ``(params [..., 3], colsum)`` of ``ptq.linear_dynamic``, whose per-row
+    correction and scales then run in the epilogue (``kernels.TokenDequant``; ``mult``: the
+    weight scales)."""
     del act_dtype  # (uint8: the kernel re-encodes)
     lead = list(x.ty.shape.values[:-1])
     rows = 1
@@ -51,10 +54,14 @@ def emit_dense(em, x, w: np.ndarray, corr: np.ndarray, mult: np.ndarray, *, vari
     macs = (rows or _static(lead[-1]) or 1) * k_in * n_out
     func = kernels.dense_amx(rows, k_in, n_out, in_dtype=str(x.ty.dtype), shift=shift,
                              out_zp=out_zp, qmin=qmin, qmax=qmax, out_dtype=out_dtype,
-                             parallel=macs >= PARALLEL_MACS)
-    y = _call(em, func, "dense", variant,
-              [flat, relax.const(kernels.pack_dense_amx(w)), relax.const(corr),
-               relax.const(mult)], [m, n_out], out_dtype)
+                             parallel=macs >= PARALLEL_MACS, per_token=per_token is not None)
+    args = [flat, relax.const(kernels.pack_dense_amx(w)), relax.const(corr), relax.const(mult)]
+    if per_token is not None:
+        params, colsum = per_token
+        if len(lead) != 1:
+            params = em.bb.emit(relax.op.reshape(params, [-1, 3]))
+        args += [params, relax.const(colsum)]
+    y = _call(em, func, "dense", variant, args, [m, n_out], out_dtype)
     if len(lead) != 1:
         y = em.bb.emit(relax.op.reshape(y, [*lead, n_out]))
     return y
@@ -106,3 +113,41 @@ def emit_conv2d(em, x, w: np.ndarray, corr: np.ndarray, mult: np.ndarray, *, var
 
     em.epilogue_fusions[y] = with_residual
     return y
+
+
+def emit_matmul(em, x, y, *, a_zp: int, b_zp: int, multiplier: float, out_zp: int, qmin: int,
+                qmax: int, out_dtype: str):
+    """``ptq.matmul`` of two 8-bit activations on tiles (``kernels.matmul_amx``), both packed
+    per call, where the shapes fill tiles: static M >= ``MIN_ROWS``, N >= ``MIN_COLS`` and K
+    (at most ``MATMUL_MAX_K``), equal batch dims (leading dims flattened into the kernel's
+    batch loop). None otherwise: the strategy's VNNI block form.
+
+    Returns ``(value, variant, why)``."""
+    from ptqpasses_backends.tvm import amx
+
+    dts = (str(x.ty.dtype), str(y.ty.dtype))
+    if any(d not in ("int8", "uint8") for d in dts) or x.ty.ndim != y.ty.ndim or x.ty.ndim < 2:
+        return None
+    xs, ys = list(x.ty.shape.values), list(y.ty.shape.values)
+    m, k_in, n_out = _static(xs[-2]), _static(xs[-1]), _static(ys[-1])
+    if (None in (m, k_in, n_out) or m < amx.MIN_ROWS or n_out < amx.MIN_COLS
+            or k_in > kernels.MATMUL_MAX_K
+            or not all(em.analyzer.can_prove_equal(a, b) for a, b in zip(xs[:-2], ys[:-2]))):
+        return None
+    lead = xs[:-2]
+    batch = 1
+    for d in lead:
+        batch = None if batch is None or _static(d) is None else batch * _static(d)
+    if len(lead) != 1:
+        x = em.bb.emit(relax.op.reshape(x, [-1, m, k_in]))
+        y = em.bb.emit(relax.op.reshape(y, [-1, k_in, n_out]))
+    func = kernels.matmul_amx(batch, m, k_in, n_out, a_dtype=dts[0], b_dtype=dts[1],
+                              a_zp=a_zp, b_zp=b_zp, multiplier=multiplier, out_zp=out_zp,
+                              qmin=qmin, qmax=qmax, out_dtype=out_dtype,
+                              parallel=batch is None or batch > 1)
+    out = _call(em, func, "matmul", "amx", [x, y], [x.ty.shape.values[0], m, n_out],
+                out_dtype)
+    if len(lead) != 1:
+        out = em.bb.emit(relax.op.reshape(out, [*lead, m, n_out]))
+    return out, "amx", (f"AMX tiles: {m} x {n_out} x {k_in} per batch entry, operands packed "
+                        "per call")

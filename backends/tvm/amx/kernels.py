@@ -478,7 +478,8 @@ def _gemm_body(*, m_tiles, n_out: int, blk: Blocking, k_loops, a_ptr, a_stride, 
     m_blocks = _ceil_div(m_tiles, blk.tm)
     n_blocks = _ceil_div(nt, blk.tn)
     extent = n_blocks * m_blocks
-    corr_p = _padded_vec(corr, n_out, "int32")
+    # (a corr already padded to whole tiles is used in place: matmul_amx's differs per task)
+    corr_p = corr if tuple(corr.shape) == (nt * TILE_N,) else _padded_vec(corr, n_out, "int32")
     mult_p = _padded_vec(mult, n_out, "float32")
     cfg = T.alloc_buffer((16,), "int32", align=64)
     _write_tile_config(cfg)
@@ -642,7 +643,8 @@ def _fill(n: int, store, value) -> None:
 
 def dense_amx(m, k_in: int, n_out: int, *, in_dtype: str, shift: int, out_zp: int, qmin: int,
               qmax: int, out_dtype: str, blocking=None, group: int = 4,
-              parallel: bool = True, order: str | None = None) -> tirx.PrimFunc:
+              parallel: bool = True, order: str | None = None,
+              per_token: bool = False) -> tirx.PrimFunc:
     """Requantized int8 linear layer on AMX.
 
     PrimFunc params (in order):
@@ -654,6 +656,9 @@ def dense_amx(m, k_in: int, n_out: int, *, in_dtype: str, shift: int, out_zp: in
         mult: float32 ``[n_out]``.
         out: ``[m, n_out]`` ``out_dtype``.
     ``blocking``: a :class:`Blocking` or ``(tm, tn)``; None: :func:`default_blocking`.
+    ``per_token``: the epilogue of ``ptq.linear_dynamic`` (:class:`TokenDequant`, float32
+        out, ``mult`` the weight scales): two more params before ``out``, ``params [m, 3]``
+        float32 (``kernels/token.py`` layout) and ``colsum [n_out]`` int32.
     ``group``: output blocks per parallel iteration, software-pipelined (see ``_gemm``).
     ``parallel``: False builds a single-threaded kernel (no thread-pool launch; small kernels
     measured faster that way with 2 pool threads). ``order``: block order (see ``_gemm``).
@@ -672,6 +677,9 @@ def dense_amx(m, k_in: int, n_out: int, *, in_dtype: str, shift: int, out_zp: in
             w = T.arg("w_packed", T.buffer((nt, kb * 16, 16, 4), "int8"))
             corr = T.arg("corr", T.buffer((n_out,), "int32"))
             mult = T.arg("mult", T.buffer((n_out,), "float32"))
+            if per_token:
+                rq = TokenDequant(T.arg("params", T.buffer((m, 3), "float32")),
+                                  T.arg("colsum", T.buffer((n_out,), "int32")))
             out = T.arg("out", T.buffer((m, n_out), out_dtype))
             T.func_attr(_FUNC_ATTRS)
 
@@ -1084,6 +1092,241 @@ def _conv_im2col(p: ConvPlan, nb_, x, wt, out, in_dtype, shift, zp_enc, blocking
           b_ptr=lambda j, ks: _ptr(wt, [j, *([0, 0] if len(wt.shape) == 6 else []),
                                         ks[0] * 16, 0, 0]),
           row_out=row_out, **common)
+
+
+# --- matmul (activation x activation) ----------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class RowCorrected:
+    """An epilogue whose int32 accumulator also lacks a per-row term: ``acc - zb *
+    row_sum[row]`` (``ptq.matmul``'s ``b`` zero point times the row sums of the encoded
+    ``a``), then ``out``'s requantization. ``row_sum`` is filled in by :func:`matmul_amx`;
+    ``index`` is ``[batch, row, channels]``."""
+
+    zb: int
+    out: Requant
+    row_sum: object = None
+
+    @property
+    def out_dtype(self) -> str:
+        return self.out.out_dtype
+
+    def apply(self, acc, mult, lanes: int, index):
+        row = T.int32(-self.zb) * self.row_sum[index[1]]
+        return self.out.value(acc + (row if lanes == 1 else T.broadcast(row, lanes)), mult,
+                              lanes)
+
+
+@dataclass(frozen=True, eq=False)
+class TokenDequant:
+    """The float output of ``ptq.linear_dynamic`` from the exact sum of per-token uint8 codes
+    and int8 weights: ``((float32(acc) - float32(zp[row] * colsum)) * s[row]) * w_scale``
+    (``kernels/token.py::token_epilogue``, the reference's operation order; no multiply
+    feeds an add, so FMA contraction cannot change it). ``params`` (``[rows, 3]``: scale,
+    inverse, zero point per row) and ``colsum`` (int32 ``[n_out]``) are filled in by
+    :func:`dense_amx`; ``mult`` is the per-channel weight scale."""
+
+    params: object = None
+    colsum: object = None
+    out_dtype: str = "float32"
+
+    def apply(self, acc, mult, lanes: int, index):
+        row, ch = index[0], index[-1]
+        zp = T.Cast("int32", self.params[row, 2])
+        s = self.params[row, 0]
+        if lanes == 1:
+            corr = T.Cast("float32", zp * self.colsum[ch])
+            return ((T.Cast("float32", acc) - corr) * s) * mult
+        corr = T.Cast(_vec("float32", lanes), T.broadcast(zp, lanes) * self.colsum[ch])
+        return ((T.Cast(_vec("float32", lanes), acc) - corr) * T.broadcast(s, lanes)) * mult
+
+
+class _Scalar:
+    """A constant read like a buffer (``_padded_vec``'s source of a per-tensor multiplier)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __getitem__(self, _index):
+        return self.value
+
+
+#: Largest reduction ``matmul_amx`` takes: its int32 terms (``sum a'b'``, the two zero-point
+#: products, ``K za zb``) each stay under ``K * 255 * 255``, and their sum must fit int32.
+MATMUL_MAX_K = (2**31 - 1) // (4 * 255 * 255)
+
+
+def matmul_amx(batch, m: int, k_in: int, n_out: int, *, a_dtype: str, b_dtype: str,
+               a_zp: int, b_zp: int, multiplier: float, out_zp: int, qmin: int, qmax: int,
+               out_dtype: str, blocking=None, parallel: bool = True) -> tirx.PrimFunc:
+    """``ptq.matmul`` of two 8-bit activations on AMX, batched:
+    ``out[t] = requant((a[t] - a_zp) @ (b[t] - b_zp))`` (the reference's exact int32 sum).
+
+    PrimFunc params: ``a [batch, m, k_in]`` ``a_dtype``, ``b [batch, k_in, n_out]``
+    ``b_dtype``, ``out [batch, m, n_out]`` ``out_dtype``; ``batch`` an int or None (a
+    symbolic ``int64``). Per batch entry (the parallel loop): ``a`` encoded to uint8 in
+    A-tile order (``a' = a`` or ``a ^ 0x80``, zero point ``za'``) with its row sums, ``b``
+    packed to int8 B tiles (``b' = b`` or ``b ^ 0x80``, zero point ``zb'``) with its column
+    sums, then the serial blocked GEMM of the dense kernels::
+
+        sum_k (a - za)(b - zb) = sum_k a'b' - zb' rowsum(a') - za' colsum(b') + K za' zb'
+
+    the last two terms as the bias tile, the row term in the epilogue (:class:`RowCorrected`).
+    Padded K is zero on both sides, so it adds nothing.
+    """
+    if k_in > MATMUL_MAX_K:
+        raise ValueError(f"matmul_amx takes K <= {MATMUL_MAX_K}, got {k_in}")
+    bt = _batch_dim(batch, "batch")
+    a_shift = 128 if a_dtype == "int8" else 0
+    b_flip = b_dtype == "uint8"
+    za, zb = a_zp + a_shift, b_zp - (128 if b_flip else 0)
+    kb = _ceil_div(k_in, TILE_K)
+    mt, nt = _ceil_div(m, TILE_M), _ceil_div(n_out, TILE_N)
+    blk = _as_blocking(blocking, mt, nt)
+    rq = RowCorrected(zb, Requant(out_zp, qmin, qmax, out_dtype))
+
+    with IRBuilder() as ib:
+        with T.prim_func():
+            a = T.arg("a", T.buffer((bt, m, k_in), a_dtype))
+            b = T.arg("b", T.buffer((bt, k_in, n_out), b_dtype))
+            out = T.arg("out", T.buffer((bt, m, n_out), out_dtype))
+            T.func_attr(_FUNC_ATTRS)
+            with T.Assert(_ask_tile_permission() == T.int64(0), PERMISSION_REFUSED):
+                with _outer_loop(bt, parallel) as t:
+                    xe = T.alloc_buffer((mt, kb, TILE_M, TILE_K), "uint8", scope="local",
+                                        align=64)
+                    bp = T.alloc_buffer((nt, kb * 16, TILE_N, 4), "int8", scope="local",
+                                        align=64)
+                    sums = T.alloc_buffer((mt * TILE_M + nt * TILE_N,), "int32",
+                                          scope="local", align=64)
+                    row_sum = T.decl_buffer((mt * TILE_M,), "int32", data=sums.data)
+                    corr = T.decl_buffer((nt * TILE_N,), "int32", data=sums.data,
+                                         elem_offset=mt * TILE_M)
+                    _matmul_encode_a(a, t, xe, row_sum, m, k_in, a_dtype, a_shift)
+                    _matmul_pack_b(b, t, bp, corr, k_in, n_out, b_flip)
+                    # the bias tile: K za' zb' - za' colsum(b')
+                    with T.serial(0, nt) as j:
+                        cols = T.ramp(j * TILE_N, 1, TILE_N)
+                        T.buffer_store(corr, T.broadcast(T.int32(k_in * za * zb), TILE_N)
+                                       - T.broadcast(T.int32(za), TILE_N) * corr[cols], [cols])
+
+                    def row_out(q):
+                        exact = m % TILE_M == 0
+                        return lambda r: ((None if exact else q * TILE_M + r < m), out,
+                                          [t, q * TILE_M + r])
+
+                    _gemm_body(m_tiles=mt, n_out=n_out, blk=blk, k_loops=[kb],
+                               a_ptr=lambda q, ks: _ptr(xe, [q, ks[0], 0, 0]), a_stride=TILE_K,
+                               b_ptr=lambda j, ks: _ptr(bp, [j, ks[0] * 16, 0, 0]),
+                               corr=corr, mult=_Scalar(f32(multiplier)),
+                               rq=dataclasses.replace(rq, row_sum=row_sum), row_out=row_out,
+                               weight_bytes=nt * kb * 1024, parallel=False)
+    return ib.get()
+
+
+def _matmul_encode_a(a, t, xe, row_sum, m: int, k_in: int, a_dtype: str, a_shift: int):
+    """``a[t]`` into A tiles (``_encode``; rows past m and k past K zero) and the int32 sums of
+    the encoded rows, in 16-lane partials of each 64-byte step."""
+    mt, kb = xe.shape[0], xe.shape[1]
+    full, tail = divmod(k_in, TILE_K)
+    part = T.alloc_buffer((TILE_N,), "int32", scope="local", align=64)
+    with T.serial(0, mt * TILE_M) as r:
+        q, ri = tirx.floordiv(r, TILE_M), tirx.floormod(r, TILE_M)
+
+        def put(kc, lo, n, load):
+            _copy(n, lambda l, v: T.buffer_store(xe, v, [q, kc, ri, lo + l]), load)
+
+        with T.If(r < m):
+            with T.Then():
+                if full:
+                    with T.serial(0, full) as kc:
+                        put(kc, 0, TILE_K, lambda l, kc=kc: _encode(a[t, r, kc * TILE_K + l],
+                                                                     a_dtype, a_shift))
+                if tail:
+                    put(full, 0, tail, lambda l: _encode(a[t, r, full * TILE_K + l], a_dtype,
+                                                         a_shift))
+                    put(full, tail, TILE_K - tail, lambda l: T.uint8(0))
+            with T.Else():
+                with T.serial(0, kb) as kc:
+                    put(kc, 0, TILE_K, lambda l: T.uint8(0))
+        lanes = T.ramp(0, 1, TILE_N)
+        T.buffer_store(part, T.broadcast(T.int32(0), TILE_N), [lanes])
+        with T.serial(0, kb) as kc:
+            for c in range(TILE_K // TILE_N):
+                T.buffer_store(part, part[lanes] + T.Cast(
+                    "int32x16", xe[q, kc, ri, T.ramp(c * TILE_N, 1, TILE_N)]), [lanes])
+        T.buffer_store(row_sum, T.int32(0), [r])
+        with T.serial(0, TILE_N) as c:
+            T.buffer_store(row_sum, row_sum[r] + part[c], [r])
+
+
+#: ``tirx.Shuffle`` indices interleaving four 16-byte rows (k = 4kq + d, 16 channels) into
+#: one 64-byte B-tile row: lane ``4c + d`` takes row d's channel c.
+_B_ROW = [(lane % 4) * TILE_N + lane // 4 for lane in range(TILE_K)]
+
+
+def _matmul_pack_b(b, t, bp, colsum, k_in: int, n_out: int, flip: bool):
+    """``b[t]`` (``[K, N]``) into int8 B tiles ``bp [N/16, K/4 (padded to 64), 16, 4]``
+    (``b ^ 0x80`` for uint8: ``b - 128``) and the column sums of what was packed into
+    ``colsum``. Whole 16-channel x 4-k groups are four row loads and one shuffle; the edges
+    (and padding) element by element."""
+    nt, kq_all = bp.shape[0], bp.shape[1]
+
+    def val(v):
+        if not flip:
+            return v
+        lanes = v.ty.dtype.lanes
+        u8 = "uint8" if lanes == 1 else f"uint8x{lanes}"
+        i8 = "int8" if lanes == 1 else f"int8x{lanes}"
+        x80 = T.uint8(0x80) if lanes == 1 else T.broadcast(T.uint8(0x80), lanes)
+        return T.reinterpret(i8, T.reinterpret(u8, v) ^ x80)
+
+    n_full, k_full = n_out // TILE_N, k_in // 4
+    flat = T.decl_buffer((nt * kq_all * TILE_K,), "int8", data=bp.data)
+    if n_full and k_full:
+        with T.serial(0, n_full) as j:
+            with T.serial(0, k_full) as kq:
+                rows = [val(b[t, kq * 4 + d, T.ramp(j * TILE_N, 1, TILE_N)]) for d in range(4)]
+                T.buffer_store(flat, tirx.Shuffle(rows, _B_ROW),
+                               [T.ramp((j * kq_all + kq) * TILE_K, 1, TILE_K)])
+
+    def edge(j, kq):
+        with T.serial(0, TILE_N) as c:
+            with T.serial(0, 4) as d:
+                k, n = kq * 4 + d, j * TILE_N + c
+                T.buffer_store(bp, T.if_then_else(
+                    tirx.all(k < k_in, n < n_out),
+                    val(b[t, tirx.min(k, k_in - 1), tirx.min(n, n_out - 1)]), T.int8(0)),
+                    [j, kq, c, d])
+
+    k_used = -(-k_in // 4)  # groups holding some k < K; the rest is zero padding
+    with T.serial(0, nt) as j:
+        with T.serial(k_used, kq_all) as kq:
+            T.buffer_store(flat, T.broadcast(T.int8(0), TILE_K),
+                           [T.ramp((j * kq_all + kq) * TILE_K, 1, TILE_K)])
+        if n_full < nt:  # the last, partial channel tile
+            with T.If(j >= n_full):
+                with T.Then():
+                    with T.serial(0, k_used) as kq:
+                        edge(j, kq)
+        if k_full < k_used:  # the last, partial k group of the full tiles
+            with T.If(j < n_full):
+                with T.Then():
+                    edge(j, k_full)
+    # column sums of the packed values (padding is zero): each tile's bytes in 4 int32x16
+    # partials (lane l of partial v holds channel (16 v + l) // 4), then 4 lanes per channel
+    part = T.alloc_buffer((TILE_K,), "int32", scope="local", align=64)
+    with T.serial(0, nt) as j:
+        T.buffer_store(part, T.broadcast(T.int32(0), TILE_K), [T.ramp(0, 1, TILE_K)])
+        with T.serial(0, kq_all) as kq:
+            for v in range(TILE_K // TILE_N):
+                lanes = T.ramp(v * TILE_N, 1, TILE_N)
+                T.buffer_store(part, part[lanes] + T.Cast("int32x16", flat[T.ramp(
+                    (j * kq_all + kq) * TILE_K + v * TILE_N, 1, TILE_N)]), [lanes])
+        with T.serial(0, TILE_N) as c:
+            T.buffer_store(colsum, part[4 * c] + part[4 * c + 1] + part[4 * c + 2]
+                           + part[4 * c + 3], [j * TILE_N + c])
 
 
 # --- weight packing (host side) ----------------------------------------------------------

@@ -6,7 +6,8 @@ register-tiled ``matmul`` (``matmul.py``), depthwise convs (``depthwise.py``), `
 ``glue.py`` (``pipeline.ApplyGlueSchedules``); ``dot.py`` tensorizes a packed kernel's ``acc``
 block with any dot-product intrinsic (``dot_intrin.py``: the one description they share).
 ``token.py`` is the one-pass per-token quantize of ``linear_dynamic`` inputs
-(``Strategy.token_quantize``, from :func:`token_quantizer`).
+(``Strategy.token_quantize``, from :func:`token_quantizer`), ``softmax.py`` the row softmax
+with its quantize folded in (``Strategy.softmax``, from :func:`row_softmax`).
 """
 
 from __future__ import annotations
@@ -44,6 +45,17 @@ def token_quantizer(lanes: int, avx512: bool = False):
     def build(em, x):
         from ptqpasses_backends.tvm.cpu import token  # (imports kernels/, which imports glue)
         return token.emit(em, x, lanes=lanes, avx512=avx512)
+    return build
+
+
+def row_softmax(lanes: int, avx512: bool = False):
+    """A ``Strategy.softmax``: ``cpu/softmax.py``'s kernel with ``lanes`` float lanes where
+    the rows fit it, else None (the TE kernel)."""
+    def build(em, x):
+        from ptqpasses_backends.tvm.cpu import softmax  # (imports kernels/, as above)
+        if not softmax.fits(x.ty.shape.values[-1], lanes):
+            return None
+        return softmax.emit(em, x, lanes=lanes, avx512=avx512)
     return build
 
 

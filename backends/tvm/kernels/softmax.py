@@ -54,16 +54,26 @@ SOFTMAX_TOLERANCE = dict(rtol=8 * 2.0**-23, atol=2e-38)
 
 
 def exp_nonpositive(d: tirx.PrimExpr) -> tirx.PrimExpr:
-    """``exp(d)`` for float32 ``d <= 0`` (or NaN), branch-free and vectorizable."""
-    dc = tirx.max(d, f32(EXP_CUTOFF))
-    n = tirx.floor(dc * f32(_LOG2E) + f32(0.5))
-    f = dc - n * f32(_LN2_HI) - n * f32(_LN2_LO)
-    p = f32(_EXP_POLY[0])
-    for c in _EXP_POLY[1:]:
-        p = p * f + f32(c)
-    y = p * f * f + f + f32(1.0)
-    two_n = tirx.reinterpret("float32", tirx.shift_left(n.astype("int32") + 127, 23))
-    e = tirx.Select(d < f32(EXP_CUTOFF), f32(0.0), y * two_n)
+    """``exp(d)`` for float32 ``d <= 0`` (or NaN), branch-free and vectorizable; ``d`` a
+    scalar or a vector (``float32xN``: the hand-written CPU kernels)."""
+    dtype = d.ty.dtype
+    lanes = dtype.lanes
+
+    def c(v, dtype="float32"):
+        k = f32(v) if dtype == "float32" else tirx.const(v, dtype)
+        return k if lanes == 1 else tirx.Broadcast(k, lanes)
+
+    i32 = "int32" if lanes == 1 else f"int32x{lanes}"
+    dc = tirx.max(d, c(EXP_CUTOFF))
+    n = tirx.floor(dc * c(_LOG2E) + c(0.5))
+    f = dc - n * c(_LN2_HI) - n * c(_LN2_LO)
+    p = c(_EXP_POLY[0])
+    for k in _EXP_POLY[1:]:
+        p = p * f + c(k)
+    y = p * f * f + f + c(1.0)
+    two_n = tirx.reinterpret(str(dtype), tirx.shift_left(n.astype(i32) + c(127, "int32"),
+                                                      c(23, "int32")))
+    e = tirx.Select(d < c(EXP_CUTOFF), c(0.0), y * two_n)
     return tirx.Select(tirx.isnan(d), d, e)
 
 

@@ -114,6 +114,7 @@ AVX512_VNNI = Strategy(
     choose=_choose_vnni, schedules={**cpu.SCHEDULES, "matmul": _matmul_vnni},
     matmul_block=(vnni.WIDE_LANES, vnni.WIDE_DEPTH),
     token_quantize=cpu.token_quantizer(16, avx512=True),
+    softmax=cpu.row_softmax(16, avx512=True),
     summary="AVX-512 VNNI: u8 x s8 vpdpbusd on zmm, register-tiled template")
 
 AVX_VNNI = Strategy(
@@ -122,7 +123,7 @@ AVX_VNNI = Strategy(
                        rows=VNNI256_ROWS, blocks=VNNI256_BLOCKS,
                        intrin_lanes=vnni.VNNI256_LANES,
                        summary=f"vpdpbusd ymm, {VNNI256_ROWS}x{VNNI256_BLOCKS * 16} tile"),),
-    schedules=cpu.SCHEDULES, token_quantize=cpu.token_quantizer(8),
+    schedules=cpu.SCHEDULES, token_quantize=cpu.token_quantizer(8), softmax=cpu.row_softmax(8),
     summary="AVX-VNNI: u8 x s8 vpdpbusd on ymm, register-tiled template")
 
 
@@ -154,10 +155,10 @@ AVX2 = Strategy(
     "x86-avx2", "x86", (_AVX2_MAIN, _AVX2_PAIRWISE), choose=_choose_avx2,
     schedules={**cpu.SCHEDULES, "matmul": _matmul_avx2},
     matmul_block=(_AVX2_MAIN.layout.lanes, _AVX2_MAIN.layout.depth),
-    token_quantize=cpu.token_quantizer(8),
+    token_quantize=cpu.token_quantizer(8), softmax=cpu.row_softmax(8),
     summary="AVX2: exact vpmaddwd on int16 activations (vpmaddubsw where proven exact)")
 
 GENERIC = Strategy(
     "x86-generic", "x86", (Variant("", Layout("uint8", 16, 4), summary="default lowering"),),
-    schedules=cpu.SCHEDULES, token_quantize=cpu.token_quantizer(4),
+    schedules=cpu.SCHEDULES, token_quantize=cpu.token_quantizer(4), softmax=cpu.row_softmax(4),
     summary="x86 without AVX2: TVM's default lowering of the kernels")
