@@ -703,8 +703,10 @@ class Emitter:
         MobileNetV2's 1x1 960 -> 160 on a 7x7 map 15 ms, its 3x3 depthwise on 32 x 112 x 112
         2.7 ms). 1x1 (stride 1, no padding, groups 1): ``x_nhwc @ w^T + bias``, which meets
         the column-reduction rule as a float ``linear`` does; depthwise: the sum over the
-        kernel taps of strided slices times per-channel weights (one injective, vectorized
-        kernel after fusion; taps summed in (r, s) order). None: TVM's converter."""
+        kernel taps times per-channel weights, taps summed in (r, s) order (CPU: one
+        channel-last kernel, ``conv2d.depthwise_float_nhwc``, between two transposes;
+        otherwise strided slices, one injective kernel after fusion). None: TVM's
+        converter."""
         args = list(node.args) + [None] * (7 - len(node.args))
         x, weight, bias, stride, padding, dilation, groups = args
         xv = self.env.get(x)
@@ -738,6 +740,15 @@ class Emitter:
         h, wd = ptq_ops._static(h), ptq_ops._static(wd)
         if h is None or wd is None:
             return None
+        if self.strategy.schedule_glue:  # CPU: channel-last taps, one opaque kernel
+            x_nhwc = bb.emit(op.permute_dims(xv, [0, 2, 3, 1]))
+            taps = relax.const(np.ascontiguousarray(w[:, 0].transpose(1, 2, 0)))
+            args = [x_nhwc, taps] + ([b] if b is not None else [])
+            y = bb.emit_te(lambda x_, w_, *b_: conv_k.depthwise_float_nhwc(
+                x_, w_, b_[0] if b_ else None, stride, padding, dilation), *args,
+                primfunc_name_hint="depthwise_float",
+                primfunc_attrs={"op_pattern": ptq_ops._OPAQUE})
+            return bb.emit(op.permute_dims(y, [0, 3, 1, 2]))
         oh = conv_k.out_size(h, kh, sh, ph, dh)
         ow = conv_k.out_size(wd, kw, sw, pw, dw)
         xp = xv if (ph, pw) == (0, 0) else bb.emit(op.nn.pad(xv, [0, 0, 0, 0, ph, ph, pw, pw]))

@@ -290,9 +290,10 @@ def test_erf_and_gelu_kernels_are_vectorizable_and_accurate(tvm_backend):
 
 def test_float_convs_are_emitted_as_scheduled_glue(tvm_backend):
     """Float32 convs the accuracy guard keeps float: 1x1 as a matmul (the glue schedule's
-    column-reduction rule), depthwise (padding, stride, dilation) as a sum of strided taps;
-    TVM's own unscheduled ``conv2d`` is not used for them (MobileNetV2's 1x1 960 -> 160 took
-    15 ms). A grouped conv that is neither stays TVM's. Within 1e-5 of ATen."""
+    column-reduction rule), depthwise (padding, stride, dilation) as a sum of taps, on CPUs
+    one channel-last kernel each (``depthwise_float``); TVM's own unscheduled ``conv2d`` is
+    not used for them (MobileNetV2's 1x1 960 -> 160 took 15 ms). A grouped conv that is
+    neither stays TVM's. Within 1e-5 of ATen."""
     from tvm import relax
 
     gen = torch.Generator().manual_seed(3)
@@ -314,6 +315,8 @@ def test_float_convs_are_emitted_as_scheduled_glue(tvm_backend):
     relax.analysis.post_order_visit(mod["main"], lambda e: convs.append(e) if isinstance(
         e, relax.Call) and getattr(e.op, "name", "") == "relax.nn.conv2d" else None)
     assert len(convs) == 1  # only the grouped (non-depthwise) one
+    names = [gv.name_hint for gv in mod.get_global_vars()]
+    assert sum(n.startswith("depthwise_float") for n in names) == 2, names
     cm = tvm_backend.compile(mod)
     for n in (2, 3):
         xin = int_tensor(n, (n, 16, 9, 11), torch.int8)
