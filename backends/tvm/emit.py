@@ -672,7 +672,7 @@ class Emitter:
 
     def _softmax(self, node: fx.Node):
         """``aten.softmax`` / ``aten._softmax`` on float32 with the strategy's row kernel
-        (``Strategy.softmax``, CPU) or ``kernels/softmax.py`` (a vectorizable ``exp``, see its
+        (``Strategy.kernels["softmax"]``, CPU) or ``kernels/softmax.py`` (a vectorizable ``exp``, see its
         docstring for the accuracy against ATen); a dim other than the last is moved last and
         back. None (TVM's own converter) for other dtypes."""
         x = self.env[node.args[0]]
@@ -690,7 +690,8 @@ class Emitter:
             order = [a for a in range(ndim) if a != dim] + [dim]
             back = [order.index(a) for a in range(ndim)]
             x = bb.emit(op.permute_dims(x, order))
-        y = self.strategy.softmax(self, x) if self.strategy.softmax else None
+        build = self.strategy.kernel("softmax")
+        y = build(self, x) if build else None
         if y is None:
             y = bb.emit_te(softmax_k.softmax_last_axis, x, primfunc_name_hint="softmax")
         if dim != ndim - 1:

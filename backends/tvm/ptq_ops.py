@@ -211,8 +211,9 @@ def _token_quantized(em, x):
     cache = em.per_token
     if x not in cache:
         f = x if _dt(x) == "float32" else em.bb.emit(relax.op.astype(x, "float32"))
-        if em.strategy.token_quantize is not None:
-            cache[x] = em.strategy.token_quantize(em, f)
+        build = em.strategy.kernel("token_quantize")
+        if build is not None:
+            cache[x] = build(em, f)
             return cache[x]
         p = em.bb.emit_te(token_k.token_params, f, primfunc_name_hint="token_params")
         q = em.bb.emit_te(token_k.token_quantize, f, p, primfunc_name_hint="token_quantize")
@@ -265,6 +266,11 @@ def conv2d(em, a):
     layouts = dict(in_layout=em.arg_layouts.get("x", "NCHW"),
                    out_layout="NHWC" if em.out_nhwc else "NCHW")
     if depthwise:
+        own = em.strategy.kernel("conv2d_depthwise")
+        if own is not None and em.out_nhwc and layouts["in_layout"] == "NHWC":
+            y = own(em, x, w, bias, mult, x_zp=int(a["x_zp"]), **geo, **_requant_args(a))
+            if y is not None:
+                return y
         corr = packing.correction(w, bias, int(a["x_zp"]))
         if em.out_nhwc:  # channel-contiguous: weights [R, S, O]
             return _kernel(em, conv_k.conv2d_depthwise_nhwc, x,
@@ -389,9 +395,10 @@ def matmul(em, a):
     acc_dtype = _sum_dtype(bound, _dt(x), _dt(y))
     block = em.strategy.matmul_block
     own = None
-    if em.strategy.matmul_kernel is not None and not squeeze:
-        own = em.strategy.matmul_kernel(em, x, y, a_zp=a_zp, b_zp=b_zp,
-                                        multiplier=float(a["multiplier"]), **_requant_args(a))
+    build = em.strategy.kernel("matmul")
+    if build is not None and not squeeze:
+        own = build(em, x, y, a_zp=a_zp, b_zp=b_zp, multiplier=float(a["multiplier"]),
+                    **_requant_args(a))
     if own is not None:
         out, variant, why = own
         em.variants[em.node.name] = (variant, why)

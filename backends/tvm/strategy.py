@@ -154,17 +154,18 @@ class Strategy:
             centered to int16 and the right one packed per call in blocks of this shape
             (``kernels/matmul.py::matmul_packed``; x86: ``vpmaddwd`` / ``vpdpwssd`` pairs);
             None: the plain compute.
-        token_quantize: Builds the per-token codes and row parameters of a float32
-            ``[..., K]`` tensor (``linear_dynamic``'s input) as one kernel:
-            ``(em, x) -> (q, p)`` (CPU: ``cpu/token.py``); None: the two TE glue kernels of
-            ``kernels/token.py``.
-        softmax: Builds a float32 ``softmax`` over the last axis as one kernel that can take
-            the quantize after it: ``(em, x) -> value``, or None where it does not apply
-            (CPU: ``cpu/softmax.py``); None: ``kernels/softmax.py``'s TE compute.
-        matmul_kernel: Builds an 8-bit ``ptq.matmul`` as a hand-written kernel (AMX tiles):
-            ``(em, a, b, *, a_zp, b_zp, multiplier, out_zp, qmin, qmax, out_dtype) ->
-            (value, variant, why)`` (``compiled.meta['variants']``), or None where the
-            shapes do not suit it; None: the TE computes.
+        kernels: Hand-written kernels that replace a TE compute (and its schedule) where
+            they apply, by name; each returns None where a shape does not suit it:
+            ``token_quantize``: ``(em, x) -> (q, p)``, the per-token codes and row
+            parameters of a float32 ``[..., K]`` tensor (``linear_dynamic``'s input) in
+            one kernel (CPU: ``cpu/token.py``; else the TE pair of ``kernels/token.py``);
+            ``softmax``: ``(em, x) -> value``, a float32 softmax over the last axis that
+            can store the quantize after it (CPU: ``cpu/softmax.py``);
+            ``matmul``: ``(em, a, b, *, a_zp, b_zp, multiplier, out_zp, qmin, qmax,
+            out_dtype) -> (value, variant, why)`` for an 8-bit ``ptq.matmul`` (AMX tiles);
+            ``conv2d_depthwise``: ``(em, x, w, corr, mult, *, kernel, stride, padding,
+            dilation, x_zp, out_zp, qmin, qmax, out_dtype) -> value`` for an 8-bit depthwise
+            conv on an NHWC input, NHWC out (AVX-512 VNNI: ``x86/depthwise.py``).
         schedule_glue: Schedule the non-ptq PrimFuncs with ``cpu/glue.py``.
         nhwc: Keep 4-D activations channel-last between the integer ops that take them
             (``ptq_ops.LAYOUTS``): convs read and write NHWC, no transpose around each.
@@ -180,9 +181,7 @@ class Strategy:
     choose: Callable[["Strategy", KernelFacts], Choice] = _choose_main
     schedules: Mapping[str, ScheduleFn] = dataclasses.field(default_factory=dict)
     matmul_block: Optional[tuple[int, int]] = None
-    token_quantize: Optional[Callable] = None
-    softmax: Optional[Callable] = None
-    matmul_kernel: Optional[Callable] = None
+    kernels: Mapping[str, Callable] = dataclasses.field(default_factory=dict)
     schedule_glue: bool = True
     nhwc: bool = True
     device: Device = Device.CPU
@@ -218,6 +217,10 @@ class Strategy:
         return dataclasses.replace(
             self, variants=tuple(dataclasses.replace(v, schedule=None) for v in self.variants),
             schedules={}, schedule_glue=False)
+
+    def kernel(self, name: str) -> Optional[Callable]:
+        """The hand-written kernel builder ``name`` of ``kernels`` (None: not this family)."""
+        return self.kernels.get(name)
 
     def layouts(self) -> tuple:
         """What emission bakes in (a module emitted for one strategy compiles for another only

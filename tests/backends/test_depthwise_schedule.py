@@ -110,3 +110,61 @@ def test_cuda_builds_the_same_compute(tvm_backend):
                               example_inputs=xs).source("cuda")
     kernels = re.findall(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+)", src)
     assert sum(k.startswith("ptq_conv2d_depthwise") for k in kernels) >= 2, kernels
+
+
+#: (in dtype, x_zp, channels, (h, w), kernel, stride, padding, dilation, bias, out dtype,
+#:  out_zp, qmin, qmax): MobileNetV2's shapes in small (3x3, stride 1 and 2), a 5x5 (two
+#: groups of kernel rows), dilation, int8 in and out, output widths not a multiple of the
+#: kernel's 4 pixels.
+VNNI_CASES = [
+    (U8, 3, 32, (9, 13), (3, 3), (1, 1), (1, 1), (1, 1), True, U8, 0, 0, 255),
+    (I8, -5, 48, (11, 15), (3, 3), (2, 2), (1, 1), (1, 1), True, I8, 2, -128, 127),
+    (U8, 0, 16, (10, 12), (5, 5), (2, 1), (2, 2), (1, 1), False, U8, 3, 0, 255),
+    (I8, 0, 16, (9, 9), (3, 3), (1, 1), (2, 2), (2, 2), True, U8, 0, 0, 255),
+]
+
+
+def _vnni_graph():
+    """Each depthwise conv reads the NHWC output of a 1x1 conv (the only layout the VNNI
+    kernel takes), as in MobileNetV2."""
+    b, outs, inputs = GraphBuilder(), [], []
+    for i, (dt, xzp, c, hw, ks, st, pad, dil, bias, odt, ozp, lo, hi) in enumerate(VNNI_CASES):
+        x = b.input(f"x{i}")
+        span = (-128, 127) if dt == I8 else (0, 255)
+        x1 = b.call(P.conv2d.default, x, 0, b.const(weight(90 + i, (c, c, 1, 1))), None,
+                    [1, 1], [0, 0], [1, 1], 1, b.const(multipliers(i, c, 0.01)), xzp, *span, dt)
+        bias_c = b.const(torch.randint(-4000, 4000, (c,), dtype=torch.int32,
+                                       generator=torch.Generator().manual_seed(i))) \
+            if bias else None
+        outs.append(b.call(P.conv2d.default, x1, xzp, b.const(weight(10 * i, (c, 1, *ks))),
+                           bias_c, list(st), list(pad), list(dil), c,
+                           b.const(multipliers(i + 20, c, 0.02)), ozp, lo, hi, odt))
+        inputs.append(int_tensor(i, (2, c, *hw), U8))
+    return b.build(tuple(outs)), inputs
+
+
+def test_vnni_depthwise_kernel_is_chosen_where_it_fits(tvm_backend):
+    """Cross-built for ``x86-avx512-vnni`` on any x86 machine: every depthwise conv of
+    ``VNNI_CASES`` takes ``x86/depthwise.py`` (recorded in the variants; ``vpdpbusd`` in
+    its code); AVX2 keeps the generic kernel."""
+    gm, inputs = _vnni_graph()
+    cm = tvm_backend.compile(gm, "x86-avx512-vnni", example_inputs=inputs)
+    picked = [n for n, v in cm.meta["variants"].items() if v[0] == "vnni-depthwise"]
+    assert len(picked) == len(VNNI_CASES), cm.meta["variants"]
+    assert re.search(r"\bvpdpbusd\b", cm.source("asm"))
+    mod = tvm_backend.emit(gm, "x86-avx2", example_inputs=inputs)
+    assert not any("vnni" in gv.name_hint for gv in mod.get_global_vars())
+
+
+def test_vnni_depthwise_kernel_is_exact(tvm_backend):
+    from tests.backends.conftest import host_has
+
+    if not host_has("avx512vnni"):
+        import pytest
+
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    gm, inputs = _vnni_graph()
+    cm = tvm_backend.compile(gm, "host", example_inputs=inputs, dynamic_batch=True)
+    assert_exact(cm(*inputs), gm(*inputs), "VNNI depthwise")
+    other = [int_tensor(50 + i, (3, *t.shape[1:]), U8) for i, t in enumerate(inputs)]
+    assert_exact(cm(*other), gm(*other), "VNNI depthwise, another batch size")

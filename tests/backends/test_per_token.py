@@ -103,7 +103,8 @@ def test_cpu_families_quantize_each_row_in_one_kernel(tvm_backend):
     from ptqpasses_backends.tvm.strategy import Device
 
     for strategy in registry.all_strategies():
-        assert (strategy.token_quantize is not None) == (strategy.device is Device.CPU), \
+        assert (strategy.kernel("token_quantize") is not None) == (
+            strategy.device is Device.CPU), \
             strategy.name
     gm = _graph(64, 48, seed=5)
     x = _rows(64, (2, 8), 64)

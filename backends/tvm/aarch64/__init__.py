@@ -34,11 +34,11 @@ DOTPROD = Strategy(
     (Variant("", LAYOUT, schedule=_schedule, intrin=sdot.register, seed=_seed,
              summary="sdot 4x4, tensorized"),),
     schedules=cpu.SCHEDULES, cross_compiler=CROSS_COMPILER,
-    token_quantize=cpu.token_quantizer(4), softmax=cpu.row_softmax(4),
+    kernels=cpu.row_kernels(4),
     summary="aarch64 dot product: s8 x s8 sdot, tensorized")
 
 NEON = Strategy(
     "aarch64-neon", "aarch64", (Variant("", LAYOUT, summary="default lowering"),),
     schedules=cpu.SCHEDULES, cross_compiler=CROSS_COMPILER,
-    token_quantize=cpu.token_quantizer(4), softmax=cpu.row_softmax(4),
+    kernels=cpu.row_kernels(4),
     summary="aarch64 without dotprod: TVM's default lowering of the kernels")

@@ -74,8 +74,7 @@ def _choose(strategy: Strategy, facts: KernelFacts) -> Choice:
 AMX = Strategy(
     "x86-amx", "x86", (x86.AVX512_VNNI.main, AMX_VARIANT, x86.INT16_VARIANT), choose=_choose,
     schedules=x86.AVX512_VNNI.schedules, matmul_block=x86.AVX512_VNNI.matmul_block,
-    token_quantize=x86.AVX512_VNNI.token_quantize, softmax=x86.AVX512_VNNI.softmax,
-    matmul_kernel=emit.emit_matmul,
+    kernels={**x86.AVX512_VNNI.kernels, "matmul": emit.emit_matmul},
     summary="AMX: u8 x s8 tdpbusd tiles (hand-written TIR), AVX-512 VNNI template for small "
             "shapes")
 

@@ -5,9 +5,9 @@ register-tiled ``matmul`` (``matmul.py``), depthwise convs (``depthwise.py``), `
 (``pool.py``) and the int16-activation kernels (``wide.py``). The glue and float islands get
 ``glue.py`` (``pipeline.ApplyGlueSchedules``); ``dot.py`` tensorizes a packed kernel's ``acc``
 block with any dot-product intrinsic (``dot_intrin.py``: the one description they share).
-``token.py`` is the one-pass per-token quantize of ``linear_dynamic`` inputs
-(``Strategy.token_quantize``, from :func:`token_quantizer`), ``softmax.py`` the row softmax
-with its quantize folded in (``Strategy.softmax``, from :func:`row_softmax`).
+``token.py`` is the one-pass per-token quantize of ``linear_dynamic`` inputs and
+``softmax.py`` the row softmax with its quantize folded in: ``Strategy.kernels``
+``token_quantize`` / ``softmax``, from :func:`row_kernels`.
 """
 
 from __future__ import annotations
@@ -39,24 +39,21 @@ def _matmul(func, _kind, _target):
     return schedule_matmul(func)
 
 
-def token_quantizer(lanes: int, avx512: bool = False):
-    """A ``Strategy.token_quantize``: ``cpu/token.py``'s kernel with ``lanes`` float lanes
-    (``avx512``: the round is ``vcvtps2dq {rn-sae}``)."""
-    def build(em, x):
+def row_kernels(lanes: int, avx512: bool = False) -> dict:
+    """``Strategy.kernels`` entries of every CPU strategy: ``token_quantize``
+    (``cpu/token.py``) and ``softmax`` (``cpu/softmax.py``, where the rows fit it) with
+    ``lanes`` float lanes (``avx512``: the round is ``vcvtps2dq {rn-sae}``)."""
+    def token_quantize(em, x):
         from ptqpasses_backends.tvm.cpu import token  # (imports kernels/, which imports glue)
         return token.emit(em, x, lanes=lanes, avx512=avx512)
-    return build
 
-
-def row_softmax(lanes: int, avx512: bool = False):
-    """A ``Strategy.softmax``: ``cpu/softmax.py``'s kernel with ``lanes`` float lanes where
-    the rows fit it, else None (the TE kernel)."""
-    def build(em, x):
-        from ptqpasses_backends.tvm.cpu import softmax  # (imports kernels/, as above)
+    def row_softmax(em, x):
+        from ptqpasses_backends.tvm.cpu import softmax  # (likewise)
         if not softmax.fits(x.ty.shape.values[-1], lanes):
             return None
         return softmax.emit(em, x, lanes=lanes, avx512=avx512)
-    return build
+
+    return {"token_quantize": token_quantize, "softmax": row_softmax}
 
 
 #: Kernel kind -> fixed schedule, for every CPU strategy.

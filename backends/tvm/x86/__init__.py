@@ -15,6 +15,10 @@
   instruction. 8-bit ``matmul`` s are packed per call and run on the template too.
 * :data:`GENERIC` (x86 without AVX2): the VNNI layout, TVM's default lowering.
 
+``depthwise.py``: 8-bit depthwise convs on AVX-512 VNNI (and AMX), ``vpdpbusd`` over four
+kernel rows interleaved per output row (``Strategy.kernels["conv2d_depthwise"]``). Every x86
+strategy takes the CPU row kernels (``cpu.row_kernels``: per-token quantize, softmax).
+
 Tuned records (``ptqpasses_backends.tvm.tune``) win over the fixed template; the template seeds the
 search.
 """
@@ -26,7 +30,7 @@ import dataclasses
 from ptqpasses_backends.tvm import cpu
 from ptqpasses_backends.tvm.cpu.matmul import is_packed, schedule_matmul
 from ptqpasses_backends.tvm.strategy import Choice, KernelFacts, Layout, Strategy, Variant
-from ptqpasses_backends.tvm.x86 import avx2, template, vnni
+from ptqpasses_backends.tvm.x86 import avx2, depthwise, template, vnni
 
 #: Output rows x weight blocks per register tile of the AVX2 template (16 int32 lanes per
 #: block: 4 x 1 x 2 ymm = 8 accumulators of AVX2's 16 registers).
@@ -113,8 +117,7 @@ AVX512_VNNI = Strategy(
      INT16_VARIANT),
     choose=_choose_vnni, schedules={**cpu.SCHEDULES, "matmul": _matmul_vnni},
     matmul_block=(vnni.WIDE_LANES, vnni.WIDE_DEPTH),
-    token_quantize=cpu.token_quantizer(16, avx512=True),
-    softmax=cpu.row_softmax(16, avx512=True),
+    kernels={**cpu.row_kernels(16, avx512=True), "conv2d_depthwise": depthwise.emit_if_fits},
     summary="AVX-512 VNNI: u8 x s8 vpdpbusd on zmm, register-tiled template")
 
 AVX_VNNI = Strategy(
@@ -123,7 +126,7 @@ AVX_VNNI = Strategy(
                        rows=VNNI256_ROWS, blocks=VNNI256_BLOCKS,
                        intrin_lanes=vnni.VNNI256_LANES,
                        summary=f"vpdpbusd ymm, {VNNI256_ROWS}x{VNNI256_BLOCKS * 16} tile"),),
-    schedules=cpu.SCHEDULES, token_quantize=cpu.token_quantizer(8), softmax=cpu.row_softmax(8),
+    schedules=cpu.SCHEDULES, kernels=cpu.row_kernels(8),
     summary="AVX-VNNI: u8 x s8 vpdpbusd on ymm, register-tiled template")
 
 
@@ -155,10 +158,10 @@ AVX2 = Strategy(
     "x86-avx2", "x86", (_AVX2_MAIN, _AVX2_PAIRWISE), choose=_choose_avx2,
     schedules={**cpu.SCHEDULES, "matmul": _matmul_avx2},
     matmul_block=(_AVX2_MAIN.layout.lanes, _AVX2_MAIN.layout.depth),
-    token_quantize=cpu.token_quantizer(8), softmax=cpu.row_softmax(8),
+    kernels=cpu.row_kernels(8),
     summary="AVX2: exact vpmaddwd on int16 activations (vpmaddubsw where proven exact)")
 
 GENERIC = Strategy(
     "x86-generic", "x86", (Variant("", Layout("uint8", 16, 4), summary="default lowering"),),
-    schedules=cpu.SCHEDULES, token_quantize=cpu.token_quantizer(4), softmax=cpu.row_softmax(4),
+    schedules=cpu.SCHEDULES, kernels=cpu.row_kernels(4),
     summary="x86 without AVX2: TVM's default lowering of the kernels")
