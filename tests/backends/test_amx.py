@@ -8,6 +8,7 @@ Code generation is checked on any x86 machine (``x86-amx`` cross-builds: ``tdpbu
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import pytest
@@ -68,6 +69,17 @@ def _graph(convs=CONVS, denses=DENSES, batch: int = 1, seed: int = 0):
     return b.build(tuple(outs)), inputs
 
 
+@contextlib.contextmanager
+def _pool(threads: int):
+    """TVM's thread pool at ``threads`` for the block, one thread after."""
+    pool = tvm.get_global_func("runtime.config_threadpool")
+    pool(0, threads)
+    try:
+        yield
+    finally:
+        pool(0, 1)
+
+
 def _variants(cm) -> dict:
     return {name: v[0] for name, v in cm.meta["variants"].items()}
 
@@ -100,14 +112,10 @@ def test_amx_kernels_are_exact_with_dynamic_batch(tvm_backend, threads):
     assert cm.meta["strategy"] == "x86-amx"
     # (with a symbolic batch every GEMM may be large: all on tiles)
     assert list(_variants(cm).values()).count("amx") == len(CONVS) + len(DENSES)
-    pool = tvm.get_global_func("runtime.config_threadpool")
-    pool(0, threads)
-    try:
+    with _pool(threads):
         assert_exact(cm(*inputs), gm(*inputs), f"AMX, {threads} thread(s)")
         other = _graph(batch=3, seed=7)[1]
         assert_exact(cm(*other), gm(*other), "AMX, another batch size")
-    finally:
-        pool(0, 1)
 
 
 @pytest.mark.skipif(not HAS_AMX, reason="the CPU has no AMX (amx_int8 / amx_tile flags)")
@@ -257,11 +265,7 @@ def test_amx_matmul_is_exact(tvm_backend, threads):
     gm, inputs = _matmul_graph()
     cm = tvm_backend.compile(gm, "host", example_inputs=inputs, dynamic_batch=True)
     assert set(_variants(cm).values()) == {"amx"}, _variants(cm)
-    pool = tvm.get_global_func("runtime.config_threadpool")
-    pool(0, threads)
-    try:
+    with _pool(threads):
         assert_exact(cm(*inputs), gm(*inputs), f"AMX matmul, {threads} thread(s)")
         other = _matmul_graph(batch=3, seed=11)[1]
         assert_exact(cm(*other), gm(*other), "AMX matmul, another batch size")
-    finally:
-        pool(0, 1)

@@ -669,7 +669,6 @@ def dense_amx(m, k_in: int, n_out: int, *, in_dtype: str, shift: int, out_zp: in
     mt = _ceil_div(m, TILE_M)
     blk = _as_blocking(blocking, mt, nt)
     rq = Requant(out_zp, qmin, qmax, out_dtype)
-    full, tail = divmod(k_in, TILE_K)
 
     with IRBuilder() as ib:
         with T.prim_func():
@@ -689,23 +688,8 @@ def dense_amx(m, k_in: int, n_out: int, *, in_dtype: str, shift: int, out_zp: in
             with _outer_loop(mt, parallel) as rt:
                 with T.serial(0, TILE_M) as ri:
                     r = rt * TILE_M + ri
-
-                    def put(kc, lo, n, load):
-                        _copy(n, lambda l, v: T.buffer_store(xe, v, [rt, kc, ri, lo + l]), load)
-
-                    with T.If(r < m):
-                        with T.Then():
-                            if full:
-                                with T.serial(0, full) as kc:
-                                    put(kc, 0, TILE_K, lambda l, kc=kc: _encode(
-                                        x[r, kc * TILE_K + l], in_dtype, shift))
-                            if tail:
-                                put(full, 0, tail, lambda l: _encode(
-                                    x[r, full * TILE_K + l], in_dtype, shift))
-                                put(full, tail, TILE_K - tail, lambda l: T.uint8(0))
-                        with T.Else():
-                            with T.serial(0, kb) as kc:
-                                put(kc, 0, TILE_K, lambda l: T.uint8(0))
+                    _encode_row(xe, rt, ri, r < m, lambda k, r=r: _encode(x[r, k], in_dtype,
+                                                                          shift), k_in)
 
             def row_out(q):
                 exact = isinstance(m, int) and m % TILE_M == 0
@@ -898,7 +882,7 @@ def conv2d_amx(n, h: int, w: int, c_in: int, c_out: int, kernel, stride, padding
     nb_ = _batch_dim(n, "n")
     p = conv_plan(h, w, c_in, c_out, kernel, stride, padding, dilation, mode=mode, fold=fold,
                   flat=flat)
-    oh, ow, cp, wp = p.oh, p.ow, p.cp, p.wp
+    oh, ow = p.oh, p.ow
     rq = Requant(out_zp, qmin, qmax, out_dtype)
 
     with IRBuilder() as ib:
@@ -975,7 +959,6 @@ def _conv_direct(p: ConvPlan, nb_, x, wt, out, in_dtype, shift, zp_enc, blocking
     cp, wp, oh, ow = p.cp, p.wp, p.oh, p.ow
     xp = _padded_image(p, x, nb_, in_dtype, shift, zp_enc, common["parallel"])
     per_img = p.m_tiles_per_image()
-    xt = _ceil_div(ow, TILE_M)
     m_tiles = nb_ * per_img
     if blocking is None and p.fold and p.n_tiles >= 4:
         # folded A tiles are unaligned, overlapping rows (stride sw*C bytes): load each
@@ -1225,31 +1208,37 @@ def matmul_amx(batch, m: int, k_in: int, n_out: int, *, a_dtype: str, b_dtype: s
     return ib.get()
 
 
+def _encode_row(xe, q, ri, valid, load, k_in: int) -> None:
+    """Row ``ri`` of A tile ``q`` of ``xe [tiles, K/64, 16, 64]``: ``load(k)`` (the encoded
+    u8 activation) for k < K in 64-byte vectors, zeros past K, and all zeros where ``valid``
+    is false (rows past M)."""
+    kb = xe.shape[1]
+    full, tail = divmod(k_in, TILE_K)
+
+    def put(kc, lo, n, value):
+        _copy(n, lambda l, v: T.buffer_store(xe, v, [q, kc, ri, lo + l]), value)
+
+    with T.If(valid):
+        with T.Then():
+            if full:
+                with T.serial(0, full) as kc:
+                    put(kc, 0, TILE_K, lambda l, kc=kc: load(kc * TILE_K + l))
+            if tail:
+                put(full, 0, tail, lambda l: load(full * TILE_K + l))
+                put(full, tail, TILE_K - tail, lambda l: T.uint8(0))
+        with T.Else():
+            with T.serial(0, kb) as kc:
+                put(kc, 0, TILE_K, lambda l: T.uint8(0))
+
+
 def _matmul_encode_a(a, t, xe, row_sum, m: int, k_in: int, a_dtype: str, a_shift: int):
     """``a[t]`` into A tiles (``_encode``; rows past m and k past K zero) and the int32 sums of
     the encoded rows, in 16-lane partials of each 64-byte step."""
     mt, kb = xe.shape[0], xe.shape[1]
-    full, tail = divmod(k_in, TILE_K)
     part = T.alloc_buffer((TILE_N,), "int32", scope="local", align=64)
     with T.serial(0, mt * TILE_M) as r:
         q, ri = tirx.floordiv(r, TILE_M), tirx.floormod(r, TILE_M)
-
-        def put(kc, lo, n, load):
-            _copy(n, lambda l, v: T.buffer_store(xe, v, [q, kc, ri, lo + l]), load)
-
-        with T.If(r < m):
-            with T.Then():
-                if full:
-                    with T.serial(0, full) as kc:
-                        put(kc, 0, TILE_K, lambda l, kc=kc: _encode(a[t, r, kc * TILE_K + l],
-                                                                     a_dtype, a_shift))
-                if tail:
-                    put(full, 0, tail, lambda l: _encode(a[t, r, full * TILE_K + l], a_dtype,
-                                                         a_shift))
-                    put(full, tail, TILE_K - tail, lambda l: T.uint8(0))
-            with T.Else():
-                with T.serial(0, kb) as kc:
-                    put(kc, 0, TILE_K, lambda l: T.uint8(0))
+        _encode_row(xe, q, ri, r < m, lambda k: _encode(a[t, r, k], a_dtype, a_shift), k_in)
         lanes = T.ramp(0, 1, TILE_N)
         T.buffer_store(part, T.broadcast(T.int32(0), TILE_N), [lanes])
         with T.serial(0, kb) as kc:
