@@ -168,8 +168,9 @@ def test_softmax_lane_partials_are_vectorized():
 
 def test_column_reduction_rule_tiles_outputs_inside_the_reduction():
     """A float ``linear`` with its weight stored ``[K, N]`` (MobileNetV2's float classifier):
-    the reduction loop runs outside a tile of vectorized outputs, each output still summed
-    serially in ``k`` (integer-valued floats here, so equality is exact either way)."""
+    the reduction loop runs outside a tile of rows x vectorized outputs (3 rows: a partial
+    tile of ``ROWS``), each output still summed serially in ``k`` (integer-valued floats
+    here, so equality is exact either way)."""
     a = te.placeholder((3, 40), "float32", name="a")
     w = te.placeholder((40, 24), "float32", name="w")
     bias = te.placeholder((24,), "float32", name="bias")
@@ -184,7 +185,8 @@ def test_column_reduction_rule_tiles_outputs_inside_the_reduction():
     assert "T.parallel" in text and text.count("T.vectorized") >= 2, text
     loops = re.findall(r"for (\w+) in (?:T\.)?(\w+)\(", text)
     order = [kind for _, kind in loops]
-    # the update: k, then the tile's vectors (unrolled), then the lanes
-    assert ("range", "unroll", "vectorized") in zip(order, order[1:], order[2:]), order
+    # the update: k, then the tile's rows and vectors (unrolled), then the lanes
+    assert ("range", "unroll", "unroll", "vectorized") in zip(
+        order, order[1:], order[2:], order[3:]), order
     np.testing.assert_array_equal(got[0], want[0])
 
