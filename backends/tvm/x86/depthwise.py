@@ -29,6 +29,8 @@ from tvm import relax, tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
+from ptqpasses_backends.tvm.kernels.conv2d import out_size
+
 LANES = 16
 #: Output pixels sharing each weight vector.
 PIXELS = 4
@@ -61,8 +63,7 @@ def depthwise_vnni(n, h: int, w: int, c: int, *, kernel, stride, padding, dilati
     from ptqpasses_backends.tvm.amx.kernels import Requant  # (the reference's requantize)
 
     (r_k, s_k), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
-    oh = (h + 2 * ph - dh * (r_k - 1) - 1) // sh + 1
-    ow = (w + 2 * pw - dw * (s_k - 1) - 1) // sw + 1
+    oh, ow = out_size(h, r_k, sh, ph, dh), out_size(w, s_k, sw, pw, dw)
     wp = (ow - 1) * sw + (s_k - 1) * dw + 1  # padded columns read
     groups = -(-r_k // 4)
     cb = c // LANES
@@ -165,8 +166,7 @@ def emit_if_fits(em, x, w: np.ndarray, bias, mult: np.ndarray, *, kernel, stride
     func = func.with_attrs({"ptq.kernel": "conv2d_depthwise", "ptq.variant": "vnni",
                             "ptq.layout": "NHWC", "op_pattern": _OPAQUE})
     (r_k, s_k), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
-    oh = (int(h) + 2 * ph - dh * (r_k - 1) - 1) // sh + 1
-    ow = (int(wd) + 2 * pw - dw * (s_k - 1) - 1) // sw + 1
+    oh, ow = out_size(int(h), r_k, sh, ph, dh), out_size(int(wd), s_k, sw, pw, dw)
     em.variants[em.node.name] = ("vnni-depthwise", f"vpdpbusd over {min(r_k, 4)} kernel rows "
                                  f"x 16 channels, {PIXELS} pixels per weight vector")
     gv = em.bb.add_func(func, "ptq_conv2d_depthwise_vnni")
