@@ -176,9 +176,9 @@ def linear(em, a):
 def _linear_packed(em, a, x, w: np.ndarray, bias, in_dt: str, bounds=None, per_token=None):
     """The packed 8-bit dense the target's strategy picks (``a``: the requantization and
     ``x_zp`` arguments; ``bounds``: the activations' range where the node's own ``x`` does
-    not say it). ``per_token``: ``(params, colsum, w_scale)`` of ``linear_dynamic``: where the
-    chosen variant has a ``dense_per_token`` kernel, that kernel's float output (epilogue
-    included); otherwise None."""
+    not say it). ``per_token``: ``(params, colsum, w_scale)`` of ``linear_dynamic``; then the
+    result is ``(value, fused)``: the ``dense_per_token`` kernel's float output (epilogue
+    included, ``fused`` True) where the chosen variant has one, else the plain dense."""
     n_out, k_in = w.shape
     rows = 1
     for d in x.ty.shape.values[:-1]:
@@ -190,18 +190,17 @@ def _linear_packed(em, a, x, w: np.ndarray, bias, in_dt: str, bounds=None, per_t
     choice, shift = _packed_choice(em, a, "dense", in_dt, pack, bounds, rows=rows, cols=n_out,
                                    depth=k_in)
     corr = packing.correction(w, bias, int(a["x_zp"]) + shift)
-    if per_token is not None:
-        build = choice.variant.kernels.get("dense_per_token")
-        if build is None:
-            return None
+    build = None if per_token is None else choice.variant.kernels.get("dense_per_token")
+    if build is not None:
         params, colsum, ws = per_token
         return build(em, x, w, corr, ws, variant=choice.variant.name, n_out=n_out,
                      k_in=k_in, shift=shift, act_dtype=choice.variant.layout.act_dtype,
-                     per_token=(params, colsum), **_requant_args(a))
+                     per_token=(params, colsum), **_requant_args(a)), True
     mult = _per_channel(em.numpy(a["multiplier"]), n_out)
-    return _packed_kernel(em, "dense", choice, dense_k.dense, x, w, pack, corr, mult,
-                          n_out=n_out, k_in=k_in, shift=shift,
-                          act_dtype=choice.variant.layout.act_dtype, **_requant_args(a))
+    y = _packed_kernel(em, "dense", choice, dense_k.dense, x, w, pack, corr, mult,
+                       n_out=n_out, k_in=k_in, shift=shift,
+                       act_dtype=choice.variant.layout.act_dtype, **_requant_args(a))
+    return y if per_token is None else (y, False)
 
 
 def _token_quantized(em, x):
@@ -240,11 +239,10 @@ def linear_dynamic(em, a):
     colsum = w.astype(np.int32).sum(1).astype(np.int32)
     ws = em.numpy(a["w_scale"]).astype(np.float32).reshape(n_out)
     spec = dict(x_zp=0, multiplier=ones, out_zp=0, qmin=0, qmax=0, out_dtype="float32")
-    fused = _linear_packed(em, spec, q, w, None, "uint8", bounds=(0, 255),
-                           per_token=(p, colsum, ws))
-    if fused is not None:  # the variant's kernel took the epilogue (AMX)
-        return fused
-    raw = _linear_packed(em, spec, q, w, None, "uint8", bounds=(0, 255))
+    raw, fused = _linear_packed(em, spec, q, w, None, "uint8", bounds=(0, 255),
+                                per_token=(p, colsum, ws))
+    if fused:  # the variant's kernel took the epilogue (AMX)
+        return raw
     return em.bb.emit_te(token_k.token_epilogue, raw, p, relax.const(colsum),
                          relax.const(ws), primfunc_name_hint="token_epilogue",
                          primfunc_attrs={"op_pattern": _OPAQUE})
