@@ -55,7 +55,9 @@ from tvm import tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
-from ptqpasses_backends.tvm.cpu.vector import round_to_int32
+from ptqpasses_backends.tvm.cpu.vector import Requant
+from ptqpasses_backends.tvm.cpu.vector import const as _const
+from ptqpasses_backends.tvm.cpu.vector import vec as _vec
 from ptqpasses_backends.tvm.packing import pack_conv, pack_dense
 from ptqpasses_backends.tvm.requant import f32
 
@@ -298,51 +300,6 @@ def default_blocking(m_tiles, n_tiles: int) -> Blocking:
 
 
 # --- requantization ----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Requant:
-    """``clamp(rne(float32(acc) * mult) + out_zp, qmin, qmax)`` cast to ``out_dtype``
-    (``float32(acc) * mult`` for a float32 output: a float-output op).
-
-    Emitted as ``rne(clamp(float32(acc) * mult, qmin - out_zp, qmax - out_zp)) + out_zp``,
-    which is equal for every acc (round is monotone and fixes the integer bounds; adding
-    out_zp in float32 is exact inside the clamp range) and is one float op shorter.
-    """
-
-    out_zp: int
-    qmin: int
-    qmax: int
-    out_dtype: str
-
-    def value(self, acc, mult, lanes: int = 1):
-        if self.out_dtype == "float32":  # a float-output op: the dequantized accumulator
-            return T.Cast(_vec("float32", lanes), acc) * mult
-        return T.Cast(_vec(self.out_dtype, lanes), self.int_value(acc, mult, lanes))
-
-    def int_value(self, acc, mult, lanes: int = 1):
-        """The requantized value as int32 (before the cast to ``out_dtype``)."""
-        y = T.Cast(_vec("float32", lanes), acc) * mult
-        y = T.min(T.max(y, _const(self.qmin - self.out_zp, "float32", lanes)),
-                  _const(self.qmax - self.out_zp, "float32", lanes))
-        q = round_to_int32(y, lanes)
-        if self.out_zp:
-            q = q + _const(self.out_zp, "int32", lanes)
-        return q
-
-    def apply(self, acc, mult, lanes: int, index):
-        """The epilogue's value for output ``index`` (unused here; see ``ResidualAdd``)."""
-        del index
-        return self.value(acc, mult, lanes)
-
-
-def _vec(dtype: str, lanes: int) -> str:
-    return dtype if lanes == 1 else f"{dtype}x{lanes}"
-
-
-def _const(v, dtype: str, lanes: int):
-    c = f32(v) if dtype == "float32" else tirx.const(v, dtype)
-    return c if lanes == 1 else T.broadcast(c, lanes)
 
 
 @dataclass(frozen=True, eq=False)

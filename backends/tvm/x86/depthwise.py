@@ -14,7 +14,7 @@ IRBuilder) puts up to four kernel rows in the four bytes of each int32 lane, so 
 2. Per output pixel and 16 channels: ``acc = corr``, then for each kernel column s (and row
    group) one ``vpdpbusd`` of ``x4[z * sw + s * dw, c:c+16]`` with the packed weights
    ``[groups, S, C, 4]`` (s8, zero past R); four pixels share each weight vector.
-3. The requantize of the reference from the int32 ``acc`` (``amx.kernels.Requant``).
+3. The requantize of the reference from the int32 ``acc`` (``cpu.vector.Requant``).
 
 ``corr = bias - zp_enc * sum(w)`` (``packing.correction``): the border reads ``zp_enc``, so
 the sum is exact and bit-exact with the reference, like every integer kernel here. Takes
@@ -29,6 +29,7 @@ from tvm import relax, tirx
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as T
 
+from ptqpasses_backends.tvm.cpu.vector import Requant
 from ptqpasses_backends.tvm.kernels.conv2d import out_size
 
 LANES = 16
@@ -60,8 +61,6 @@ def depthwise_vnni(n, h: int, w: int, c: int, *, kernel, stride, padding, dilati
                    out_dtype: str, parallel: bool = True) -> tirx.PrimFunc:
     """PrimFunc ``(x [n, h, w, c] in_dtype, w4 [G, S, c, 4] int8, corr [c] int32,
     mult [c] float32, out [n, oh, ow, c] out_dtype)``; ``n`` an int or None (symbolic)."""
-    from ptqpasses_backends.tvm.amx.kernels import Requant  # (the reference's requantize)
-
     (r_k, s_k), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
     oh, ow = out_size(h, r_k, sh, ph, dh), out_size(w, s_k, sw, pw, dw)
     wp = (ow - 1) * sw + (s_k - 1) * dw + 1  # padded columns read
