@@ -35,11 +35,17 @@ from ptqpasses_backends.tvm.x86 import avx2, depthwise, template, vnni
 #: Output rows x weight blocks per register tile of the AVX2 template (16 int32 lanes per
 #: block: 4 x 1 x 2 ymm = 8 accumulators of AVX2's 16 registers).
 AVX2_ROWS, AVX2_BLOCKS = 4, 1
-#: The same for AVX-512 VNNI (32 zmm registers), at most ``VNNI_TILE`` accumulators: 7 x 4
-#: measured best on ResNet-18's 3x3 convs of 56, 28, 14 and 7-pixel rows (193-259 GMAC/s,
-#: against 143-231 for 4 x 4 and 104-220 for 6 x 4, one Emerald Rapids core); convs pick
-#: their rows per output width (``_vnni_rows``).
-VNNI_ROWS, VNNI_BLOCKS, VNNI_TILE = 8, 4, 28
+#: AVX-512 VNNI: at most ``VNNI_TILE`` zmm accumulators per tile, so a tile is under 1024 bytes:
+#: TVM keeps a buffer that small on the stack (``alloca``), which LLVM promotes to registers;
+#: a larger one becomes ``TVMBackendAllocWorkspace`` memory, and LLVM then stores the
+#: accumulator after every ``vpdpbusd`` and reloads each broadcast (it cannot prove the
+#: workspace does not alias the operands). Measured on one Zen 4 core (the same kernels,
+#: interleaved): MiniLM / BERT linears 8 x 3 (24 accumulators, workspace) 64-87 GMAC/s,
+#: 4 x 3 / 8 x 1 / 6 x 2 (stack) 169-227; MobileNetV2's 1x1 convs 7 x 4 60-119, 7 x 2 95-170;
+#: ResNet-18's 3x3 convs all within 5% (200-217). Dense tiles are ``VNNI_DENSE_ROWS`` rows
+#: (4 x 3: the fewest loads per ``vpdpbusd`` under the limit), conv tiles the output columns
+#: ``_vnni_rows`` picks per width (7 x 2 on 7-multiples).
+VNNI_DENSE_ROWS, VNNI_CONV_ROWS, VNNI_BLOCKS, VNNI_TILE = 4, 7, 4, 15
 #: AVX-VNNI (16 ymm registers: 4 x 1 block of 2 ymm = 8 accumulators).
 VNNI256_ROWS, VNNI256_BLOCKS = 4, 1
 
@@ -49,6 +55,7 @@ def _template_variant(name: str, layout: Layout, register, *, rows: int, blocks:
     """A variant scheduled by the register-tiled template around ``register()``'s intrinsic."""
     args = dict(lanes=layout.lanes, depth=layout.depth, rows=rows, blocks=blocks,
                 intrin_lanes=intrin_lanes, cache=True, fuse_out=True, tile=tile)
+    # (``rows``: one count, or ``{kind: count}``)
 
     def schedule(func, kind, _target):
         return template.schedule_packed(func, kind, register(), **args)
@@ -72,11 +79,10 @@ def _matmul_avx2(func, kind, target):
 
 def _matmul_vnni(func, kind, target):
     """The dense template on the block form of 8-bit matmuls: ``vpdpwssd`` (int16 pairs of
-    both centered operands, 32 multiply-adds per instruction), ``VNNI_ROWS`` x
-    ``VNNI_BLOCKS`` register tiles."""
+    both centered operands, 32 multiply-adds per instruction), the dense register tiles."""
     if not is_packed(func):
         return schedule_matmul(func)
-    args = dict(lanes=vnni.WIDE_LANES, depth=vnni.WIDE_DEPTH, rows=VNNI_ROWS,
+    args = dict(lanes=vnni.WIDE_LANES, depth=vnni.WIDE_DEPTH, rows=VNNI_DENSE_ROWS,
                 blocks=VNNI_BLOCKS, tile=VNNI_TILE, cache=True, fuse_out=True)
     return template.schedule_matmul_packed(func, {**args, "intrin": vnni.register_wide()})
 
@@ -97,8 +103,8 @@ INT16_VARIANT = dataclasses.replace(_AVX2_MAIN, name="int16")
 
 def _vnni_rows(width: int) -> int:
     """Output columns per register tile of a conv ``width`` wide: the fewest padded columns,
-    then the preferred tile (7 x 4 accumulators measured best, then 8 x 3, 6 x 4, ...)."""
-    prefer = (7, 8, 6, 5, 4)
+    then the preferred tile (7 x 2 accumulators, then 5 x 3, 6 x 2, 8 x 1, 4 x 3)."""
+    prefer = (7, 5, 6, 8, 4)
     return min(prefer, key=lambda r: (-(-width // r) * r, prefer.index(r)))
 
 
@@ -112,8 +118,10 @@ def _choose_vnni(strategy: Strategy, facts: KernelFacts) -> Choice:
 
 AVX512_VNNI = Strategy(
     "x86-avx512-vnni", "x86",
-    (_template_variant("", VNNI_LAYOUT, vnni.register, rows=VNNI_ROWS, blocks=VNNI_BLOCKS,
-                       tile=VNNI_TILE, summary="vpdpbusd zmm, up to 7 x 64 register tiles"),
+    (_template_variant("", VNNI_LAYOUT, vnni.register,
+                       rows={"dense": VNNI_DENSE_ROWS, "conv2d": VNNI_CONV_ROWS},
+                       blocks=VNNI_BLOCKS, tile=VNNI_TILE,
+                       summary=f"vpdpbusd zmm, register tiles of <= {VNNI_TILE} accumulators"),
      INT16_VARIANT),
     choose=_choose_vnni, schedules={**cpu.SCHEDULES, "matmul": _matmul_vnni},
     matmul_block=(vnni.WIDE_LANES, vnni.WIDE_DEPTH),

@@ -11,7 +11,7 @@ loops and the output-channel blocks are fused into one parallel loop (TVM's thre
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Mapping, Optional, Union
 
 import tvm
 from tvm import s_tir, tirx
@@ -20,7 +20,8 @@ from ptqpasses_backends.tvm.kernels.shapes import divisor_at_most
 
 
 def schedule_packed(func: tirx.PrimFunc, kind: str, intrin: str, lanes: int = 16,
-                    depth: int = 4, rows: int = 4, intrin_lanes: Optional[int] = None,
+                    depth: int = 4, rows: Union[int, Mapping[str, int]] = 4,
+                    intrin_lanes: Optional[int] = None,
                     cache: bool = False, fuse_out: bool = False,
                     blocks: int = 1, tile: Optional[int] = None) -> tirx.PrimFunc:
     """Tile, tensorize and parallelize the ``acc`` block of a ``dense`` / ``conv2d`` kernel."""
@@ -32,24 +33,28 @@ def schedule_packed(func: tirx.PrimFunc, kind: str, intrin: str, lanes: int = 16
 
 
 def apply(sch: s_tir.Schedule, kind: str, intrin: str, lanes: int = 16, depth: int = 4,
-          rows: int = 4, intrin_lanes: Optional[int] = None, cache: bool = False,
+          rows: Union[int, Mapping[str, int]] = 4, intrin_lanes: Optional[int] = None,
+          cache: bool = False,
           fuse_out: bool = False, blocks: int = 1, tile: Optional[int] = None) -> None:
     """The template on a (traced) Schedule of ``main``; ``tune`` seeds its database with it.
 
     Args:
         lanes, depth: The packed weight block (``Layout.lanes`` / ``Layout.depth``).
-        rows: Output rows per tile (the largest divisor of the row extent up to this).
+        rows: Output rows per tile (the largest divisor of the row extent up to this); one
+            count, or a ``{kind: count}`` mapping.
         intrin_lanes: Output channels of one intrinsic call (default ``lanes``).
         cache: Accumulate each tile in its own buffer (registers) instead of in ``acc``.
         blocks: Weight blocks (of ``lanes`` output channels) per tile (the largest divisor of
             the block count up to this): a tile is ``rows x (blocks * lanes)`` accumulators,
             each broadcast activation used ``blocks`` times and each weight block ``rows``
             times.
-        tile: At most this many ``rows x blocks`` accumulator blocks (AVX-512's 32 registers:
-            7 x 4 measured best on 3x3 convs of 56..7 pixel rows, with the weight blocks read
-            as memory operands of ``vpdpbusd``).
+        tile: At most this many ``rows x blocks`` accumulator vectors (AVX-512 VNNI: under
+            1024 bytes, TVM's limit for a stack buffer LLVM keeps in registers; see
+            ``x86.VNNI_TILE``).
     """
     intrin_lanes = intrin_lanes or lanes
+    if not isinstance(rows, int):
+        rows = rows[kind]
     if lanes % intrin_lanes:
         raise ValueError(f"{lanes} lanes are not a multiple of the intrinsic's {intrin_lanes}")
     blk = sch.get_sblock("acc")
@@ -97,8 +102,23 @@ def apply(sch: s_tir.Schedule, kind: str, intrin: str, lanes: int = 16, depth: i
     sch.vectorize(sch.get_loops(init)[-1])
     if cache and not fuse_out:
         sch.vectorize(sch.get_loops(wb)[-1])
+    if fuse_out:
+        _vectorize_epilogue(sch, lanes)
     if cache:
         _schedule_x_enc(sch, kind)
+
+
+def _vectorize_epilogue(sch: s_tir.Schedule, lanes: int) -> None:
+    """Vectorize a tile's requantize (the ``out`` block at the tile) along its innermost loop,
+    ``lanes`` per vector, where that loop is whole vectors: the output channels of NHWC convs
+    and dense (an NCHW conv's innermost loop is the tile's ``rows`` <= 8 columns, left to
+    LLVM). Left to LLVM's loop vectorizer, the channel loop came out as 16-lane vectors on
+    some tile widths and as gathers (``vpgatherqd``) on others: 2.8x slower for a 7 x 32 tile
+    of a 16 -> 96 channel 1x1 conv on a Zen 4 core."""
+    loops = sch.get_loops(sch.get_sblock("out"))
+    extent = sch.get(loops[-1]).extent
+    if isinstance(extent, tirx.IntImm) and int(extent) % lanes == 0:
+        sch.vectorize(sch.split(loops[-1], [None, lanes])[1])
 
 
 def _weights_outweigh_activations(sch: s_tir.Schedule, blk) -> bool:
