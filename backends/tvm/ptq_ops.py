@@ -603,11 +603,31 @@ def _cat_layout(em, a):
     return None
 
 
+def _quantize_layout(em, a):
+    """Quantize a 4-D float value channel-last where it exists channel-last (a float op
+    emitted channel-last, ``Emitter._emit_float_nhwc``)."""
+    x = a["x"]
+    return {"x": "NHWC"} if em.ndim(x) == 4 and em.is_nhwc(x) else None
+
+
+def _dequantize_layout(em, a):
+    """Dequantize a channel-last 4-D value channel-last where every user takes the float
+    result channel-last (``Emitter.takes_nhwc_float``); otherwise the 8-bit value is
+    transposed (a quarter of the float's bytes)."""
+    q = a["q"]
+    if (em.ndim(q) == 4 and em.is_nhwc(q) and em.node.users
+            and all(em.takes_nhwc_float(u) for u in em.node.users)):
+        return {"q": "NHWC"}
+    return None
+
+
 #: ptq op -> ``(emitter, bound args) -> {arg: "NHWC" | "ANY"}`` when the op is emitted
-#: channel-last (its result NHWC), or None. Ops not listed (quantize, dequantize, linear,
-#: matmul) take and give the graph's layout; the emitter transposes at the boundary, once.
+#: channel-last (its result NHWC), or None. Ops not listed (linear, matmul, per-channel
+#: dequantize) take and give the graph's layout; the emitter transposes at the boundary, once.
 LAYOUTS = {
     "conv2d": _conv_layout,
+    "quantize": _quantize_layout,
+    "dequantize": _dequantize_layout,
     "max_pool2d": _if_nhwc("x"),
     "avg_pool2d": _if_nhwc("x"),
     "requantize": _if_nhwc("x"),

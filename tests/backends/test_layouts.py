@@ -142,3 +142,52 @@ def test_depthwise_on_nhwc_inputs_is_exact(tvm_backend):
     assert_exact(cm(*xs), gm(*xs), "depthwise NHWC")
     one = [t[:1] for t in xs]
     assert_exact(cm(*one), gm(*one), "depthwise NHWC batch 1")
+
+
+def _float_stretch():
+    """MobileNetV2's guard-raised stretches: conv (float out) -> hardtanh -> float depthwise
+    -> hardtanh -> quantize -> conv; conv (float out) -> hardtanh -> float 1x1 -> add with a
+    dequantized int8 value -> float 1x1 -> hardtanh -> quantize -> depthwise (int8); the
+    graph outputs are int8 (bit-exact up to the float ops' rounding) and one float."""
+    aten = torch.ops.aten
+    gen = torch.Generator().manual_seed(5)
+    b = GraphBuilder()
+    x = b.input("x")
+
+    def w(*shape):
+        return b.const(torch.randn(*shape, generator=gen) * 0.3)
+
+    f = _conv(b, x, 1, 8, 16, out=(F32, 0))
+    f = b.call(aten.hardtanh.default, f, 0.0, 6.0)
+    f = b.call(aten.conv2d.default, f, w(16, 1, 3, 3), w(16), [1, 1], [1, 1], [1, 1], 16)
+    f = b.call(aten.hardtanh.default, f, 0.0, 6.0)
+    q = b.call(P.quantize.default, f, 0.03, 0, 0, 255, U8)
+    a = _conv(b, q, 3, 16, 16, k=1, pad=0, x_zp=0, out=(I8, 2))
+    g = _conv(b, a, 5, 16, 32, k=1, pad=0, x_zp=2, out=(F32, 0))
+    g = b.call(aten.hardtanh.default, g, 0.0, 6.0)
+    g = b.call(aten.conv2d.default, g, w(16, 32, 1, 1), w(16))
+    g = b.call(aten.add.Tensor, b.call(P.dequantize.default, a, 0.05, 2), g)
+    g = b.call(aten.conv2d.default, g, w(32, 16, 1, 1), w(32))
+    h = b.call(aten.hardtanh.default, g, 0.0, 6.0)
+    r = b.call(P.quantize.default, h, 0.03, 0, 0, 255, U8)
+    d = _conv(b, r, 7, 32, 32, groups=32, x_zp=0, out=(I8, 0))
+    return b.build((d, g)), [int_tensor(0, (2, 8, 10, 12), U8)]
+
+
+def test_float_stretches_stay_channel_last(tvm_backend):
+    """Float ops between int8 convs run on the NHWC values (``Emitter._emit_float_nhwc``,
+    the quantize / dequantize layout rules): no transpose but the two graph outputs' (the
+    graph's NCHW); against the reference, the int8 output within one code where the float ops'
+    rounding moves a value across a boundary, and the float output within float32 rounding."""
+    gm, inputs = _float_stretch()
+    mod = tvm_backend.emit(gm, "host", example_inputs=inputs)
+    assert _permutes(mod) == 2, mod["main"]
+    names = [gv.name_hint for gv in mod.get_global_vars()]
+    assert sum(n.startswith("depthwise_float") for n in names) == 1, names
+    cm = tvm_backend.compile(mod)
+    for n, seed in ((2, 0), (3, 4)):
+        xs = [int_tensor(seed, (n, 8, 10, 12), U8)]
+        (d, g), (d_want, g_want) = cm(*xs), gm(*xs)
+        torch.testing.assert_close(g, g_want, rtol=1e-5, atol=1e-5)
+        off = (d.int() - d_want.int()).abs()
+        assert int(off.max()) <= 1 and float((off > 0).float().mean()) < 1e-3, (n, off.max())
