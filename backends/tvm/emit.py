@@ -803,7 +803,8 @@ class Emitter:
         val = x.meta.get("val") if isinstance(x, fx.Node) else None
         if xt is None and not need_value and isinstance(val, torch.Tensor) and val.dim() == 4:
             xt = (str(val.dtype).replace("torch.", ""), list(val.shape))
-        if (xt is None or xt[0] != "float32" or not isinstance(weight, fx.Node) or weight.op != "get_attr"
+        if (xt is None or xt[0] != "float32"
+                or not isinstance(weight, fx.Node) or weight.op != "get_attr"
                 or (bias is not None and (not isinstance(bias, fx.Node)
                                           or bias.op != "get_attr"))
                 or not all(isinstance(v, (int, list, tuple, type(None)))

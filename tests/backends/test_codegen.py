@@ -150,6 +150,9 @@ def test_avx2_tiles_allocate_nothing(tvm_backend, graph):
         assert not any("TVMBackendAllocWorkspace" in b for b in bodies), kernel
 
 
+I8 = torch.int8
+
+
 def _wide_tiles_graph():
     """A conv with 64 output channels on 7-pixel rows, a dense and a matmul on 8 static rows:
     shapes whose register tiles could take more than 16 zmm accumulators."""
@@ -162,9 +165,6 @@ def _wide_tiles_graph():
     m = b.call(P.matmul.default, t, 1, u, -2, 1e-3, 0, -128, 127, I8)
     return b.build((c, d, m)), [int_tensor(4, (1, 16, 7, 7), I8),
                                 int_tensor(5, (1, 8, 32), I8), int_tensor(6, (1, 32, 64), I8)]
-
-
-I8 = torch.int8
 
 
 @pytest.mark.parametrize("target", ["x86-avx512-vnni", "x86-avx-vnni", "x86-avx2"])

@@ -26,6 +26,7 @@ search.
 from __future__ import annotations
 
 import dataclasses
+from typing import Mapping, Union
 
 from ptqpasses_backends.tvm import cpu
 from ptqpasses_backends.tvm.cpu.matmul import is_packed, schedule_matmul
@@ -50,12 +51,13 @@ VNNI_DENSE_ROWS, VNNI_CONV_ROWS, VNNI_BLOCKS, VNNI_TILE = 4, 7, 4, 15
 VNNI256_ROWS, VNNI256_BLOCKS = 4, 1
 
 
-def _template_variant(name: str, layout: Layout, register, *, rows: int, blocks: int,
+def _template_variant(name: str, layout: Layout, register, *,
+                      rows: Union[int, Mapping[str, int]], blocks: int,
                       intrin_lanes=None, tile=None, summary: str) -> Variant:
-    """A variant scheduled by the register-tiled template around ``register()``'s intrinsic."""
+    """A variant scheduled by the register-tiled template around ``register()``'s intrinsic
+    (``rows``: one count, or one per kernel kind)."""
     args = dict(lanes=layout.lanes, depth=layout.depth, rows=rows, blocks=blocks,
                 intrin_lanes=intrin_lanes, cache=True, fuse_out=True, tile=tile)
-    # (``rows``: one count, or ``{kind: count}``)
 
     def schedule(func, kind, _target):
         return template.schedule_packed(func, kind, register(), **args)
