@@ -190,3 +190,23 @@ def test_column_reduction_rule_tiles_outputs_inside_the_reduction():
         order, order[1:], order[2:], order[3:]), order
     np.testing.assert_array_equal(got[0], want[0])
 
+
+
+def test_large_injective_glue_runs_in_parallel():
+    """The inline rule's blocks of at least ``PARALLEL_MIN`` elements get one parallel loop
+    over all but the vectorized axis (MiniLM's GELU and per-token epilogues ran on one thread
+    of two); smaller ones stay serial (a launch would cost more than it saves). Exact."""
+    def chain(rows, cols):
+        x = te.placeholder((rows, cols), "int32", name="x")
+        a = te.compute((rows, cols), lambda i, j: x[i, j] * 3 - 7, name="a")
+        b = te.compute((rows, cols), lambda i, j: a[i, j].astype("float32") * 0.25, name="b")
+        return te.create_prim_func([x, b])
+
+    rows = glue_schedule.PARALLEL_MIN // 64
+    sched, (want, got) = _run_both(chain(rows, 64), [((rows, 64), "int32"),
+                                                     ((rows, 64), "float32")], 1)
+    text = sched.script()
+    assert "T.parallel" in text and "T.vectorized" in text, text
+    np.testing.assert_array_equal(got[0], want[0])
+    small = glue_schedule.schedule_glue(chain(4, 64), targets.resolve("host").target())
+    assert "T.parallel" not in small.script() and "T.vectorized" in small.script()

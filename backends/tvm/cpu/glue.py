@@ -15,7 +15,8 @@ Three rules, the first that applies wins:
   serial order is kept, so float sums are unchanged); reductions a kernel wrote as per-lane
   partials (``LANE_PARTIALS``) then get vector accumulators.
 * All blocks injective but perhaps the last: every block inlined into the last one (one pass,
-  no intermediates); its innermost axis vectorized when it is injective. Not a fused flat
+  no intermediates); its innermost axis vectorized when it is injective, the axes outside it
+  one parallel loop from ``PARALLEL_MIN`` elements. Not a fused flat
   axis: broadcast operands would be addressed by div/mod of the flat index, which LLVM turns
   into gathers. (A last reduction, e.g. ResNet's global ``mean`` after its requantize chain,
   only loses its intermediates.)
@@ -53,6 +54,11 @@ VECTOR_LANES = (32, 16, 8, 4)
 #: multiply-add (MobileNetV2's float 1x1 convs, 49 x 160 -> 960: ~300 us a row at a time on
 #: one Emerald Rapids core).
 ROWS = 4
+
+
+#: Elements an injective glue block needs before its outer loops run in parallel (below it,
+#: the parallel launch costs more than it saves).
+PARALLEL_MIN = 16384
 
 
 def is_glue(func) -> bool:
@@ -164,7 +170,25 @@ def _inline_and_vectorize(func: tirx.PrimFunc) -> Optional[s_tir.Schedule]:
         kept.append(infos[-1].block_rv)
     for block in kept:
         _vectorize_innermost(sch, block)
+        _parallelize_outer(sch, block)
     return sch
+
+
+def _parallelize_outer(sch: s_tir.Schedule, block) -> None:
+    """One parallel loop over all but the innermost loop of ``block`` (the vectorized one),
+    where the block has at least ``PARALLEL_MIN`` elements (a symbolic extent counts as 1):
+    MiniLM's GELU, per-token epilogues and attention-mask adds ran on one thread of two."""
+    loops = sch.get_loops(block)
+    if len(loops) < 2:
+        return
+    total = 1
+    for lp in loops:
+        extent = sch.get(lp).extent
+        total *= int(extent) if isinstance(extent, tirx.IntImm) else 1
+    if total < PARALLEL_MIN:
+        return
+    outer = loops[:-1]
+    sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
 
 
 def _vectorize_innermost(sch: s_tir.Schedule, block) -> None:
