@@ -10,6 +10,7 @@ gelu between dequantize and quantize) is handed to the converters of TVM's own
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import operator
@@ -477,20 +478,27 @@ class Emitter:
                                for p, q in zip(t[1], types[0][1]))):
                 return False
             # the converter reads ``env``: give it the channel-last values for this node
-            saved = {n: self.env.get(n, _MISSING) for n in inputs}
-            self.env.update({n: self.nhwc_env[n] for n in inputs})
-            try:
+            with self._env_as({n: self.nhwc_env[n] for n in inputs}):
                 value = self._emit_other(node)
-            finally:
-                for n, v in saved.items():
-                    if v is _MISSING:
-                        self.env.pop(n, None)
-                    else:
-                        self.env[n] = v
         if value is None:
             return False
         self.nhwc_env[node] = value
         return True
+
+    @contextlib.contextmanager
+    def _env_as(self, values: dict):
+        """``env`` with ``values`` in place of its entries for those nodes (what TVM's
+        converters read) while the block runs; restored after."""
+        saved = {n: self.env.get(n, _MISSING) for n in values}
+        self.env.update(values)
+        try:
+            yield
+        finally:
+            for n, v in saved.items():
+                if v is _MISSING:
+                    self.env.pop(n, None)
+                else:
+                    self.env[n] = v
 
     def _emit_other(self, node: fx.Node):
         if node.target is torch.ops.aten.sym_size.int:
@@ -541,11 +549,9 @@ class Emitter:
                 and isinstance(xty, relax.TensorType)
                 and str(xty.dtype).startswith(("int", "uint", "bool"))):
             return convert(node)
-        self.env[x] = self.bb.emit(relax.op.astype(xv, str(val.dtype).replace("torch.", "")))
-        try:
+        cast = self.bb.emit(relax.op.astype(xv, str(val.dtype).replace("torch.", "")))
+        with self._env_as({x: cast}):
             return convert(node)
-        finally:
-            self.env[x] = xv
 
     def _repeat(self, node: fx.Node):
         """``x.repeat(batch, 1, 1)`` with a symbolic count (DeBERTa's relative positions):
